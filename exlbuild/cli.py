@@ -1,0 +1,381 @@
+"""exlbuild's command line: build (default), plan, status, graph, verify, clean, gc, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from exlbuild import __version__
+from exlbuild.errors import ExlbuildError
+
+COMMANDS = ("build", "plan", "status", "graph", "verify", "clean", "gc", "eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "build")
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        return args.func(args)
+    except ExlbuildError as e:
+        _err(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exlbuild", description="Make for quantizing language models into the "
+                                "ExLlama formats. `exlbuild RECIPE.yaml [key=value ...]` builds a recipe.")
+    p.add_argument("--version", action="version", version=f"exlbuild {__version__}")
+    sub = p.add_subparsers(dest="command")
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str, recipe: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.set_defaults(func=func)
+        c.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+        c.add_argument("-v", "--verbose", action="store_true", help="print more (tracebacks of failed rules)")
+        if recipe:
+            c.add_argument("recipe", type=Path, help="the recipe YAML file")
+            c.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. calibration.rows=64 sweep.bits=[3,4]")
+        return c
+
+    b = command("build", _build, "build every stale target of a recipe (the default command)")
+    b.add_argument("--frozen", action="store_true", help="fail instead of building if exlbuild.lock would change")
+    command("plan", _plan, "say which targets would be built, and why, without building")
+    s = command("status", _status, "list the targets and their states")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    g = command("graph", _graph, "print the dependency graph of a recipe")
+    g.add_argument("--dot", action="store_true", help="print Graphviz dot")
+    command("verify", _verify, "re-hash the outputs and inputs recorded in exlbuild.lock and name any difference")
+    c = command("clean", _clean, "remove built artifacts of a recipe (all, or the named targets) from the store",
+                recipe=False)
+    c.add_argument("recipe", type=Path)
+    c.add_argument("targets", nargs="*", help="target names (default: every target) and overrides (key=value)")
+    command("gc", _gc, "remove artifacts of the recipe's store that no lock file references")
+    e = command("eval", _eval, "perplexity of a model directory on a text", recipe=False)
+    e.add_argument("model_dir", type=Path)
+    e.add_argument("--text", type=Path, required=True, help="a .txt file, or a .parquet file with a text column")
+    e.add_argument("--text-column", default="text")
+    e.add_argument("--window", type=int, default=1024, help="tokens per window (non-overlapping)")
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a recipe into a resolved graph
+
+class Session:
+    """A recipe, its graph with keys resolved, and its store."""
+
+    def __init__(self, recipe_path: Path, overrides: list[str]):
+        from exlbuild import lockfile, recipe
+        from exlbuild.rules import recipe_graph
+        from exlbuild.store import Store
+
+        self.recipe = recipe.load(recipe_path, overrides)
+        self.graph = recipe_graph(self.recipe)
+        self.store = Store(self.recipe.store_path)
+        self.graph.resolve(self.store.hashes)
+        self.previous = lockfile.previous_targets(self.recipe)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _session(args: argparse.Namespace) -> Session:
+    return Session(args.recipe, args.overrides)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+
+def _build(args: argparse.Namespace) -> int:
+    from exlbuild import lockfile, progress, runner
+
+    s = _session(args)
+    try:
+        if args.frozen:
+            return _frozen_check(s)
+        say = (lambda m: None) if args.quiet else _err
+        try:
+            with progress.display(enabled=not args.quiet and sys.stderr.isatty()):
+                outcomes = runner.build(s.graph, s.store, s.previous, say)
+        except runner.BuildFailed as failed:
+            lockfile.write(s.recipe, s.graph, s.store)
+            if not args.quiet:
+                _summary(failed.outcomes)
+            cause = failed.cause
+            if isinstance(cause, ExlbuildError):
+                raise cause
+            if isinstance(cause, KeyboardInterrupt):
+                raise cause
+            if args.verbose:
+                traceback.print_exception(cause)
+            _err(f"error: {failed.outcomes[-1].node.name} failed: {type(cause).__name__}: {cause}"
+                 + ("" if args.verbose else " (-v shows the traceback)"))
+            return 1
+        lockfile.write(s.recipe, s.graph, s.store)
+        if not args.quiet:
+            _summary(outcomes)
+        return 0
+    finally:
+        s.close()
+
+
+def _frozen_check(s: Session) -> int:
+    from exlbuild import lockfile, runner
+
+    old = lockfile.section(s.recipe)
+    if old is None:
+        raise ExlbuildError(f"--frozen: {s.recipe.lock_path} has no entry for {s.recipe.path.name}; build without "
+                            "--frozen once and commit the lock file")
+    problems = []
+    if old["recipe"] != s.recipe.resolved:
+        problems.append("the resolved recipe differs from the locked one")
+    for st in runner.status(s.graph, s.store, s.previous):
+        prev = s.previous.get(st.node.name)
+        if prev is None or prev["key"] != st.node.key:
+            problems.append(f"{st.node.name}: {'; '.join(runner.explain(st.node, prev))}")
+        elif st.state == runner.STALE:
+            problems.append(f"{st.node.name}: would be rebuilt ({'; '.join(st.reasons)})")
+    removed = set(s.previous) - {n.name for n in s.graph.nodes}
+    problems += [f"{name}: no longer a target" for name in sorted(removed)]
+    if problems:
+        raise ExlbuildError("--frozen: the build would change exlbuild.lock:\n  " + "\n  ".join(problems))
+    _err("frozen: everything is up to date and matches exlbuild.lock")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from exlbuild import runner
+
+    s = _session(args)
+    try:
+        stale = [st for st in runner.status(s.graph, s.store, s.previous) if st.state == runner.STALE]
+        if not stale:
+            print("nothing to do: every target is up to date")
+        for st in stale:
+            print(f"build {st.node.name} ({st.node.kind}, key {st.node.key[:12]})")
+            for reason in st.reasons:
+                print(f"    because {reason}")
+        return 0
+    finally:
+        s.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from exlbuild import lockfile, runner
+
+    s = _session(args)
+    try:
+        rows = []
+        for st in runner.status(s.graph, s.store, s.previous):
+            n = st.node
+            row: dict[str, Any] = {"name": n.name, "kind": n.kind, "state": st.state, "key": n.key,
+                                   "out_dir": str(lockfile.out_dir(n, s.store)), "rule": n.rule_name}
+            row.update({k: v for k, v in n.info.items() if k != "out_dir"})
+            if st.reasons:
+                row["why"] = st.reasons
+            rows.append(row)
+        if args.json:
+            print(json.dumps({"recipe": str(s.recipe.path), "targets": rows}, indent=2))
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{s.recipe.path.name}")
+        for col in ("target", "kind", "state", "key", "where / why"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], r["kind"], r["state"], r["key"][:12], "; ".join(r.get("why", [])) or r["out_dir"])
+        Console().print(t)
+        return 0
+    finally:
+        s.close()
+
+
+def _graph(args: argparse.Namespace) -> int:
+    s = _session(args)
+    try:
+        nodes = s.graph.nodes
+        if args.dot:
+            print("digraph exlbuild {\n  rankdir=LR;")
+            for n in nodes:
+                shape = "folder" if n.is_source else "box"
+                print(f'  "{n.name}" [shape={shape}, label="{n.name}\\n{n.kind} ({n.rule_name})"];')
+            for n in nodes:
+                for label, dep in n.deps.items():
+                    print(f'  "{dep.name}" -> "{n.name}" [label="{label}"];')
+            print("}")
+            return 0
+        for n in nodes:
+            inputs = ", ".join(dep.name if label == dep.name else f"{label}={dep.name}" for label, dep in n.deps.items())
+            files = ", ".join(n.sources)
+            origin = " <- ".join(x for x in ("", inputs + (f" + files({files})" if files else "")) if x) or "(source)"
+            print(f"{n.name:28} {n.kind:12} {n.rule_name:14} {n.key[:12]}  {origin if n.deps or files else '(source)'}")
+        return 0
+    finally:
+        s.close()
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from exlbuild import lockfile
+    from exlbuild.hashing import hash_file
+
+    s = _session(args)
+    try:
+        section = lockfile.section(s.recipe)
+        if section is None:
+            raise ExlbuildError(f"{s.recipe.lock_path} has no entry for {s.recipe.path.name}: build it first")
+        problems = []
+        current = {n.name: n for n in s.graph.nodes}
+        checked = 0
+        for name, entry in sorted(section["targets"].items()):
+            node = current.get(name)
+            if node is None:
+                problems.append(f"{name}: in the lock file but no longer a target of the recipe")
+                continue
+            if node.key != entry["key"]:
+                problems.append(f"{name}: the recipe now gives key {node.key[:12]}, the lock has {entry['key'][:12]}")
+            root = Path(entry["out_dir"]) if node.is_source else s.store.artifact_dir(entry["rule"], entry["key"])
+            if not root.is_dir():
+                problems.append(f"{name}: {root} is missing")
+                continue
+            on_disk = set(str(p) for p in _files_of(node, root))
+            for rel, digest in sorted(entry["files"].items()):
+                checked += 1
+                p = root / rel
+                if rel not in on_disk or not p.is_file():
+                    problems.append(f"{name}: {rel} is missing")
+                elif hash_file(p) != digest:
+                    problems.append(f"{name}: {rel} differs from the lock (content hash {digest[:12]} expected)")
+            for rel in sorted(on_disk - set(entry["files"])):
+                problems.append(f"{name}: {rel} is not in the lock")
+        if problems:
+            print("verify failed:\n  " + "\n  ".join(problems))
+            return 1
+        if not args.quiet:
+            print(f"verify: OK ({len(section['targets'])} targets, {checked} files match {s.recipe.lock_path.name})")
+        return 0
+    finally:
+        s.close()
+
+
+def _files_of(node: Any, root: Path) -> list[Path]:
+    from exlbuild.graph import source_files
+    from exlbuild.store import MANIFEST
+
+    if node.is_source:
+        only = node.params.get("files")
+        return [Path(f) for f in only if (root / f).is_file()] if only else source_files(root)
+    from exlbuild.hashing import tree_files
+
+    return [p for p in tree_files(root) if str(p) != MANIFEST]
+
+
+def _clean(args: argparse.Namespace) -> int:
+    targets = [t for t in args.targets if "=" not in t]
+    overrides = [t for t in args.targets if "=" in t]
+    s = Session(args.recipe, overrides)
+    try:
+        nodes = [s.graph[t] for t in targets] if targets else s.graph.nodes
+        freed = 0
+        for n in nodes:
+            if n.is_source:
+                continue
+            with s.store.lock(n.key, on_wait=lambda who: _err(f"waiting for {n.name}: {who} is building it")):
+                size = s.store.remove(n.rule_name, n.key)
+            if size and not args.quiet:
+                print(f"removed {n.name} ({n.key[:12]}, {_human(size)})")
+            freed += size
+        if not args.quiet:
+            print(f"freed {_human(freed)}")
+        return 0
+    finally:
+        s.close()
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from exlbuild import lockfile
+
+    s = _session(args)
+    try:
+        keep = set()
+        for path in s.store.lockfiles():
+            p = Path(path)
+            if p.is_file():
+                for section in lockfile.read(p)["recipes"].values():
+                    keep |= {t["key"] for t in section["targets"].values()}
+        freed, removed = 0, 0
+        for rule, key, _ in list(s.store.artifacts()):
+            if key not in keep:
+                with s.store.lock(key):
+                    freed += s.store.remove(rule, key)
+                removed += 1
+        if not args.quiet:
+            print(f"gc: removed {removed} artifacts, freed {_human(freed)}; kept {len(keep)} referenced by lock files")
+        return 0
+    finally:
+        s.close()
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from exlbuild import progress
+    from exlbuild.eval import evaluate
+
+    if not args.model_dir.is_dir():
+        raise ExlbuildError(f"model directory not found: {args.model_dir}")
+    if not args.text.is_file():
+        raise ExlbuildError(f"text file not found: {args.text}")
+    with progress.display(enabled=not args.quiet and not args.json and sys.stderr.isatty()):
+        result = evaluate(args.model_dir, args.text, window=args.window, max_windows=args.max_windows,
+                          text_column=args.text_column)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+def _summary(outcomes: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    for col, justify in (("target", "left"), ("kind", "left"), ("state", "left"), ("key", "left"),
+                         ("time", "right"), ("size", "right")):
+        t.add_column(col, justify=justify)
+    for o in outcomes:
+        t.add_row(o.node.name, o.node.kind, o.state, o.node.key[:12], f"{o.seconds:.1f} s" if o.seconds else "",
+                  _human(o.size) if o.size else "")
+    Console().print(t)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""exlbuild.lock: beside the recipe, the record of its last build.
+
+One file per folder, with one section per recipe file in it:
+
+    {"format": 1, "recipes": {"demo.yaml": {"recipe": {...resolved...}, "overrides": [...],
+                                            "targets": {name: {"kind", "key", "rule", "key_inputs",
+                                                               "files": {path: hash}, "out_dir"}}}}}
+
+`key_inputs` is what the key was computed from, so that `plan` can say which parameter or input changed;
+`files` are the content hashes of the artifact's files (or of a source directory's files), which `verify`
+checks. Commit it for reproducible releases; `--frozen` refuses to build when it would change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from exlbuild.errors import ExlbuildError
+from exlbuild.graph import Graph, Node
+from exlbuild.hashing import hash_bytes
+from exlbuild.recipe import LoadedRecipe
+from exlbuild.store import Store, write_atomic
+
+FORMAT = 1
+
+
+def read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {"format": FORMAT, "recipes": {}}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ExlbuildError(f"{path}: not a valid lock file ({e}); delete it to start afresh") from None
+    if data.get("format") != FORMAT or not isinstance(data.get("recipes"), dict):
+        raise ExlbuildError(f"{path}: unknown lock file format {data.get('format')!r} (this exlbuild writes {FORMAT})")
+    return data
+
+
+def section(recipe: LoadedRecipe) -> dict[str, Any] | None:
+    return read(recipe.lock_path)["recipes"].get(recipe.path.name)
+
+
+def previous_targets(recipe: LoadedRecipe) -> dict[str, Any]:
+    s = section(recipe)
+    return s["targets"] if s else {}
+
+
+def entry(node: Node, store: Store) -> dict[str, Any] | None:
+    """The lock entry of a node as it stands in the store now, or None if its artifact is missing."""
+    if node.is_source:
+        files = dict(node.key_inputs["source"])
+    elif store.has(node.rule_name, node.key):
+        files = {p: f["hash"] for p, f in store.manifest(node.rule_name, node.key)["files"].items()}
+    else:
+        return None
+    return {"kind": node.kind, "key": node.key, "rule": node.rule_name, "key_inputs": node.key_inputs,
+            "files": files, "out_dir": str(out_dir(node, store))}
+
+
+def out_dir(node: Node, store: Store) -> Path:
+    """Where a user or a loader finds the target's result."""
+    if node.source_dir is not None:
+        return node.source_dir
+    return Path(node.info.get("out_dir") or store.artifact_dir(node.rule_name, node.key))
+
+
+def new_section(recipe: LoadedRecipe, graph: Graph, store: Store) -> dict[str, Any]:
+    """The section as the store stands: current entries, and old entries for targets not (re)built."""
+    old = previous_targets(recipe)
+    targets = {}
+    for node in graph.nodes:
+        e = entry(node, store)
+        if e is None and node.name in old:
+            e = old[node.name]
+        if e is not None:
+            targets[node.name] = e
+    return {"recipe": recipe.resolved, "overrides": recipe.overrides, "targets": targets}
+
+
+def write(recipe: LoadedRecipe, graph: Graph, store: Store) -> None:
+    path = recipe.lock_path
+    with store.lock("lockfile-" + hash_bytes(str(path).encode())[:16]):
+        data = read(path)
+        data["recipes"][recipe.path.name] = new_section(recipe, graph, store)
+        data["recipes"] = dict(sorted(data["recipes"].items()))
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    store.register_lockfile(path)

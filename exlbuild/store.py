@@ -1,0 +1,185 @@
+"""The content-addressed store: where artifacts are built, published, locked, found and collected.
+
+    <root>/store/<rule>/<key>/     published artifact, read-only, with manifest.json
+    <root>/work/<rule>/<key>/      out/ (being written) and state/ (checkpoints that survive a crash)
+    <root>/locks/<key>.lock        one lock per artifact
+    <root>/hashes.sqlite           the stat cache of content hashes
+    <root>/lockfiles.json          the lock files that reference this store (for gc)
+
+Publishing is a rename of a fully written and fsynced directory, so a reader sees a whole artifact or
+none. Locks are advisory fcntl locks (the filelock package): the kernel drops them when their process
+dies, so a lock left by a killed build never blocks; the owner file only names who is building.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from exlbuild.errors import ExlbuildError
+from exlbuild.hashing import HashCache, hash_file, tree_files
+
+MANIFEST = "manifest.json"
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = root
+        try:
+            for sub in ("store", "work", "locks"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExlbuildError(f"cannot create the store at {root}: {e.strerror}") from None
+        self.hashes = HashCache(root / "hashes.sqlite")
+
+    # -- where things are ------------------------------------------------------------------------------
+    def artifact_dir(self, rule: str, key: str) -> Path:
+        return self.root / "store" / rule / key
+
+    def work_dir(self, rule: str, key: str) -> Path:
+        return self.root / "work" / rule / key
+
+    def has(self, rule: str, key: str) -> bool:
+        return (self.artifact_dir(rule, key) / MANIFEST).is_file()
+
+    def manifest(self, rule: str, key: str) -> dict[str, Any]:
+        return json.loads((self.artifact_dir(rule, key) / MANIFEST).read_text())
+
+    def artifacts(self) -> Iterator[tuple[str, str, Path]]:
+        """Every published artifact as (rule, key, directory)."""
+        base = self.root / "store"
+        for rule_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            for art in sorted(p for p in rule_dir.iterdir() if p.is_dir()):
+                yield rule_dir.name, art.name, art
+
+    # -- locking ---------------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, name: str, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the lock `name` (an artifact key, or another store-wide name) for the block."""
+        from filelock import FileLock, Timeout
+
+        path = self.root / "locks" / f"{name}.lock"
+        owner = path.with_suffix(".owner")
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait is not None:
+                on_wait(_read_owner(owner))
+            lock.acquire()
+        try:
+            owner.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "since": time.time()}))
+            yield
+        finally:
+            owner.unlink(missing_ok=True)
+            lock.release()
+
+    # -- building and publishing -------------------------------------------------------------------------
+    def begin(self, rule: str, key: str) -> tuple[Path, Path]:
+        """Fresh out/ and kept state/ directories for building an artifact (call under its lock)."""
+        work = self.work_dir(rule, key)
+        out, state = work / "out", work / "state"
+        if out.exists():
+            _remove_tree(out)  # a crashed attempt's partial output: never published, never reused
+        out.mkdir(parents=True)
+        state.mkdir(parents=True, exist_ok=True)
+        return out, state
+
+    def publish(self, rule: str, key: str, out: Path, manifest: dict[str, Any]) -> Path:
+        """Hash the files in `out`, write the manifest, make everything durable, rename into the store."""
+        if (out / MANIFEST).exists():
+            raise ExlbuildError(f"rule {rule} wrote a file named {MANIFEST}, which is reserved")
+        files = {str(rel): {"size": (out / rel).stat().st_size, "hash": hash_file(out / rel)} for rel in tree_files(out)}
+        manifest = {**manifest, "files": files}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _fsync_tree(out)
+        final = self.artifact_dir(rule, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(out, final)
+        _fsync_dir(final.parent)
+        _make_read_only(final)
+        _remove_tree(self.work_dir(rule, key))
+        return final
+
+    # -- removing --------------------------------------------------------------------------------------
+    def remove(self, rule: str, key: str) -> int:
+        """Delete an artifact and its work directory; returns the bytes freed."""
+        freed = 0
+        for d in (self.artifact_dir(rule, key), self.work_dir(rule, key)):
+            if d.exists():
+                freed += tree_size(d)
+                _remove_tree(d)
+        return freed
+
+    # -- lock files that reference this store ----------------------------------------------------------
+    def register_lockfile(self, lock_path: Path) -> None:
+        with self.lock("lockfiles"):
+            paths = set(self.lockfiles())
+            paths.add(str(lock_path.resolve()))
+            write_atomic(self.root / "lockfiles.json", json.dumps(sorted(paths), indent=2) + "\n")
+
+    def lockfiles(self) -> list[str]:
+        p = self.root / "lockfiles.json"
+        return json.loads(p.read_text()) if p.is_file() else []
+
+    def close(self) -> None:
+        self.hashes.close()
+
+
+def _read_owner(owner: Path) -> str:
+    try:
+        info = json.loads(owner.read_text())
+        return f"process {info['pid']} on {info['host']}"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def tree_size(root: Path) -> int:
+    return sum((root / rel).stat().st_size for rel in tree_files(root)) if root.is_dir() else 0
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_read_only(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            os.chmod(p, os.stat(p).st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _remove_tree(root: Path) -> None:
+    # Only files are made read-only when published, so their directories still allow unlinking them.
+    shutil.rmtree(root)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a file with new content in one step (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

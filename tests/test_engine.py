@@ -1,0 +1,208 @@
+"""The engine on small fake rules: keys, staleness and why, publishing, resume after SIGKILL, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import engine_graph
+from exlbuild.graph import explain
+from exlbuild.runner import BUILT, REUSED, STALE, UP_TO_DATE, status
+from exlbuild.store import Store
+
+SCRIPT = Path(engine_graph.__file__)
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "words.txt").write_text("alpha beta gamma")
+    log = tmp_path / "runs.log"
+    monkeypatch.setenv("ENGINE_TEST_LOG", str(log))
+    return src, tmp_path / "store", log
+
+
+def runs(log: Path) -> list[str]:
+    return [line.split()[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def states(outcomes) -> dict[str, str]:
+    return {o.node.name: o.state for o in outcomes}
+
+
+def resolved(store_root: Path, src: Path, **kw):
+    store = Store(store_root)
+    graph = engine_graph.make_graph(src, **kw)
+    graph.resolve(store.hashes)
+    return store, graph
+
+
+def record(graph) -> dict:
+    """What the lock file keeps of a build: enough for `explain`."""
+    return {n.name: {"key": n.key, "key_inputs": n.key_inputs} for n in graph.nodes}
+
+
+def test_build_then_noop(env):
+    src, store_root, log = env
+    first = engine_graph.run(store_root, src)
+    assert states(first) == {"src": UP_TO_DATE, "text": BUILT, "upper": BUILT, "slow": BUILT, "joined": BUILT}
+    assert sorted(runs(log)) == ["joined", "slow", "text", "upper"]
+    second = engine_graph.run(store_root, src)
+    assert set(states(second).values()) == {UP_TO_DATE}
+    assert len(runs(log)) == 4  # nothing ran again
+    store, graph = resolved(store_root, src)
+    joined = graph["joined"]
+    assert (store.artifact_dir("joined", joined.key) / "joined.txt").read_text() == "alpha beta gamma|ALPHA BETA GAMMA|1"
+    manifest = store.manifest("joined", joined.key)
+    assert manifest["inputs"]["text"] == graph["text"].key
+    assert manifest["files"]["joined.txt"]["size"] == len("alpha beta gamma|ALPHA BETA GAMMA|1")
+    assert manifest["environment"]["python"]
+
+
+def stale_after(src, store_root, change, **kw) -> dict[str, list[str]]:
+    store, before = resolved(store_root, src)
+    previous = record(before)
+    change()
+    store, graph = resolved(store_root, src, **kw)
+    return {st.node.name: st.reasons for st in status(graph, store, previous) if st.state == STALE}
+
+
+def test_param_change_is_stale_downstream_only(env):
+    src, store_root, _ = env
+    engine_graph.run(store_root, src)
+    stale = stale_after(src, store_root, lambda: None, sep="-")
+    assert set(stale) == {"text", "upper", "joined"}
+    assert stale["text"] == ['sep: " " -> "-"']
+    assert stale["upper"][0].startswith("input 'text' changed")
+
+
+def test_source_content_change(env):
+    src, store_root, _ = env
+    engine_graph.run(store_root, src)
+    stale = stale_after(src, store_root, lambda: (src / "words.txt").write_text("delta"))
+    assert set(stale) == {"text", "upper", "joined"}  # slow does not read the source
+    assert stale["text"][0].startswith("input 'src' changed")
+
+
+def test_rule_version_change(env, monkeypatch):
+    src, store_root, _ = env
+    engine_graph.run(store_root, src)
+    store, before = resolved(store_root, src)
+    monkeypatch.setattr(engine_graph.Upper, "version", 2)
+    store, graph = resolved(store_root, src)
+    stale = {st.node.name: st.reasons for st in status(graph, store, record(before)) if st.state == STALE}
+    assert set(stale) == {"upper", "joined"}
+    assert stale["upper"] == ["rule upper v1 -> upper v2"]
+
+
+def test_explain_new_and_missing(env):
+    src, store_root, _ = env
+    store, graph = resolved(store_root, src)
+    assert explain(graph["text"], None) == ["never built"]
+    engine_graph.run(store_root, src)
+    store, graph = resolved(store_root, src)
+    store.remove("upper", graph["upper"].key)
+    st = {s.node.name: s for s in status(graph, store, record(graph))}
+    assert st["upper"].state == STALE and "missing from the store" in st["upper"].reasons[0]
+    assert st["joined"].state == UP_TO_DATE  # its key does not change: upper's key is the same
+
+
+def test_failed_rule_publishes_nothing(env, monkeypatch):
+    src, store_root, _ = env
+
+    def boom(self, ctx):
+        (ctx.out / "partial.txt").write_text("half")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(engine_graph.Upper, "run", boom)
+    from exlbuild.runner import BuildFailed
+
+    with pytest.raises(BuildFailed) as e:
+        engine_graph.run(store_root, src)
+    assert [o.state for o in e.value.outcomes][-1] == "failed"
+    store, graph = resolved(store_root, src)
+    assert not store.artifact_dir("upper", graph["upper"].key).exists()
+    assert store.has("text", graph["text"].key)  # what was finished before stays
+
+
+def _spawn(store_root: Path, src: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(store_root), str(src), json.dumps(kw)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+def _final_states(proc: subprocess.Popen) -> dict[str, str]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_sigkill_mid_rule_then_resume(env):
+    src, store_root, log = env
+    kw = {"steps": 6, "step_seconds": 0.3}
+    proc = _spawn(store_root, src, **kw)
+    store, graph = resolved(store_root, src, **kw)
+    key = graph["slow"].key
+    state = store.work_dir("slow", key) / "state"
+    deadline = time.time() + 60
+    while len(list(state.glob("step-*"))) < 2:
+        assert time.time() < deadline, "the slow rule never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not store.has("slow", key)  # never visible as published
+    assert not store.artifact_dir("slow", key).exists()
+    done_before = len(list(state.glob("step-*")))
+
+    again = engine_graph.run(store_root, src, **kw)
+    assert states(again)["slow"] == BUILT and states(again)["joined"] == BUILT
+    starts = [line for line in log.read_text().splitlines() if line.startswith("slow")]
+    assert starts[0].endswith("start=0") and starts[1].endswith(f"start={done_before}")
+    assert (store.artifact_dir("slow", key) / "count.txt").read_text() == "6"
+    assert not store.work_dir("slow", key).exists()  # checkpoints go once published
+
+
+def test_two_concurrent_builds_build_each_artifact_once(env):
+    src, store_root, log = env
+    kw = {"steps": 4, "step_seconds": 0.25}
+    a = _spawn(store_root, src, **kw)
+    b = _spawn(store_root, src, **kw)
+    sa, sb = _final_states(a), _final_states(b)
+    assert sorted(runs(log)) == ["joined", "slow", "text", "upper"]  # each rule ran exactly once
+    for name in ("text", "upper", "slow", "joined"):
+        assert {sa[name], sb[name]} <= {BUILT, REUSED, UP_TO_DATE}
+        assert BUILT in (sa[name], sb[name])
+    store, graph = resolved(store_root, src, **kw)
+    assert (store.artifact_dir("joined", graph["joined"].key) / "joined.txt").read_text().endswith("|4")
+
+
+def test_lock_of_a_dead_process_does_not_block(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from exlbuild.store import Store\n"
+        "s = Store(Path(sys.argv[1]))\n"
+        "with s.lock('k'):\n"
+        "    print('held', flush=True); time.sleep(600)\n"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    store = Store(tmp_path)
+    waited = []
+    holder_killed = False
+
+    def on_wait(who: str) -> None:
+        nonlocal holder_killed
+        waited.append(who)
+        os.kill(holder.pid, signal.SIGKILL)  # the owner dies while we wait
+        holder_killed = True
+
+    t0 = time.time()
+    with store.lock("k", on_wait=on_wait):
+        pass
+    holder.wait()
+    assert holder_killed and f"process {holder.pid}" in waited[0]
+    assert time.time() - t0 < 30
