@@ -1,0 +1,1 @@
+"""EXL2 (exllamav2) format and quantizer core: options, packing, GPTQ variant, measurement.json."""

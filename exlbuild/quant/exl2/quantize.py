@@ -1,0 +1,206 @@
+"""The EXL2 GPTQ variant (docs/exl2-format.md 4.9, Q1–Q7) and the packing of its result (2.1).
+
+Several options of one layer in one pass
+----------------------------------------
+The measurement quantizes every distinct option of a layer from the same weight and Hessian.
+`quantize_options` does them together:
+
+- The Hessian work (act-order permutation, damping, inverse Cholesky factor U) is done once by
+  `prepare_hessian`; the same `PreparedHessian` also serves layers that share a Hessian (q/k/v,
+  gate/up), so pass it to each of them.
+- The row loop runs once for all options, on a (B, K, N) stack of error-compensated weights. This
+  works because every group and bit-width boundary of every option lies on a multiple of 32 rows:
+  the loop walks 32-row blocks, applies GPTQ's immediate updates inside a block and a lazy update
+  of all later rows after it. When a group of some option starts at a block, that option's scales
+  are chosen from its rows as they stand then, i.e. after absorbing the error of every earlier row:
+  exactly the doc's algorithm, whose lazy block is the group (only float summation order differs).
+  Per row, each option has its own bit width, zero point and scales, held as (B, …) tensors.
+- Scale searches of options whose groups start at the same row with the same length run batched.
+
+Memory is about 7 bytes per weight and option (float32 work copy, fp16 values, uint8 codes), so a
+caller with a large layer and little memory splits the options into several calls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from exlbuild.errors import ExlbuildError
+from exlbuild.quant.exl2.options import Group, QuantOption, pad_to_32
+from exlbuild.quant.exl2.pack import (
+    bits_per_row,
+    dequantize_codes,
+    make_q_groups,
+    pack_q_weight,
+    pack_scale_nibbles,
+    scale_from_nibbles,
+)
+from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
+
+# Scale search (Q3): a global multiplier p on 97 points from 0.70 to 1.20, error exponent 3.5.
+MULTIPLIER_POINTS = 97
+MULTIPLIER_RANGE = (0.70, 1.20)
+SEARCH_EXPONENT = 3.5
+# The row loop's block: the finest granularity of group boundaries in the format.
+BLOCK_ROWS = 32
+# Elements of one scale-search temporary (options × multipliers × rows × columns), to bound memory.
+_SEARCH_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedLinear:
+    """One layer quantized with one option. K = in_features, N = out_features (not padded)."""
+
+    option: QuantOption
+    groups: tuple[Group, ...]  # in stored row order
+    codes: Tensor  # (K, N) uint8, stored row order
+    nibbles: Tensor  # (G, N) uint8, stored scale codes (t − 1)
+    scale_max: Tensor  # (G,) float16, q_scale_max
+    perm: Tensor  # (K,) int64: stored row k holds input feature perm[k]
+    invperm: Tensor  # (K,) int64
+    weight: Tensor  # (N, K) float16: the dequantized nn.Linear weight, as the loader computes it
+
+
+def multiplier_grid(device: torch.device | str | None = None) -> Tensor:
+    """The 97 candidate multipliers p_i = 0.70·(1 − i/96) + 1.20·(i/96)."""
+    low, high = MULTIPLIER_RANGE
+    i = torch.arange(MULTIPLIER_POINTS, dtype=torch.float64) / (MULTIPLIER_POINTS - 1)
+    return (low * (1 - i) + high * i).to(torch.float32).to(device)
+
+
+def find_group_scales(rows: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
+    """Q2–Q4 for B groups at once: rows (B, R, N) float32, bits (B,) → nibbles (B, N) uint8 and
+    q_scale_max (B,) float16."""
+    maxq = (2**bits - 1).to(rows.dtype)[:, None]
+    zero = (2 ** (bits - 1)).to(rows.dtype)[:, None]
+    base = (rows.abs().amax(dim=1) + 1e-12) / (maxq / 2)
+    group_max = base.amax(dim=1, keepdim=True)
+    steps = torch.round(16 * torch.sqrt(base / group_max)).clamp(1, 16)
+    candidate = (steps / 16) ** 2 * group_max
+
+    grid = multiplier_grid(rows.device)
+    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // rows.numel())
+    low, high = (-zero)[None, :, :, None], (maxq - zero)[None, :, :, None]
+    errors = []
+    for p in grid.split(chunk):
+        scale = candidate[None, :, None, :] * p[:, None, None, None]  # (P, B, 1, N)
+        q = torch.round(rows[None] / scale).clamp(low, high)
+        errors.append((q * scale - rows[None]).abs().pow(SEARCH_EXPONENT).sum(dim=(2, 3)))
+    best = torch.cat(errors).argmin(dim=0)  # the first of equal minima, as the reference does
+    return (steps - 1).to(torch.uint8), (group_max[:, 0] * grid[best]).half()
+
+
+def _quantize_row(row: Tensor, scale: Tensor, zero: Tensor, maxq: Tensor) -> tuple[Tensor, Tensor]:
+    """Q6 for one row of B options: codes (B, N) and their fp16 values as the loader decodes them."""
+    s = scale.float()
+    # A zero scale (a group of near-zero weights whose q_scale_max/256 underflows fp16) decodes every
+    # code to zero; take the zero point there instead of dividing by zero.
+    ratio = torch.where(s > 0, row / s, 0.0)
+    codes = (torch.round(ratio) + zero).clamp(torch.zeros_like(maxq), maxq)
+    return codes, dequantize_codes(codes, zero, scale)
+
+
+def quantize_options(
+    weight: Tensor, prepared: PreparedHessian, options: Sequence[QuantOption], layer: str = "layer"
+) -> list[QuantizedLinear]:
+    """Quantize one (out, in) weight with every option in one pass (see the module docstring).
+
+    Runs in float32 on the device of `prepared`; results are in the order of `options`.
+    """
+    if not options:
+        return []
+    if weight.dim() != 2:
+        raise ValueError(f"{layer}: expected an (out, in) weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    factor = prepared.inverse_factor
+    if prepared.perm.numel() != in_features:
+        raise ValueError(f"{layer}: Hessian of size {prepared.perm.numel()} for {in_features} input features")
+    if in_features % BLOCK_ROWS:
+        raise ExlbuildError(f"{layer}: EXL2 needs in_features to be a multiple of {BLOCK_ROWS}, got {in_features}")
+    device = factor.device
+    layouts = [option.groups(in_features) for option in options]
+    n_options = len(options)
+
+    row_bits = torch.stack([bits_per_row(layout, device) for layout in layouts])
+    row_zero = (2 ** (row_bits - 1)).float()
+    row_maxq = (2**row_bits - 1).float()
+
+    # Which (option, group) pairs start at each row, keyed by group length for batched searches.
+    starts: dict[int, dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    for o, layout in enumerate(layouts):
+        for g, group in enumerate(layout):
+            starts[group.start][group.rows].append((o, g))
+
+    work = weight.to(device, torch.float32).T[prepared.perm].unsqueeze(0).repeat(n_options, 1, 1)
+    codes = torch.empty(n_options, in_features, out_features, dtype=torch.uint8, device=device)
+    values = torch.empty(n_options, in_features, out_features, dtype=torch.float16, device=device)
+    nibbles = [torch.empty(len(layout), out_features, dtype=torch.uint8, device=device) for layout in layouts]
+    scale_max = [torch.empty(len(layout), dtype=torch.float16, device=device) for layout in layouts]
+    scale = torch.empty(n_options, out_features, dtype=torch.float16, device=device)
+    block_errors = torch.empty(n_options, BLOCK_ROWS, out_features, device=device)
+
+    for a in range(0, in_features, BLOCK_ROWS):
+        e = a + BLOCK_ROWS
+        for rows, members in starts[a].items():
+            chosen = [o for o, _ in members]
+            group_nibbles, group_max = find_group_scales(work[chosen, a : a + rows], row_bits[chosen, a])
+            scale[chosen] = scale_from_nibbles(group_nibbles, group_max)
+            for (o, g), n, m in zip(members, group_nibbles, group_max):
+                nibbles[o][g] = n
+                scale_max[o][g] = m
+        for c in range(a, e):
+            q, v = _quantize_row(work[:, c], scale, row_zero[:, c : c + 1], row_maxq[:, c : c + 1])
+            codes[:, c] = q.to(torch.uint8)
+            values[:, c] = v
+            err = (work[:, c] - v.float()) / factor[c, c]
+            block_errors[:, c - a] = err
+            work[:, c + 1 : e] -= factor[c, c + 1 : e, None] * err[:, None, :]
+        work[:, e:] -= torch.matmul(factor[a:e, e:].T, block_errors)
+
+    return [
+        QuantizedLinear(
+            option=option,
+            groups=layouts[o],
+            codes=codes[o],
+            nibbles=nibbles[o],
+            scale_max=scale_max[o],
+            perm=prepared.perm,
+            invperm=prepared.invperm,
+            weight=values[o][prepared.invperm].T.contiguous(),
+        )
+        for o, option in enumerate(options)
+    ]
+
+
+def quantize(weight: Tensor, hessian: Tensor, option: QuantOption, layer: str = "layer") -> QuantizedLinear:
+    """Quantize one (out, in) weight with one option, given its (in, in) Hessian."""
+    return quantize_options(weight, prepare_hessian(hessian, layer), [option], layer)[0]
+
+
+def pack_layer(result: QuantizedLinear, bias: Tensor | None = None) -> dict[str, Tensor]:
+    """The tensors of 2.1 (keys without the layer prefix), output padded to a multiple of 32.
+
+    Padding columns get zero-point codes and scale nibble 0, so they decode to zero.
+    """
+    in_features, out_features = result.codes.shape
+    padding = pad_to_32(out_features) - out_features
+    zero = (2 ** (bits_per_row(result.groups, result.codes.device) - 1)).to(torch.uint8)
+    codes = torch.cat([result.codes, zero[:, None].expand(in_features, padding)], dim=1)
+    nibbles = torch.nn.functional.pad(result.nibbles, (0, padding))
+    tensors = {
+        "q_weight": pack_q_weight(codes, result.groups),
+        "q_scale": pack_scale_nibbles(nibbles),
+        "q_scale_max": result.scale_max.to(torch.float16).contiguous(),
+        "q_groups": make_q_groups(result.groups).to(result.codes.device),
+        "q_invperm": result.invperm.to(torch.int32),
+    }
+    if bias is not None:
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} output features")
+        tensors["bias"] = torch.nn.functional.pad(bias.to(torch.float16), (0, padding))
+    return tensors

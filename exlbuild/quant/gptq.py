@@ -1,0 +1,103 @@
+"""Hessian and GPTQ preparation shared by the EXL2 and EXL3 quantizers.
+
+Steps H1–H4 of docs/exl2-format.md section 4.9: accumulate the Hessian of a linear layer's inputs,
+order the input features by activation (act-order), damp the diagonal and factor the inverse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from exlbuild.errors import ExlbuildError
+
+DAMPING_FRACTION = 0.12
+DAMPING_FLOOR = 1e-5
+MAX_DAMPING_ATTEMPTS = 10
+
+
+class HessianAccumulator:
+    """H1: H = (Σ over calibration rows of XᵀX) / number of rows, in float32.
+
+    No factor 2 and no division by the token count; with no rows added the Hessian is the identity.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.rows = 0
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    def add(self, x: Tensor) -> None:
+        """Add one calibration row's inputs (tokens, K), or several rows at once (..., tokens, K)."""
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs (..., tokens, {self.in_features}), got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.in_features).to(self._sum.device, torch.float32)
+        self._sum.addmm_(flat.T, flat)
+        self.rows += math.prod(x.shape[:-2])
+
+    def hessian(self) -> Tensor:
+        if self.rows == 0:
+            return torch.eye(self.in_features, dtype=torch.float32, device=self._sum.device)
+        return self._sum / self.rows
+
+
+def invert_permutation(perm: Tensor) -> Tensor:
+    """inverse[perm[k]] = k (the argsort of a permutation, without sorting)."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), dtype=perm.dtype, device=perm.device)
+    return inverse
+
+
+def act_order(hessian: Tensor) -> Tensor:
+    """H2: input features by descending Hessian diagonal (stable, so ties keep feature order)."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
+def damping(hessian: Tensor) -> float:
+    """H3: the amount d added to the diagonal: 0.12 of its mean, at least 1e-5."""
+    return max(DAMPING_FRACTION * torch.diagonal(hessian).mean().item(), DAMPING_FLOOR)
+
+
+def inverse_cholesky_upper(hessian: Tensor, damp: float, layer: str = "layer") -> tuple[Tensor, float]:
+    """H4: upper U with (H + k·d·I)⁻¹ = UᵀU, for the first k = 1, 2, … ≤ 10 where every step works.
+
+    Returns U and the total damping k·d. Raises ExlbuildError when no attempt succeeds.
+    """
+    eye = torch.eye(hessian.shape[0], dtype=torch.float32, device=hessian.device)
+    for attempt in range(1, MAX_DAMPING_ATTEMPTS + 1):
+        lower, info = torch.linalg.cholesky_ex(hessian + attempt * damp * eye)
+        if info.item() != 0:
+            continue
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if info.item() == 0 and not torch.isnan(upper).any():
+            return upper, attempt * damp
+    raise ExlbuildError(
+        f"{layer}: Hessian is not invertible after {MAX_DAMPING_ATTEMPTS} damping attempts "
+        f"(diagonal += k·{damp:g}); the calibration inputs of this layer are degenerate"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedHessian:
+    """What every option quantized from one Hessian shares (H2–H4)."""
+
+    perm: Tensor  # (K,) int64: stored row k holds input feature perm[k]
+    invperm: Tensor  # (K,) int64: input feature i sits in stored row invperm[i]
+    inverse_factor: Tensor  # (K, K) float32 upper U of the damped, permuted Hessian's inverse
+    damping: float  # total amount added to the diagonal
+
+
+def prepare_hessian(hessian: Tensor, layer: str = "layer") -> PreparedHessian:
+    """Act-order, damping and inverse Cholesky factor of a (K, K) Hessian, on its device."""
+    hessian = hessian.to(torch.float32)
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"a Hessian must be square, got shape {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise ExlbuildError(f"{layer}: Hessian has NaN or infinite values (overflow in the calibration forward?)")
+    perm = act_order(hessian)
+    permuted = hessian[perm][:, perm]
+    upper, total_damping = inverse_cholesky_upper(permuted, damping(permuted), layer)
+    return PreparedHessian(perm, invert_permutation(perm), upper, total_damping)
