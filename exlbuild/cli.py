@@ -19,10 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "build")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Options may come after the overrides (`exlbuild r.yaml a=1 --frozen`): argparse stops filling a
+    # positional list at the first option, so the words after it are collected here.
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        _parser().print_help()
+        parser.print_help()
         return 2
+    words = next((n for n in ("overrides", "targets") if hasattr(args, n)), None)
+    if any(a.startswith("-") for a in extra) or (extra and words is None):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if words:
+        getattr(args, words).extend(extra)
     try:
         return args.func(args)
     except ExlbuildError as e:
@@ -84,8 +92,8 @@ class Session:
         from exlbuild.store import Store
 
         self.recipe = recipe.load(recipe_path, overrides)
-        self.graph = recipe_graph(self.recipe)
         self.store = Store(self.recipe.store_path)
+        self.graph = recipe_graph(self.recipe, self.store.hashes)
         self.graph.resolve(self.store.hashes)
         self.previous = lockfile.previous_targets(self.recipe)
 
@@ -191,15 +199,10 @@ def _status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"recipe": str(s.recipe.path), "targets": rows}, indent=2))
             return 0
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=f"{s.recipe.path.name}")
-        for col in ("target", "kind", "state", "key", "where / why"):
-            t.add_column(col)
+        width = max(len(r["name"]) for r in rows)
         for r in rows:
-            t.add_row(r["name"], r["kind"], r["state"], r["key"][:12], "; ".join(r.get("why", [])) or r["out_dir"])
-        Console().print(t)
+            where = "; ".join(r.get("why", [])) or r["out_dir"]
+            print(f"{r['name']:{width}}  {r['kind']:11}  {r['state']:10}  {r['key'][:12]}  {where}")
         return 0
     finally:
         s.close()
@@ -220,10 +223,13 @@ def _graph(args: argparse.Namespace) -> int:
             print("}")
             return 0
         for n in nodes:
-            inputs = ", ".join(dep.name if label == dep.name else f"{label}={dep.name}" for label, dep in n.deps.items())
-            files = ", ".join(n.sources)
-            origin = " <- ".join(x for x in ("", inputs + (f" + files({files})" if files else "")) if x) or "(source)"
-            print(f"{n.name:28} {n.kind:12} {n.rule_name:14} {n.key[:12]}  {origin if n.deps or files else '(source)'}")
+            print(f"{n.name}  [{n.kind}, {n.rule_name}, {n.key[:12]}]")
+            for label, dep in n.deps.items():
+                print(f"    <- {dep.name}" + (f" (as {label})" if label != dep.name else ""))
+            for label, path in n.sources.items():
+                print(f"    <- file {path}" + (f" (as {label})" if label != path.name else ""))
+            if n.source_dir is not None:
+                print(f"    <- directory {n.source_dir}")
         return 0
     finally:
         s.close()
@@ -356,13 +362,15 @@ def _summary(outcomes: list[Any]) -> None:
     from rich.table import Table
 
     t = Table()
+    width = max([len(o.node.name) for o in outcomes] + [6])
     for col, justify in (("target", "left"), ("kind", "left"), ("state", "left"), ("key", "left"),
                          ("time", "right"), ("size", "right")):
-        t.add_column(col, justify=justify)
+        t.add_column(col, justify=justify, no_wrap=True, min_width=width if col == "target" else None)
     for o in outcomes:
         t.add_row(o.node.name, o.node.kind, o.state, o.node.key[:12], f"{o.seconds:.1f} s" if o.seconds else "",
                   _human(o.size) if o.size else "")
-    Console().print(t)
+    # Piped output has no terminal width: never cut names or keys there.
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
 def _human(n: int) -> str:

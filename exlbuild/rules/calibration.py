@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from exlbuild.graph import BuildContext, Node, Rule
+from exlbuild.hashing import HashCache
 from exlbuild.recipe import LoadedRecipe
 
 CALIBRATION_FILE = "calibration.safetensors"
@@ -17,25 +18,26 @@ class Calibration(Rule):
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from safetensors.torch import save_file
 
-        from exlbuild.calib import calibration_rows
+        from exlbuild.calib import build_calibration
         from exlbuild.model.tokenizer import load_tokenizer
 
         p = ctx.params
         dataset = str(ctx.sources["parquet"]) if "parquet" in ctx.sources else "default"
-        ids, description = calibration_rows(load_tokenizer(ctx.inputs["tokenizer"]), dataset, p["rows"], p["length"],
-                                            text_column=p.get("text_column", "text"))
+        ids, description = build_calibration(load_tokenizer(ctx.inputs["tokenizer"]), dataset, p["rows"], p["length"],
+                                             text_column=p.get("text_column", "text"))
         save_file({"input_ids": ids.contiguous()}, str(ctx.out / CALIBRATION_FILE))
         return description
 
 
-def calibration_node(recipe: LoadedRecipe, tokenizer: Node, name: str, rows: int, length: int) -> Node:
+def calibration_node(recipe: LoadedRecipe, hashes: HashCache, tokenizer: Node, name: str, rows: int,
+                     length: int) -> Node:
     spec = recipe.spec.calibration
     params: dict[str, Any] = {"rows": rows, "length": length}
     sources = {}
     if spec.dataset == "default":
-        from exlbuild.calib import default_mix_fingerprint
+        from exlbuild.calib.default_mix import fingerprint
 
-        params["dataset"] = {"default": default_mix_fingerprint()}
+        params["dataset"] = {"default": fingerprint(hashes.file_hash)}
     else:
         params["dataset"] = "parquet"
         params["text_column"] = spec.text_column

@@ -1,0 +1,189 @@
+"""Lazy reader of a Hugging Face directory's safetensors, one tensor at a time.
+
+Only safetensors are read (never pickles). The directory may hold one file or many shards, with or without
+model.safetensors.index.json; the tensor → file map is built from the index or from the files' headers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from exlbuild.errors import ExlbuildError
+from exlbuild.model.config import LlamaConfig
+
+INDEX_NAME = "model.safetensors.index.json"
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+Device = torch.device | str | None
+
+
+class Checkpoint:
+    """The tensors of a model directory; nothing is read until `get`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise ExlbuildError(f"model directory {self.directory} does not exist")
+        self._file_of = self._index()
+        self._handles: dict[str, Any] = {}
+
+    def _index(self) -> dict[str, str]:
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ExlbuildError(f"{index} is not a valid safetensors index ({e!r})") from None
+            if not isinstance(weight_map, dict):
+                raise ExlbuildError(f"{index}: 'weight_map' must map tensor names to shard files")
+            for file in sorted(set(weight_map.values())):
+                if not (self.directory / file).is_file():
+                    raise ExlbuildError(f"{index} names shard {file}, which is not in {self.directory}")
+            return dict(weight_map)
+
+        files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.directory.glob("*.bin"))
+            hint = f" (found {', '.join(pickles)}: convert them to safetensors; pickles are never loaded)"
+            raise ExlbuildError(f"{self.directory} holds no .safetensors files{hint if pickles else ''}")
+        file_of: dict[str, str] = {}
+        for file in files:
+            with safe_open(self.directory / file, framework="pt") as f:
+                for name in f.keys():
+                    if name in file_of:
+                        raise ExlbuildError(f"tensor {name} is in both {file_of[name]} and {file} in {self.directory}")
+                    file_of[name] = file
+        return file_of
+
+    def _handle(self, name: str) -> Any:
+        if name not in self._file_of:
+            close = difflib.get_close_matches(name, self._file_of, n=3, cutoff=0.6)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise ExlbuildError(f"tensor {name} is not in the checkpoint {self.directory}{hint}")
+        file = self._file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.directory / file, framework="pt")
+        return self._handles[file]
+
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        code = self._handle(name).get_slice(name).get_dtype()
+        if code not in _DTYPES:
+            raise ExlbuildError(f"tensor {name} in {self.directory} has dtype {code}; supported: F16, BF16, F32")
+        return _DTYPES[code]
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32, device: Device = None) -> torch.Tensor:
+        """Read one tensor, converted to `dtype`; raises if it holds NaN or Inf (also after the conversion)."""
+        self.dtype_of(name)
+        tensor = self._handle(name).get_tensor(name).to(device=device or "cpu", dtype=dtype)
+        # A sum is finite only if every element is (a cheap test); confirm element-wise before blaming the
+        # tensor, since a float32 sum of huge finite values can overflow.
+        if not torch.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
+            raise ExlbuildError(f"tensor {name} in {self.directory} holds NaN or Inf values (as {dtype})")
+        return tensor
+
+    def check(self, cfg: LlamaConfig) -> None:
+        """Raise unless every tensor `cfg` needs is present with the expected shape."""
+        expected = expected_tensors(cfg)
+        missing = [name for name in expected if name not in self._file_of]
+        if missing:
+            unexpected = sorted(set(self._file_of) - set(expected))
+            hint = ""
+            if unexpected:
+                close = [c for m in missing for c in difflib.get_close_matches(m, unexpected, n=1, cutoff=0.8)]
+                hint = f"; unexpected tensors that look close: {', '.join(close)}" if close else ""
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise ExlbuildError(f"{self.directory} lacks {len(missing)} tensor(s) the config needs: {shown}{hint}")
+        for name, shape in expected.items():
+            actual = self.shape(name)
+            if actual != shape:
+                raise ExlbuildError(
+                    f"tensor {name} in {self.directory} has shape {list(actual)}, config.json implies {list(shape)}"
+                )
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def layer_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of one decoder layer's tensors, keyed by name relative to `layer_prefix`."""
+    h, ff = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (ff, h),
+        "mlp.up_proj.weight": (ff, h),
+        "mlp.down_proj.weight": (h, ff),
+    }
+    if cfg.attention_bias:
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if cfg.attention_out_bias:
+        shapes["self_attn.o_proj.bias"] = (h,)
+    if cfg.mlp_bias:
+        shapes.update({"mlp.gate_proj.bias": (ff,), "mlp.up_proj.bias": (ff,), "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the model needs, with its shape, in a fixed order."""
+    expected = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
+    for i in range(cfg.num_hidden_layers):
+        expected.update({layer_prefix(i) + k: s for k, s in layer_tensor_shapes(cfg).items()})
+    expected["model.norm.weight"] = (cfg.hidden_size,)
+    if not cfg.tie_word_embeddings:
+        expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return expected
+
+
+def open_model(
+    directory: Path, rope_scale: float | None = None, rope_alpha: float | None = None
+) -> tuple[LlamaConfig, Checkpoint]:
+    """Read the config, open the checkpoint and check it holds every tensor the config needs."""
+    cfg = LlamaConfig.from_dir(directory, rope_scale=rope_scale, rope_alpha=rope_alpha)
+    ckpt = Checkpoint(directory)
+    ckpt.check(cfg)
+    return cfg, ckpt
+
+
+def layer_weights(
+    ckpt: Checkpoint, cfg: LlamaConfig, i: int, dtype: torch.dtype = torch.float32, device: Device = None
+) -> dict[str, torch.Tensor]:
+    """Decoder layer `i`'s tensors, keyed by name relative to `layer_prefix(i)` (e.g. "self_attn.q_proj.weight")."""
+    prefix = layer_prefix(i)
+    return {k: ckpt.get(prefix + k, dtype, device) for k in layer_tensor_shapes(cfg)}
+
+
+def embedding_weight(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: Device = None) -> torch.Tensor:
+    return ckpt.get("model.embed_tokens.weight", dtype, device)
+
+
+def norm_weight(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: Device = None) -> torch.Tensor:
+    return ckpt.get("model.norm.weight", dtype, device)
+
+
+def head_weight(
+    ckpt: Checkpoint, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device: Device = None
+) -> torch.Tensor:
+    """The output head; the embedding when the config ties them."""
+    return ckpt.get("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight", dtype, device)

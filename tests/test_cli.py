@@ -1,0 +1,236 @@
+"""The command line on a tiny Hugging Face model and a Parquet calibration file: build, plan and why, status,
+graph, verify, --frozen, clean, gc, concurrent builds, and bad recipes (clear error, nothing published)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from exlbuild.cli import main
+from model_fixtures import sample_text, tiny_model
+from test_tokenizer import make_bpe_dir
+
+RECIPE = """\
+model:
+  path: model
+calibration:
+  dataset: cal.parquet
+  rows: 4
+  length: 32
+  measurement_rows: 2
+  measurement_length: 32
+"""
+
+
+@pytest.fixture(scope="module")
+def model_template(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("template") / "model"
+    tiny_model(d, vocab_size=1000)
+    make_bpe_dir(d, vocab_size=1000)
+    return d
+
+
+@pytest.fixture
+def project(tmp_path, model_template) -> Path:
+    import shutil
+
+    shutil.copytree(model_template, tmp_path / "model")
+    paragraphs = [p for p in sample_text().split("\n\n") if p.strip()][:200]
+    pq.write_table(pa.table({"text": paragraphs, "id": list(range(len(paragraphs)))}), tmp_path / "cal.parquet")
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    return tmp_path
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def published(project: Path) -> list[str]:
+    store = project / ".exlbuild" / "store"
+    return sorted(str(p.relative_to(store)) for p in store.glob("*/*")) if store.exists() else []
+
+
+def test_build_summary_then_noop(project, capsys):
+    recipe = project / "recipe.yaml"
+    code, out, err = run(capsys, recipe)
+    assert code == 0, err
+    assert "building calibration (calibration): never built" in err
+    for name in ("model", "calibration", "calibration-measurement"):
+        assert name in out
+    assert out.count("built") == 2 and "up to date" in out  # the model is a source: never built
+    lock = json.loads((project / "exlbuild.lock").read_text())["recipes"]["recipe.yaml"]
+    assert set(lock["targets"]) == {"model", "tokenizer", "calibration", "calibration-measurement"}
+    assert lock["recipe"]["calibration"]["rows"] == 4
+
+    code, out, err = run(capsys, recipe)
+    assert code == 0 and "building" not in err
+    assert out.count("up to date") == 4
+
+    from safetensors.torch import load_file
+
+    key = lock["targets"]["calibration"]["key"]
+    ids = load_file(project / ".exlbuild/store/calibration" / key / "calibration.safetensors")["input_ids"]
+    assert tuple(ids.shape) == (4, 32)
+
+
+def test_plan_says_why(project, capsys):
+    recipe = project / "recipe.yaml"
+    run(capsys, recipe)
+    code, out, _ = run(capsys, "plan", recipe, "calibration.rows=8")
+    assert code == 0
+    assert "build calibration (calibration" in out and "because rows: 4 -> 8" in out
+    assert "calibration-measurement" not in out
+    code, out, _ = run(capsys, "plan", recipe)
+    assert "nothing to do" in out
+
+
+def test_weights_change_leaves_calibration_alone_tokenizer_change_does_not(project, capsys):
+    recipe = project / "recipe.yaml"
+    run(capsys, recipe)
+    weights = project / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x3c\x00\x3c"  # the last two fp16 values become 1.0
+    weights.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "plan", recipe)
+    assert "nothing to do" in out  # only the tokenizer reaches the calibration sets
+
+    tok = project / "model" / "tokenizer_config.json"
+    tok.write_text(tok.read_text().replace("</s>", "<s>"))
+    code, out, _ = run(capsys, "plan", recipe)
+    assert "build calibration " in out and "build calibration-measurement " in out
+    assert "because input 'tokenizer' changed" in out
+
+
+def test_status_json_and_graph(project, capsys):
+    recipe = project / "recipe.yaml"
+    code, out, _ = run(capsys, "status", recipe, "--json")
+    targets = {t["name"]: t for t in json.loads(out)["targets"]}
+    assert targets["calibration"]["state"] == "stale" and targets["calibration"]["why"] == ["never built"]
+    run(capsys, recipe)
+    code, out, _ = run(capsys, "status", recipe, "--json")
+    targets = {t["name"]: t for t in json.loads(out)["targets"]}
+    assert {t["kind"] for t in targets.values()} == {"model", "calibration"}
+    assert all(t["state"] == "up to date" for t in targets.values())
+    assert targets["model"]["out_dir"] == str((project / "model").resolve())
+    cal = targets["calibration"]
+    assert Path(cal["out_dir"], "calibration.safetensors").is_file() and len(cal["key"]) == 64
+    assert cal["rows"] == 4 and cal["length"] == 32
+
+    code, out, _ = run(capsys, "graph", recipe)
+    assert "calibration  [calibration, calibration," in out and "<- tokenizer" in out
+    code, out, _ = run(capsys, "graph", recipe, "--dot")
+    assert out.startswith("digraph") and '"tokenizer" -> "calibration"' in out
+
+
+def test_verify_names_corruption(project, capsys):
+    recipe = project / "recipe.yaml"
+    run(capsys, recipe)
+    code, out, _ = run(capsys, "verify", recipe)
+    assert code == 0 and "verify: OK" in out
+    key = json.loads((project / "exlbuild.lock").read_text())["recipes"]["recipe.yaml"]["targets"]["calibration"]["key"]
+    artifact = project / ".exlbuild/store/calibration" / key / "calibration.safetensors"
+    os.chmod(artifact, 0o644)
+    data = bytearray(artifact.read_bytes())
+    data[-1] ^= 1
+    artifact.write_bytes(bytes(data))
+    (project / "model" / "generation_config.json").write_text("{}")
+    code, out, _ = run(capsys, "verify", recipe)
+    assert code == 1
+    assert "calibration: calibration.safetensors differs from the lock" in out
+    assert "model: generation_config.json differs from the lock" in out
+
+
+def test_frozen(project, capsys):
+    recipe = project / "recipe.yaml"
+    code, _, err = run(capsys, recipe, "--frozen")
+    assert code == 1 and "has no entry for recipe.yaml" in err
+    run(capsys, recipe)
+    code, _, err = run(capsys, recipe, "--frozen")
+    assert code == 0, err
+    code, _, err = run(capsys, recipe, "--frozen", "calibration.length=64")
+    assert code == 1 and "calibration: length: 32 -> 64" in err and "resolved recipe differs" in err
+    assert len(published(project)) == 2  # nothing new was built
+
+
+def test_clean_and_gc(project, capsys):
+    recipe = project / "recipe.yaml"
+    run(capsys, recipe)
+    assert len(published(project)) == 2
+    code, out, _ = run(capsys, "clean", recipe, "calibration")
+    assert code == 0 and "removed calibration" in out
+    assert len(published(project)) == 1
+    code, out, _ = run(capsys, "status", recipe, "--json")
+    states = {t["name"]: t["state"] for t in json.loads(out)["targets"]}
+    assert states["calibration"] == "stale" and states["calibration-measurement"] == "up to date"
+
+    run(capsys, recipe)  # rows 4 again
+    run(capsys, recipe, "calibration.rows=3")  # the lock now references the rows=3 artifact
+    assert len(published(project)) == 3
+    code, out, _ = run(capsys, "gc", recipe)
+    assert code == 0 and "removed 1 artifacts" in out
+    assert len(published(project)) == 2
+    code, out, _ = run(capsys, "status", recipe, "--json", "calibration.rows=3")
+    assert all(t["state"] == "up to date" for t in json.loads(out)["targets"])
+
+
+def test_two_concurrent_cli_builds(project):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "exlbuild.cli", str(project / "recipe.yaml")]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    built = [line for _, err in results for line in err.splitlines() if line.startswith("building ")]
+    assert sorted(built) == ["building calibration (calibration): never built",
+                             "building calibration-measurement (calibration): never built"]
+    assert len(published(project)) == 2
+    lock = json.loads((project / "exlbuild.lock").read_text())
+    assert set(lock["recipes"]["recipe.yaml"]["targets"]) == {"model", "tokenizer", "calibration",
+                                                              "calibration-measurement"}
+
+
+BAD_RECIPES = {
+    "unknown key": ("calibraton:\n  rows: 2\n", [], "did you mean 'calibration'?"),
+    "wrong type": (RECIPE.replace("rows: 4", "rows: many"), [], "bad value for 'calibration.rows'"),
+    "bits out of range": (RECIPE, ["+variants.q.bits=9.5"], "variants.q.bits: 9.5 is out of range for exl2"),
+    "head bits": (RECIPE + "sweep:\n  head_bits: 7\n", [], "sweep.head_bits: 7 is not allowed for exl2"),
+    "missing model dir": (RECIPE.replace("path: model", "path: nowhere"), [], "directory not found"),
+    "malformed yaml": (RECIPE + "  - [oops\n", [], "malformed YAML at line"),
+    "bad override": (RECIPE, ["calibration.rows=[1,"], "bad override 'calibration.rows=[1,'"),
+    "unknown override": (RECIPE, ["rope.sclae=2"], "did you mean 'rope.scale'?"),
+    "missing parquet": (RECIPE.replace("cal.parquet", "none.parquet"), [], "calibration.dataset: file not found"),
+    "missing column": (RECIPE, ["calibration.text_column=txt"], "txt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipes(project, capsys, case):
+    text, overrides, message = BAD_RECIPES[case]
+    (project / "recipe.yaml").write_text(text)
+    code, out, err = run(capsys, project / "recipe.yaml", *overrides)
+    assert code == 1, (out, err)
+    assert message in err, err
+    assert published(project) == []
+    assert "Traceback" not in err
+
+
+def test_missing_config_json(project, capsys):
+    (project / "model" / "config.json").unlink()
+    code, _, err = run(capsys, project / "recipe.yaml")
+    assert code == 1 and "has no config.json" in err and published(project) == []
+
+
+def test_noop_build_imports_neither_torch_nor_triton(project, capsys):
+    run(capsys, project / "recipe.yaml")
+    code = ("import sys; from exlbuild.cli import main; rc = main([sys.argv[1], '-q']); "
+            "print(rc, 'torch' in sys.modules, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(project / "recipe.yaml")], capture_output=True, text=True)
+    assert out.stdout.split() == ["0", "False", "False"], out.stderr
