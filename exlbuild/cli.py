@@ -237,7 +237,6 @@ def _graph(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from exlbuild import lockfile
-    from exlbuild.hashing import hash_file
 
     s = _session(args)
     try:
@@ -254,20 +253,12 @@ def _verify(args: argparse.Namespace) -> int:
                 continue
             if node.key != entry["key"]:
                 problems.append(f"{name}: the recipe now gives key {node.key[:12]}, the lock has {entry['key'][:12]}")
-            root = Path(entry["out_dir"]) if node.is_source else s.store.artifact_dir(entry["rule"], entry["key"])
-            if not root.is_dir():
-                problems.append(f"{name}: {root} is missing")
-                continue
-            on_disk = set(str(p) for p in _files_of(node, root))
-            for rel, digest in sorted(entry["files"].items()):
-                checked += 1
-                p = root / rel
-                if rel not in on_disk or not p.is_file():
-                    problems.append(f"{name}: {rel} is missing")
-                elif hash_file(p) != digest:
-                    problems.append(f"{name}: {rel} differs from the lock (content hash {digest[:12]} expected)")
-            for rel in sorted(on_disk - set(entry["files"])):
-                problems.append(f"{name}: {rel} is not in the lock")
+            if node.is_source:
+                roots = [Path(entry["out_dir"])]
+            else:  # the store's copy, and the exported one where there is one
+                roots = list(dict.fromkeys([s.store.artifact_dir(entry["rule"], entry["key"]), Path(entry["out_dir"])]))
+            for root in roots:
+                checked += _verify_tree(name, node, root, entry["files"], problems)
         if problems:
             print("verify failed:\n  " + "\n  ".join(problems))
             return 1
@@ -276,6 +267,24 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
     finally:
         s.close()
+
+
+def _verify_tree(name: str, node: Any, root: Path, files: dict[str, str], problems: list[str]) -> int:
+    """Re-hash the files of one directory against the lock; returns how many files were checked."""
+    from exlbuild.hashing import hash_file
+
+    if not root.is_dir():
+        problems.append(f"{name}: {root} is missing")
+        return 0
+    on_disk = set(str(p) for p in _files_of(node, root))
+    for rel, digest in sorted(files.items()):
+        p = root / rel
+        if rel not in on_disk or not p.is_file():
+            problems.append(f"{name}: {root / rel} is missing")
+        elif hash_file(p) != digest:
+            problems.append(f"{name}: {root / rel} differs from the lock (content hash {digest[:12]} expected)")
+    problems.extend(f"{name}: {root / rel} is not in the lock" for rel in sorted(on_disk - set(files)))
+    return len(files)
 
 
 def _files_of(node: Any, root: Path) -> list[Path]:

@@ -54,6 +54,7 @@ class Node:
     deps: dict[str, "Node"] = field(default_factory=dict)
     sources: dict[str, Path] = field(default_factory=dict)
     source_dir: Path | None = None  # for a source node: the directory used in place
+    export_dir: Path | None = None  # a copy of the artifact is kept here for users and loaders (not in the key)
     info: dict[str, Any] = field(default_factory=dict)  # shown by status, never part of the key
     # Filled by Graph.resolve:
     key: str = ""

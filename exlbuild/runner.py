@@ -59,21 +59,25 @@ def build(graph: Graph, store: Store, previous: dict[str, Any], say: Callable[[s
     outcomes: list[Outcome] = []
     for st in status(graph, store, previous):
         node = st.node
-        if st.state == UP_TO_DATE:
-            outcomes.append(Outcome(node, UP_TO_DATE, size=_size(node, store)))
-            continue
         start = time.perf_counter()
-        try:
-            with store.lock(node.key, on_wait=lambda who: say(f"waiting for {node.name}: {who} is building it")):
-                if store.has(node.rule_name, node.key):
-                    outcomes.append(Outcome(node, REUSED, time.perf_counter() - start, _size(node, store)))
-                    continue
-                say(f"building {node.name} ({node.kind}): {'; '.join(st.reasons)}")
-                _build_one(node, store)
-        except BaseException as e:
-            outcomes.append(Outcome(node, FAILED, time.perf_counter() - start, reasons=st.reasons))
-            raise BuildFailed(outcomes, e) from e
-        outcomes.append(Outcome(node, BUILT, time.perf_counter() - start, _size(node, store), st.reasons))
+        if st.state == UP_TO_DATE:
+            state = UP_TO_DATE
+        else:
+            try:
+                with store.lock(node.key, on_wait=lambda who: say(f"waiting for {node.name}: {who} is building it")):
+                    if store.has(node.rule_name, node.key):
+                        state = REUSED
+                    else:
+                        say(f"building {node.name} ({node.kind}): {'; '.join(st.reasons)}")
+                        _build_one(node, store)
+                        state = BUILT
+            except BaseException as e:
+                outcomes.append(Outcome(node, FAILED, time.perf_counter() - start, reasons=st.reasons))
+                raise BuildFailed(outcomes, e) from e
+        if node.export_dir is not None and store.export(node.rule_name, node.key, node.export_dir):
+            say(f"exported {node.name} to {node.export_dir}")
+        seconds = time.perf_counter() - start if state != UP_TO_DATE else 0.0
+        outcomes.append(Outcome(node, state, seconds, _size(node, store), st.reasons if state == BUILT else []))
     return outcomes
 
 

@@ -5,6 +5,7 @@
     <root>/locks/<key>.lock        one lock per artifact
     <root>/hashes.sqlite           the stat cache of content hashes
     <root>/lockfiles.json          the lock files that reference this store (for gc)
+    <root>/exports.json            the directories artifacts were exported to, with their file stats
 
 Publishing is a rename of a fully written and fsynced directory, so a reader sees a whole artifact or
 none. Locks are advisory fcntl locks (the filelock package): the kernel drops them when their process
@@ -107,6 +108,44 @@ class Store:
         _remove_tree(self.work_dir(rule, key))
         return final
 
+    # -- exporting ------------------------------------------------------------------------------------
+    def export(self, rule: str, key: str, target: Path) -> bool:
+        """Make `target` hold the artifact's files (not its manifest); False if it already did.
+
+        Files are hard links into the store where the file system allows (no copy of a multi-GB model),
+        else copies. A record of what was exported (file stats) makes the check cheap; anything else in
+        the way is replaced whole: the new directory is assembled beside it and swapped in.
+        """
+        src = self.artifact_dir(rule, key)
+        files = [rel for rel in tree_files(src) if str(rel) != MANIFEST]
+        records = self._exports()
+        if records.get(str(target)) == {"key": key, "files": _stats(target, files)} and target.is_dir():
+            return False
+        staging = target.with_name(f".{target.name}.exlbuild-{os.getpid()}")
+        if staging.exists():
+            _remove_tree(staging)
+        for rel in files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src / rel, staging / rel)
+            except OSError:
+                shutil.copy2(src / rel, staging / rel)
+        old = target.with_name(f".{target.name}.exlbuild-old-{os.getpid()}")
+        if target.exists():
+            os.rename(target, old)
+        os.rename(staging, target)
+        if old.exists():
+            _remove_tree(old)
+        with self.lock("exports"):
+            records = self._exports()
+            records[str(target)] = {"key": key, "files": _stats(target, files)}
+            write_atomic(self.root / "exports.json", json.dumps(records, indent=2, sort_keys=True) + "\n")
+        return True
+
+    def _exports(self) -> dict[str, Any]:
+        p = self.root / "exports.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
     # -- removing --------------------------------------------------------------------------------------
     def remove(self, rule: str, key: str) -> int:
         """Delete an artifact and its work directory; returns the bytes freed."""
@@ -130,6 +169,13 @@ class Store:
 
     def close(self) -> None:
         self.hashes.close()
+
+
+def _stats(root: Path, files: list[Path]) -> dict[str, list[int]] | None:
+    try:
+        return {str(rel): [(st := (root / rel).stat()).st_size, st.st_mtime_ns, st.st_ino] for rel in files}
+    except OSError:
+        return None
 
 
 def _read_owner(owner: Path) -> str:

@@ -72,12 +72,14 @@ class Joined(Rule):
         (ctx.out / "joined.txt").write_text("|".join(parts))
 
 
-def make_graph(src: Path, sep: str = " ", steps: int = 1, step_seconds: float = 0.0) -> Graph:
+def make_graph(src: Path, sep: str = " ", steps: int = 1, step_seconds: float = 0.0,
+               export: str | None = None) -> Graph:
     source = Node("src", "model", source_dir=src)
     text = Node("text", "calibration", rule=Text(), params={"sep": sep}, deps={"src": source})
     upper = Node("upper", "measurement", rule=Upper(), deps={"text": text})
     slow = Node("slow", "quantized", rule=Slow(), params={"steps": steps, "step_seconds": step_seconds})
-    joined = Node("joined", "compiled", rule=Joined(), deps={"text": text, "upper": upper, "slow": slow})
+    joined = Node("joined", "compiled", rule=Joined(), deps={"text": text, "upper": upper, "slow": slow},
+                  export_dir=Path(export) if export else None)
     return Graph([joined])
 
 

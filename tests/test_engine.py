@@ -206,3 +206,24 @@ def test_lock_of_a_dead_process_does_not_block(tmp_path):
     holder.wait()
     assert holder_killed and f"process {holder.pid}" in waited[0]
     assert time.time() - t0 < 30
+
+
+def test_export_dir_follows_the_artifact(env, tmp_path, capsys):
+    src, store_root, _ = env
+    out = tmp_path / "published" / "joined"
+    engine_graph.run(store_root, src, export=str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["joined.txt"]  # no manifest
+    assert (out / "joined.txt").read_text() == "alpha beta gamma|ALPHA BETA GAMMA|1"
+    assert "exported joined" in capsys.readouterr().out
+
+    engine_graph.run(store_root, src, export=str(out))
+    assert "exported" not in capsys.readouterr().out  # already there: nothing copied
+
+    (out / "joined.txt").unlink()
+    (out / "stray.txt").write_text("x")
+    engine_graph.run(store_root, src, export=str(out))
+    assert "exported joined" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["joined.txt"]
+
+    engine_graph.run(store_root, src, sep="+", export=str(out))
+    assert (out / "joined.txt").read_text().startswith("alpha+beta+gamma|")
