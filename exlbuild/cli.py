@@ -136,6 +136,7 @@ def _build(args: argparse.Namespace) -> int:
         lockfile.write(s.recipe, s.graph, s.store)
         if not args.quiet:
             _summary(outcomes)
+            _print_report(s)
         return 0
     finally:
         s.close()
@@ -380,6 +381,15 @@ def _summary(outcomes: list[Any]) -> None:
                   _human(o.size) if o.size else "")
     # Piped output has no terminal width: never cut names or keys there.
     Console(width=None if sys.stdout.isatty() else 200).print(t)
+
+
+def _print_report(s: Session) -> None:
+    from exlbuild.rules.report import REPORT_MD
+
+    for node in s.graph.nodes:
+        if node.rule is not None and node.rule.name == "report":
+            print(f"\nReport ({s.store.artifact_dir(node.rule_name, node.key)}):\n")
+            print((s.store.artifact_dir(node.rule_name, node.key) / REPORT_MD).read_text())
 
 
 def _human(n: int) -> str:

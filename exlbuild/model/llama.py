@@ -105,25 +105,42 @@ def _attention_mask(cfg: LlamaConfig, seq_len: int, device: torch.device) -> tor
     return (distance >= 0) & (distance < cfg.sliding_window)
 
 
-def attention_block(
-    x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, rope: Rope, capture: Capture | None = None
-) -> torch.Tensor:
-    """x + attention(norm(x)) for x of shape (batch, seq, hidden)."""
-    b, t, _ = x.shape
-    h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-    if capture:
-        capture("attn_input", h)
-    q = _linear(h, w, "self_attn.q_proj").view(b, t, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
-    k = _linear(h, w, "self_attn.k_proj").view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
-    v = _linear(h, w, "self_attn.v_proj").view(b, t, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfig, rope: Rope) -> torch.Tensor:
+    """Causal self-attention of projected q (..., seq, heads·head_dim) and k, v (..., seq, kv_heads·head_dim).
+
+    Leading dims are batch dims (rows, or candidates × rows in the measurement); returns (..., seq, heads·head_dim).
+    """
+    *lead, t, _ = q.shape
+
+    def split_heads(y: torch.Tensor) -> torch.Tensor:
+        # One flat batch dim: scaled_dot_product_attention takes a slow path for more than one.
+        return y.reshape(-1, t, y.shape[-1] // cfg.head_dim, cfg.head_dim).transpose(1, 2)
+
+    q, k, v = split_heads(q), split_heads(k), split_heads(v)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if cfg.num_kv_groups > 1:
         # Each KV head serves num_kv_groups consecutive query heads.
         k = k.repeat_interleave(cfg.num_kv_groups, dim=1)
         v = v.repeat_interleave(cfg.num_kv_groups, dim=1)
-    mask = _attention_mask(cfg, t, x.device)
+    mask = _attention_mask(cfg, t, q.device)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    a = a.transpose(1, 2).reshape(b, t, cfg.num_attention_heads * cfg.head_dim)
+    return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's hidden activation, silu(gate) · up (the input of down_proj)."""
+    return F.silu(gate) * up
+
+
+def attention_block(
+    x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, rope: Rope, capture: Capture | None = None
+) -> torch.Tensor:
+    """x + attention(norm(x)) for x of shape (batch, seq, hidden)."""
+    h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+    if capture:
+        capture("attn_input", h)
+    q, k, v = (_linear(h, w, f"self_attn.{p}_proj") for p in "qkv")
+    a = attention(q, k, v, cfg, rope)
     if capture:
         capture("attn_output", a)
     return x + _linear(a, w, "self_attn.o_proj")
@@ -136,7 +153,7 @@ def mlp_block(
     h = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
     if capture:
         capture("mlp_input", h)
-    m = F.silu(_linear(h, w, "mlp.gate_proj")) * _linear(h, w, "mlp.up_proj")
+    m = gated_activation(_linear(h, w, "mlp.gate_proj"), _linear(h, w, "mlp.up_proj"))
     if capture:
         capture("mlp_hidden", m)
     return x + _linear(m, w, "mlp.down_proj")

@@ -80,3 +80,10 @@ class LayerCheckpoint:
         tmp = self.directory / "progress.json.tmp"
         tmp.write_text(json.dumps({"next_layer": next_layer, "notes": notes}))
         os.replace(tmp, self.directory / "progress.json")
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """Mean over rows (dim 0) of ‖out − ref‖_F / ‖ref‖_F: rfn_error of the quantization pass (4.8 step 4),
+    1 − accuracy of the measurement (4.5 step 4)."""
+    diff = (out.float() - ref.float()).flatten(1).norm(dim=1)
+    return (diff / ref.float().flatten(1).norm(dim=1)).mean().item()

@@ -1,0 +1,90 @@
+"""The full sweep of a recipe on the GPU machine: one measurement, then every variant; times, peak GPU memory
+and perplexities into bench/results/sweep-<name>.json and a markdown table beside it.
+
+    python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [overrides ...]
+
+The build runs through the CLI in a fresh store (so every step is really built) and its wall time is the
+`total_seconds`; each step's own time and peak GPU memory come from its artifact's manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STEP_KINDS = ("model", "calibration", "measurement", "allocation", "quantized", "compiled", "report")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--name", required=True, help="results file suffix, e.g. h100")
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--work", type=Path, default=None, help="build here (default: a temporary folder)")
+    args = ap.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="exlbuild-sweep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = work / args.recipe.name
+    shutil.copy(args.recipe, recipe)
+    cli = [sys.executable, "-m", "exlbuild.cli"]
+    t0 = time.perf_counter()
+    subprocess.run(cli + [str(recipe), *args.overrides], check=True)
+    total = time.perf_counter() - t0
+
+    status = json.loads(subprocess.run(cli + ["status", str(recipe), "--json", *args.overrides], check=True,
+                                       capture_output=True, text=True).stdout)
+    section = json.loads((work / "exlbuild.lock").read_text())["recipes"][recipe.name]
+    store = work / ".exlbuild" / "store"
+    steps, report = [], None
+    for t in status["targets"]:
+        if t["rule"] == "source":
+            continue
+        manifest = json.loads((store / t["rule"] / t["key"] / "manifest.json").read_text())
+        steps.append({"name": t["name"], "kind": t["kind"], "seconds": manifest["seconds"],
+                      "peak_gpu_bytes": manifest["metrics"].get("peak_gpu_bytes")})
+        if t["rule"] == "report":
+            report = json.loads((store / "report" / t["key"] / "report.json").read_text())
+    env = manifest["environment"]
+    result = {
+        "device": env.get("gpu", "cpu"),
+        "model": Path(section["recipe"]["model"]["gguf"] or section["recipe"]["model"]["path"]).name,
+        "recipe": args.recipe.name, "overrides": args.overrides, "environment": env,
+        "steps": steps, "total_seconds": round(total, 1),
+        "fp16_perplexity": report and report["fp16_perplexity"],
+        "variants": report and report["variants"],
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"sweep-{args.name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Sweep on {r['device']}: {r['recipe']} {' '.join(r['overrides'])}".rstrip(), "",
+             f"Whole build (fresh store): {r['total_seconds']:.1f} s", "",
+             "| step | kind | seconds | peak GPU memory (MiB) |", "| --- | --- | ---: | ---: |"]
+    for s in r["steps"]:
+        peak = f"{s['peak_gpu_bytes'] / 2**20:.0f}" if s["peak_gpu_bytes"] else "–"
+        lines.append(f"| {s['name']} | {s['kind']} | {s['seconds']:.1f} | {peak} |")
+    if r["variants"]:
+        lines += ["", f"FP16 perplexity: {r['fp16_perplexity']:.3f}" if r["fp16_perplexity"] else "", "",
+                  "| variant | decoder bpw | eval ppl | vs FP16 | calibration ppl |", "| --- | ---: | ---: | ---: | ---: |"]
+        for v in r["variants"]:
+            ratio = f"{v['perplexity_vs_fp16']:.3f}" if v.get("perplexity_vs_fp16") else "–"
+            ppl = f"{v['perplexity']:.3f}" if v.get("perplexity") else "–"
+            lines.append(f"| {v['variant']} | {v['decoder_bpw']:.3f} | {ppl} | {ratio} | "
+                         f"{v['calibration_perplexity']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

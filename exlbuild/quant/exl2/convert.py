@@ -1,0 +1,298 @@
+"""The EXL2 quantization pass (docs/exl2-format.md 4.8): GPTQ every decoder linear with its block's chosen
+option, layer by layer, each layer fed the outputs of the already quantized layers before it; then the head.
+
+What the pass writes into `out_dir` (read by `exlbuild.quant.exl2.compile`):
+
+    layers/{i:05d}.safetensors   layer i: the EXL2 tensors of its seven linears under their full keys
+                                 (model.layers.3.mlp.up_proj.q_weight, …) and its two norm weights in fp16
+    head.safetensors             lm_head.q_* (quantized from the embedding when the model ties them)
+    globals.safetensors          model.embed_tokens.weight and model.norm.weight in fp16
+
+Source weights are rounded to fp16 first, as the reference loads them (4.2), so the values quantized, the
+values the forward passes use and the values written are the same.
+
+Each finished layer's file goes to the state directory, with the states after that layer (LayerCheckpoint),
+so an interrupted pass resumes at its next layer; `out_dir` is only filled at the end, with a complete result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor
+
+from exlbuild import progress
+from exlbuild.errors import ExlbuildError
+from exlbuild.hashing import hash_bytes, hash_json
+from exlbuild.model.checkpoint import (
+    Device,
+    embedding_weight,
+    head_weight,
+    layer_prefix,
+    layer_tensor_shapes,
+    layer_weights,
+    norm_weight,
+    open_model,
+)
+from exlbuild.model.config import LlamaConfig
+from exlbuild.model.llama import LINEAR_INPUTS, Rope, embed, rms_norm, rope_tables
+from exlbuild.quant.exl2.measurement_json import LinearShape
+from exlbuild.quant.exl2.options import QuantOption, head_option, pad_to_32, total_bits
+from exlbuild.quant.exl2.pack import dequantize
+from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
+from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
+from exlbuild.quant.stream import BLOCK_LINEARS, Block, LayerCheckpoint, relative_error, run_block
+
+LAYERS_DIR = "layers"
+HEAD_FILE = "head.safetensors"
+GLOBALS_FILE = "globals.safetensors"
+HEAD_KEY = "lm_head"
+EMBEDDING_KEY = "model.embed_tokens.weight"
+FINAL_NORM_KEY = "model.norm.weight"
+# The norm at the start of each block, stored unquantized with the layer.
+BLOCK_NORMS: dict[Block, str] = {"attention": "input_layernorm.weight", "mlp": "post_attention_layernorm.weight"}
+# Strategy keys are `model.layers.{i}.<module>`, as in measurement.json.
+STRATEGY_MODULES: dict[Block, str] = {"attention": "self_attn", "mlp": "mlp"}
+
+Strategy = Mapping[str, Mapping[str, QuantOption]]
+
+
+def layer_file(i: int) -> str:
+    """Path of layer i's tensors, relative to the pass's output (and state) directory."""
+    return f"{LAYERS_DIR}/{i:05d}.safetensors"
+
+
+def linear_shapes(cfg: LlamaConfig) -> dict[str, LinearShape]:
+    """Shape of each decoder linear, keyed relative to the layer (self_attn.q_proj, …), in model order."""
+    shapes = layer_tensor_shapes(cfg)
+    return {
+        name: LinearShape(shapes[f"{name}.weight"][1], shapes[f"{name}.weight"][0], f"{name}.bias" in shapes)
+        for linears in BLOCK_LINEARS.values()
+        for name in linears
+    }
+
+
+def block_options(strategy: Strategy, cfg: LlamaConfig) -> dict[str, dict[str, QuantOption]]:
+    """The strategy checked against the model: block key (model.layers.{i}.self_attn, ….mlp) → relative
+    linear name (self_attn.q_proj, …) → option, for every block in model order."""
+    resolved: dict[str, dict[str, QuantOption]] = {}
+    for i in range(cfg.num_hidden_layers):
+        for block, module in STRATEGY_MODULES.items():
+            key = layer_prefix(i) + module
+            if key not in strategy:
+                raise ExlbuildError(f"the strategy has no options for {key}")
+            options = {}
+            for name in BLOCK_LINEARS[block]:
+                projection = name.partition(".")[2]
+                if projection not in strategy[key]:
+                    raise ExlbuildError(f"the strategy for {key} has no option for {projection}")
+                options[name] = strategy[key][projection]
+            resolved[key] = options
+    extra = sorted(set(strategy) - set(resolved))
+    if extra:
+        raise ExlbuildError(f"the strategy names modules this model does not have: {', '.join(extra[:3])}")
+    return resolved
+
+
+def decoder_bits_per_weight(options: Mapping[str, Mapping[str, QuantOption]], cfg: LlamaConfig) -> float:
+    """Σ total_bits / Σ in × padded out over the decoder linears: the measure the allocation budgets (4.7)."""
+    shapes = linear_shapes(cfg)
+    bits = weights = 0
+    for block in options.values():
+        for name, option in block.items():
+            s = shapes[name]
+            bits += total_bits(option, s.in_features, s.out_features, s.bias)
+            weights += s.in_features * pad_to_32(s.out_features)
+    return bits / weights
+
+
+def quantize_linear(
+    weight: Tensor, prepared: PreparedHessian, option: QuantOption, key: str, bias: Tensor | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
+    """GPTQ (4.9) and packing (2.1) of one (out, in) weight: its EXL2 tensors (keys q_weight, …, bias) and the
+    fp16 weight they decode to.
+
+    Decoding must reproduce the quantizer's own fp16 result bit for bit, or this raises: our counterpart of the
+    reference's reconstruction self-check (4.8 step 3), and what makes later layers see what the loader computes.
+    """
+    result = quantize_options(weight, prepared, [option], key)[0]
+    tensors = pack_layer(result, bias)
+    decoded = dequantize(tensors, weight.shape[0], key)
+    if not torch.equal(decoded.view(torch.int16), result.weight.view(torch.int16)):
+        differ = (decoded != result.weight).sum().item()
+        raise ExlbuildError(
+            f"{key}: the packed tensors decode to values other than the quantizer's in {differ} of "
+            f"{decoded.numel()} weights (option {option}); this is a bug in the EXL2 packer or decoder"
+        )
+    return tensors, decoded
+
+
+def quantize_block(
+    block: Block,
+    x: Tensor,
+    w: dict[str, Tensor],
+    options: Mapping[str, QuantOption],
+    cfg: LlamaConfig,
+    rope: Rope,
+    prefix: str,
+) -> tuple[Tensor, dict[str, Tensor], float]:
+    """4.8 steps 1–4 for one block: Hessians of the unquantized block `w` (float32) on inputs x (rows, tokens,
+    hidden), each linear quantized with options[name], then the block rerun with the decoded weights.
+
+    Returns the quantized block's outputs (the next block's inputs), the EXL2 tensors keyed by full name (on
+    the CPU) and rfn_error against the unquantized outputs. `w` is not modified.
+    """
+    reference, hessians = run_block(block, x, w, cfg, rope, hessians=True)
+    prepared: dict[str, PreparedHessian] = {}
+    decoded_w = dict(w)
+    packed: dict[str, Tensor] = {}
+    for name in BLOCK_LINEARS[block]:
+        point, key = LINEAR_INPUTS[name], prefix + name
+        if point not in prepared:  # q/k/v share one Hessian, as do gate/up
+            prepared[point] = prepare_hessian(hessians[point], key)
+        tensors, decoded = quantize_linear(
+            w[f"{name}.weight"], prepared[point], options[name], key, w.get(f"{name}.bias")
+        )
+        decoded_w[f"{name}.weight"] = decoded.float()
+        packed.update({f"{key}.{suffix}": t.contiguous().cpu() for suffix, t in tensors.items()})
+    out, _ = run_block(block, x, decoded_w, cfg, rope)
+    return out, packed, relative_error(out, reference)
+
+
+def calibration_perplexity(states: Tensor, ids: Tensor, norm_w: Tensor, head_w: Tensor, eps: float) -> float:
+    """4.8 step 5: exp(−mean log p(ids[t+1] | logits[t])) over t < length−1 of every row, logits in float32
+    from the final norm of `states` (rows, length, hidden) and the head weight (vocab, hidden)."""
+    nll = 0.0
+    for row, target in zip(states, ids):
+        logits = F.linear(rms_norm(row[:-1], norm_w, eps), head_w).float()
+        nll += F.cross_entropy(logits, target[1:].to(logits.device), reduction="sum").item()
+    return math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1)))
+
+
+def _check_ids(ids: Tensor, cfg: LlamaConfig) -> Tensor:
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 2 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
+        raise ExlbuildError(f"calibration ids must be integers of shape (rows, length ≥ 2), got {tuple(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ExlbuildError(f"calibration ids must lie in [0, {cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
+    return ids.long().cpu()
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def _fp32(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.float() for k, v in tensors.items()}
+
+
+@torch.inference_mode()
+def quantize_model(
+    model_dir: Path,
+    ids: Tensor,
+    strategy: Strategy,
+    head_bits: int,
+    out_dir: Path,
+    state_dir: Path | None = None,
+    rope_scale: float | None = None,
+    rope_alpha: float | None = None,
+    device: Device = None,
+    ppl_rows: int = 16,
+) -> dict[str, Any]:
+    """Quantize the model in `model_dir` with `strategy` (block key → projection → option, as the allocation
+    chose), calibrated on token rows `ids` (rows, length), the head with head_option(head_bits); write the
+    tensors to `out_dir` (see the module docstring).
+
+    `state_dir` holds the per-layer checkpoints (a temporary directory when None). Returns metrics:
+    calibration_perplexity (on the first `ppl_rows` rows), rfn_error per block key, bits_per_weight of the
+    decoder linears and head_bits_per_weight (from the options' exact storage), seconds.
+    """
+    started = time.perf_counter()
+    cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
+    ids = _check_ids(ids, cfg)
+    options = block_options(strategy, cfg)
+    bits_per_weight = decoder_bits_per_weight(options, cfg)  # also checks every option against its shape
+    head = head_option(head_bits)
+    head_bpw = total_bits(head, cfg.hidden_size, cfg.vocab_size) / (cfg.hidden_size * pad_to_32(cfg.vocab_size))
+    if ppl_rows < 1:
+        raise ExlbuildError(f"ppl_rows must be at least 1, got {ppl_rows}")
+    device = torch.device(device or "cpu")
+    # What the saved states depend on, so that a state directory of other inputs is never resumed.
+    fingerprint = hash_json({
+        "ids": hash_bytes(ids.numpy().tobytes()),
+        "shape": list(ids.shape),
+        "config": dataclasses.asdict(cfg),
+        "strategy": {key: {name: str(o) for name, o in block.items()} for key, block in options.items()},
+    })
+
+    with ExitStack() as stack:
+        if state_dir is None:
+            state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="exlbuild-exl2-")))
+        state_dir = Path(state_dir)
+        checkpoint = LayerCheckpoint(state_dir)
+        start, x, notes = checkpoint.load()
+        if start and notes.get("fingerprint") != fingerprint:
+            raise ExlbuildError(
+                f"{state_dir} holds a quantization pass of other inputs (model config, calibration or strategy); "
+                "delete it to start over"
+            )
+        embedding = embedding_weight(ckpt, torch.float16, device)
+        x = embed(ids.to(device), embedding.float()) if x is None else x.to(device)
+        rfn_error: dict[str, float] = notes.get("rfn_error", {})
+        rope = rope_tables(cfg, ids.shape[1], device)
+        (state_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
+
+        for i in progress.track(range(start, cfg.num_hidden_layers), "quantizing layers"):
+            prefix = layer_prefix(i)
+            w = _fp32(layer_weights(ckpt, cfg, i, torch.float16, device))
+            tensors = {prefix + n: w[n].half().cpu() for n in BLOCK_NORMS.values()}
+            for block, module in STRATEGY_MODULES.items():
+                key = prefix + module
+                x, packed, rfn_error[key] = quantize_block(block, x, w, options[key], cfg, rope, prefix)
+                tensors.update(packed)
+            del w  # free this layer before the next one loads
+            _save_atomic(tensors, state_dir / layer_file(i))
+            checkpoint.save(i + 1, x, {"fingerprint": fingerprint, "rfn_error": rfn_error})
+
+        # The head, from the Hessian of the final norm's output on the quantized states (4.8 step 1).
+        norm_w = norm_weight(ckpt, torch.float16, device)
+        hessian = HessianAccumulator(cfg.hidden_size, device)
+        for row in x:
+            hessian.add(rms_norm(row, norm_w.float(), cfg.rms_norm_eps))
+        head_tensors, head_decoded = quantize_linear(
+            head_weight(ckpt, cfg, torch.float16, device).float(),
+            prepare_hessian(hessian.hessian(), HEAD_KEY),
+            head,
+            HEAD_KEY,
+        )
+        rows = min(ppl_rows, ids.shape[0])
+        ppl = calibration_perplexity(x[:rows], ids[:rows], norm_w.float(), head_decoded.float(), cfg.rms_norm_eps)
+
+        out_dir = Path(out_dir)
+        (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
+        for i in range(cfg.num_hidden_layers):
+            shutil.copyfile(state_dir / layer_file(i), out_dir / layer_file(i))
+        save_file({f"{HEAD_KEY}.{k}": t.contiguous().cpu() for k, t in head_tensors.items()}, str(out_dir / HEAD_FILE))
+        save_file({EMBEDDING_KEY: embedding.cpu(), FINAL_NORM_KEY: norm_w.cpu()}, str(out_dir / GLOBALS_FILE))
+
+    return {
+        "calibration_perplexity": ppl,
+        "rfn_error": rfn_error,
+        "bits_per_weight": bits_per_weight,
+        "head_bits_per_weight": head_bpw,
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,223 @@
+"""The EXL2 measurement pass (docs/exl2-format.md 4.5): the accuracy and cost of every candidate of every block.
+
+For each block (attention, then MLP, per layer) with its reference inputs, every distinct option of each linear
+is quantized from the reference Hessians, and every candidate of the block's list (3.4) is scored by how far
+the block's output moves: accuracy = 1 − mean over rows of ‖Y_c − Y_ref‖_F / ‖Y_ref‖_F.
+
+All candidates of a block are evaluated together, with a leading candidate dimension: each linear's
+dequantized options are stacked; a projection of the block's normed input (q/k/v, gate/up), which every
+candidate shares, is one GEMM over its distinct options whose outputs are then picked per candidate;
+attention, the activation and the output projection (o, down) run batched over candidates. The next block
+reads the reference outputs, never quantized states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from exlbuild import progress
+from exlbuild.errors import ExlbuildError
+from exlbuild.model.checkpoint import Device, embedding_weight, layer_weights, open_model
+from exlbuild.model.config import LlamaConfig
+from exlbuild.model.llama import LINEAR_INPUTS, Rope, attention, embed, gated_activation, rms_norm, rope_tables
+from exlbuild.quant.exl2.measurement_json import (
+    MeasuredCandidate,
+    Measurement,
+    make_measurement,
+    measurement_to_json,
+    parse_measurement,
+)
+from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, CandidateTable, QuantOption, total_bits
+from exlbuild.quant.exl2.quantize import quantize_options
+from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
+from exlbuild.quant.stream import Block, LayerCheckpoint, relative_error, run_block
+
+CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": MLP_CANDIDATES}
+# The block's name in module keys and in its linears' names (self_attn.q_proj, mlp.gate_proj, …).
+MODULE_NAMES: dict[Block, str] = {"attention": "self_attn", "mlp": "mlp"}
+
+# quantize_options needs ~7 bytes per weight and option; options beyond this budget go in further calls.
+QUANTIZE_BYTES = 1 << 30
+# Candidate-pass intermediates are (candidates, rows, tokens, width) float32; rows per chunk keep one under this.
+EVAL_ELEMENTS = 1 << 25
+MIN_BEST_ACCURACY = 0.1
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateLinear:
+    """One linear layer's weights for all candidates: candidate c uses weights[index[c]]."""
+
+    weights: Tensor  # (distinct, out, in): the dequantized fp16 values, in the compute dtype
+    index: Tensor  # (candidates,) int64
+    bias: Tensor | None  # (out,), unquantized and shared
+
+    def shared_input(self, x: Tensor) -> Tensor:
+        """(…, in) read by every candidate → (candidates, …, out): one GEMM over the distinct weights."""
+        distinct, out, _ = self.weights.shape
+        y = F.linear(x, self.weights.flatten(0, 1))
+        y = y.unflatten(-1, (distinct, out)).movedim(-2, 0)[self.index]
+        return y if self.bias is None else y + self.bias
+
+    def per_candidate(self, x: Tensor) -> Tensor:
+        """(candidates, …, in), one input per candidate → (candidates, …, out): a batched GEMM."""
+        y = torch.bmm(x.flatten(1, -2), self.weights[self.index].transpose(1, 2)).unflatten(1, x.shape[1:-1])
+        return y if self.bias is None else y + self.bias
+
+
+def candidate_outputs(
+    block: Block, x: Tensor, w: dict[str, Tensor], linears: dict[str, CandidateLinear], cfg: LlamaConfig, rope: Rope
+) -> Tensor:
+    """The block's output (candidates, rows, tokens, hidden) for x (rows, tokens, hidden), with each candidate's
+    weights in place of `linears` (keyed by projection) and the rest of `w`: llama.py's block math, batched."""
+    if block == "attention":
+        h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        q, k, v = (linears[p].shared_input(h) for p in ("q_proj", "k_proj", "v_proj"))
+        return x + linears["o_proj"].per_candidate(attention(q, k, v, cfg, rope))
+    h = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+    m = gated_activation(linears["gate_proj"].shared_input(h), linears["up_proj"].shared_input(h))
+    return x + linears["down_proj"].per_candidate(m)
+
+
+def quantize_candidates(
+    weight: Tensor, bias: Tensor | None, prepared: PreparedHessian, options: Sequence[QuantOption], layer: str
+) -> CandidateLinear:
+    """Quantize one linear for a column of the candidate table (3.5): each distinct option once.
+
+    Options that cut this weight into the same groups quantize identically (the quantizer sees only the
+    groups), so the de-duplication is by group layout, which also merges options that differ only at other
+    shapes.
+    """
+    layouts = [option.groups(weight.shape[1]) for option in options]
+    distinct = list(dict.fromkeys(layouts))
+    chosen = [options[layouts.index(layout)] for layout in distinct]
+    per_call = max(1, QUANTIZE_BYTES // (7 * weight.numel()))
+    weights = []
+    for start in range(0, len(chosen), per_call):
+        weights += [r.weight for r in quantize_options(weight, prepared, chosen[start : start + per_call], layer)]
+    index = torch.tensor([distinct.index(layout) for layout in layouts], device=weight.device)
+    return CandidateLinear(torch.stack(weights).to(weight.dtype), index, bias)
+
+
+@torch.inference_mode()
+def measure_block(
+    block: Block,
+    x: Tensor,
+    w: dict[str, Tensor],
+    cfg: LlamaConfig,
+    rope: Rope,
+    batch_rows: int = 8,
+    module: str | None = None,
+) -> tuple[list[MeasuredCandidate], Tensor]:
+    """Measure every candidate of one block (4.5) on reference inputs x (rows, tokens, hidden).
+
+    Returns the candidates in list order and the reference output Y_ref (the next block's input). `batch_rows`
+    is the row chunk of the reference pass; `module` names the block in errors (e.g. model.layers.3.mlp).
+    """
+    module = module or MODULE_NAMES[block]
+    table = CANDIDATES[block]
+    y_ref, hessians = run_block(block, x, w, cfg, rope, hessians=True, batch_rows=batch_rows)
+    if torch.isnan(y_ref).any():
+        raise ExlbuildError(f"{module}: the unquantized block outputs NaN on the calibration rows")
+
+    prepared: dict[str, PreparedHessian] = {}  # q/k/v share attn_input's, gate/up mlp_input's
+    linears: dict[str, CandidateLinear] = {}
+    for column, projection in enumerate(table.projections):
+        name = f"{MODULE_NAMES[block]}.{projection}"
+        point = LINEAR_INPUTS[name]
+        if point not in prepared:
+            prepared[point] = prepare_hessian(hessians[point], f"{module}.{projection}")
+        options = [candidate[column] for candidate in table.candidates]
+        linears[projection] = quantize_candidates(
+            w[name + ".weight"], w.get(name + ".bias"), prepared[point], options, f"{module}.{projection}"
+        )
+
+    rows, tokens, _ = x.shape
+    width = max(linear.weights.shape[1] for linear in linears.values())
+    chunk = max(1, EVAL_ELEMENTS // (len(table.candidates) * tokens * width))
+    error_sums = torch.zeros(len(table.candidates), dtype=torch.float64)
+    for start in range(0, rows, chunk):
+        y = candidate_outputs(block, x[start : start + chunk], w, linears, cfg, rope)
+        ref = y_ref[start : start + chunk]
+        # relative_error is the row mean of a chunk; weigh it by the chunk's rows for the mean over all rows.
+        error_sums += torch.tensor([relative_error(y_c, ref) * ref.shape[0] for y_c in y], dtype=torch.float64)
+    if torch.isnan(error_sums).any():
+        raise ExlbuildError(f"{module}: a quantized candidate of this block outputs NaN on the calibration rows")
+    accuracies = (1.0 - error_sums / rows).clamp(min=1e-6).tolist()
+    if max(accuracies) < MIN_BEST_ACCURACY:
+        raise ExlbuildError(
+            f"{module}: the best candidate's accuracy is {max(accuracies):.4f}, below {MIN_BEST_ACCURACY}; "
+            f"this block cannot be quantized to EXL2 with these calibration rows"
+        )
+
+    shapes = {p: w[f"{MODULE_NAMES[block]}.{p}.weight"].shape for p in table.projections}
+    has_bias = {p: f"{MODULE_NAMES[block]}.{p}.bias" in w for p in table.projections}
+    measured = []
+    for accuracy, candidate in zip(accuracies, table.candidates):
+        options = dict(zip(table.projections, candidate))
+        bits = sum(total_bits(o, shapes[p][1], shapes[p][0], has_bias[p]) for p, o in options.items())
+        measured.append(MeasuredCandidate(accuracy, bits, options))
+    return measured, y_ref
+
+
+def _notes(modules: dict[str, list[MeasuredCandidate]]) -> dict[str, Any]:
+    """The modules measured so far as measurement.json data (a resume note)."""
+    return measurement_to_json(make_measurement(modules))
+
+
+def _from_notes(notes: dict[str, Any], source: str) -> dict[str, list[MeasuredCandidate]]:
+    if not notes:
+        return {}
+    partial = parse_measurement(notes, source)
+    return {key: list(candidates) for key, candidates in partial.modules.items() if candidates is not None}
+
+
+@torch.inference_mode()
+def measure_model(
+    model_dir: Path,
+    ids: Tensor,
+    state_dir: Path | None = None,
+    rope_scale: float | None = None,
+    rope_alpha: float | None = None,
+    device: Device = None,
+) -> Measurement:
+    """Measure every decoder block of a model on calibration token rows `ids` (rows, length), in float32.
+
+    Streams one layer's weights at a time; the hidden states of all rows stay on `device` (None: CPU). With
+    `state_dir`, progress is saved after every layer and a later call with the same directory resumes there.
+    """
+    if ids.dim() != 2:
+        raise ExlbuildError(f"calibration ids must be (rows, length), got shape {tuple(ids.shape)}")
+    cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
+    device = torch.device(device or "cpu")
+    ids = ids.to(device)
+    rope = rope_tables(cfg, ids.shape[1], device)
+
+    checkpoint = LayerCheckpoint(Path(state_dir)) if state_dir is not None else None
+    start, x, notes = checkpoint.load() if checkpoint else (0, None, {})
+    modules = _from_notes(notes, f"{state_dir}/progress.json")
+    expected_shape = (*ids.shape, cfg.hidden_size)
+    if x is None:
+        x = embed(ids, embedding_weight(ckpt, torch.float32, device))
+    elif tuple(x.shape) != expected_shape:
+        raise ExlbuildError(
+            f"{state_dir}: saved states have shape {tuple(x.shape)}, this run needs {expected_shape}; "
+            f"it belongs to another measurement (delete it to start over)"
+        )
+    x = x.to(device)
+
+    for i in progress.track(range(start, cfg.num_hidden_layers), "measuring layers"):
+        w = layer_weights(ckpt, cfg, i, torch.float32, device)
+        for block in ("attention", "mlp"):
+            key = f"model.layers.{i}.{MODULE_NAMES[block]}"
+            modules[key], x = measure_block(block, x, w, cfg, rope, module=key)
+        del w  # free this layer before the next one loads
+        if checkpoint:
+            checkpoint.save(i + 1, x, _notes(modules))
+    return make_measurement(modules)

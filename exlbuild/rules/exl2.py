@@ -1,0 +1,213 @@
+"""EXL2 rules: measurement, allocation, quantized tensors, compiled output directory.
+
+    model ──────────────┬────────────────┬───────────────────────────┐
+    calibration-measurement ─► measurement                            │
+                               └─► <variant>/allocation (bits) ─┐     │
+    calibration ─────────────────────────────────────────────────┴─► <variant>/quantized ─► <variant> (compiled)
+
+Rules only move data between the store and the algorithms in exlbuild.quant.exl2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from exlbuild.errors import ExlbuildError
+from exlbuild.graph import BuildContext, Node, Rule
+from exlbuild.recipe import LoadedRecipe, VariantSpec
+from exlbuild.rules.calibration import CALIBRATION_FILE
+
+MEASUREMENT_FILE = "measurement.json"
+STRATEGY_FILE = "strategy.json"
+EXL2_FORMAT_VERSION = "0.3.2"  # the exllamav2 release whose file format the output follows
+
+
+def compute_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_ids(artifact: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(artifact / CALIBRATION_FILE))["input_ids"]
+
+
+def model_config(model_dir: Path):
+    """The model's config, after checking that EXL2 can store it and that its tokenizer fits its embedding."""
+    from exlbuild.model.config import LlamaConfig
+    from exlbuild.model.tokenizer import check_vocab_fits, load_tokenizer
+
+    cfg = LlamaConfig.from_dir(model_dir)
+    check_exl2_shapes(cfg, model_dir)
+    check_vocab_fits(load_tokenizer(model_dir), cfg.vocab_size, model_dir)
+    return cfg
+
+
+def check_exl2_shapes(cfg: Any, model_dir: Path) -> None:
+    """EXL2 stores rows in groups of 32 and permutations as 16-bit values (docs/exl2-format.md 2.3, 6)."""
+    for name in ("hidden_size", "intermediate_size"):
+        value = getattr(cfg, name)
+        if value % 32 or value > 65536:
+            raise ExlbuildError(f"{model_dir}/config.json: {name} = {value} cannot be stored as EXL2: the input "
+                                "width of every linear layer must be a multiple of 32 and at most 65536")
+    width = cfg.num_attention_heads * cfg.head_dim
+    if width % 32:
+        raise ExlbuildError(f"{model_dir}/config.json: attention width {width} (heads × head_dim) is not a multiple "
+                            "of 32, which EXL2 needs for o_proj's input")
+
+
+def decoder_linears(cfg: Any) -> dict[str, Any]:
+    """Full key -> LinearShape of every decoder linear, in model order (the head is not budgeted)."""
+    from exlbuild.quant.exl2.measurement_json import LinearShape
+
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {
+        "self_attn.q_proj": (h, cfg.num_attention_heads * d, cfg.attention_bias),
+        "self_attn.k_proj": (h, cfg.num_key_value_heads * d, cfg.attention_bias),
+        "self_attn.v_proj": (h, cfg.num_key_value_heads * d, cfg.attention_bias),
+        "self_attn.o_proj": (cfg.num_attention_heads * d, h, cfg.attention_out_bias),
+        "mlp.gate_proj": (h, i, cfg.mlp_bias),
+        "mlp.up_proj": (h, i, cfg.mlp_bias),
+        "mlp.down_proj": (i, h, cfg.mlp_bias),
+    }
+    return {f"model.layers.{layer}.{name}": LinearShape(k, n, bool(bias))
+            for layer in range(cfg.num_hidden_layers) for name, (k, n, bias) in shapes.items()}
+
+
+class Measure(Rule):
+    """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
+
+    name = "exl2-measurement"
+    version = 1
+
+    def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.exl2.measure import measure_model
+        from exlbuild.quant.exl2.measurement_json import write_measurement
+
+        model_dir = ctx.inputs["model"]
+        model_config(model_dir)
+        measurement = measure_model(model_dir, load_ids(ctx.inputs["calibration"]), state_dir=ctx.state,
+                                    rope_scale=ctx.params["rope"]["scale"], rope_alpha=ctx.params["rope"]["alpha"],
+                                    device=compute_device())
+        write_measurement(ctx.out / MEASUREMENT_FILE, measurement)
+        worst = min(max(c.accuracy for c in cands) for cands in measurement.modules.values() if cands)
+        return {"modules": sum(1 for v in measurement.modules.values() if v), "worst_best_accuracy": worst}
+
+
+class ImportMeasurement(Rule):
+    """An existing measurement.json (exllamav2's or ours), checked against the model it is used for."""
+
+    name = "exl2-measurement-import"
+    version = 1
+
+    def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.exl2.measurement_json import read_measurement, validate_measurement, write_measurement
+
+        cfg = model_config(ctx.inputs["model"])
+        source = ctx.sources["measurement"]
+        measurement = read_measurement(source)
+        validate_measurement(measurement, decoder_linears(cfg), str(source))
+        write_measurement(ctx.out / MEASUREMENT_FILE, measurement)
+        return {"source": str(source)}
+
+
+class Allocate(Rule):
+    """One candidate per block: the target bits per weight with the least predicted error."""
+
+    name = "exl2-allocation"
+    version = 1
+
+    def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.allocate import allocate
+        from exlbuild.quant.exl2.measurement_json import measurement_to_json, read_measurement
+        from exlbuild.quant.exl2.options import pad_to_32
+
+        cfg = model_config(ctx.inputs["model"])
+        measurement = read_measurement(ctx.inputs["measurement"] / MEASUREMENT_FILE)
+        modules = [k for k, v in measurement.modules.items() if v]
+        # The budget counts decoder linears only, output widths padded as stored (docs/exl2-format.md 4.7).
+        numel = sum(s.in_features * pad_to_32(s.out_features) for s in decoder_linears(cfg).values())
+        bits = ctx.params["bits"]
+        budget = int(numel * bits)
+        candidates = [measurement.modules[k] for k in modules]
+        try:
+            solution = allocate([[c.total_bits for c in cands] for cands in candidates],
+                                [[1.0 - c.accuracy for c in cands] for cands in candidates], budget, numel=numel)
+        except ExlbuildError as e:
+            raise ExlbuildError(f"bits {bits}: {e}") from None
+        chosen = measurement_to_json(measurement)["measurement"]
+        strategy = {key: {"candidate": j, **chosen[key][j]} for key, j in zip(modules, solution.choice)}
+        result = {"bits": bits, "numel": numel, "budget": budget, "total_bits": solution.cost,
+                  "bits_per_weight": solution.cost / numel, "objective": solution.objective,
+                  "lower_bound": solution.lower_bound, "strategy": strategy}
+        (ctx.out / STRATEGY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        return {k: v for k, v in result.items() if k != "strategy"}
+
+
+class Quantize(Rule):
+    """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
+
+    name = "exl2-quantized"
+    version = 1
+
+    def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.exl2.convert import quantize_model
+        from exlbuild.quant.exl2.options import option_from_json
+
+        model_config(ctx.inputs["model"])
+        allocation = json.loads((ctx.inputs["allocation"] / STRATEGY_FILE).read_text())
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        strategy = {module: {p: option_from_json(entry[p], f"{module}.{p}") for p in projections if p in entry}
+                    for module, entry in allocation["strategy"].items()}
+        rope = ctx.params["rope"]
+        metrics = quantize_model(ctx.inputs["model"], load_ids(ctx.inputs["calibration"]), strategy,
+                                 ctx.params["head_bits"], ctx.out, state_dir=ctx.state, rope_scale=rope["scale"],
+                                 rope_alpha=rope["alpha"], device=compute_device())
+        return {**metrics, "target_bits": allocation["bits"]}
+
+
+class Compile(Rule):
+    """The directory exllamav2 loads: shards, config.json with quantization_config, the model's other files."""
+
+    name = "exl2-compiled"
+    version = 1
+
+    def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.exl2.compile import compile_model
+
+        p = ctx.params
+        config = {"quant_method": "exl2", "version": EXL2_FORMAT_VERSION, "bits": p["bits"],
+                  "head_bits": p["head_bits"], "calibration": p["calibration"]}
+        return compile_model(ctx.inputs["quantized"], ctx.inputs["model"], ctx.out, p["shard_size"], config)
+
+
+def measurement_node(recipe: LoadedRecipe, model: Node, calibration: Node) -> Node:
+    rope = {"scale": recipe.spec.rope.scale, "alpha": recipe.spec.rope.alpha}
+    if recipe.spec.measurement.file:
+        return Node("measurement", "measurement", rule=ImportMeasurement(), deps={"model": model},
+                    sources={"measurement": recipe.resolve(recipe.spec.measurement.file)})
+    return Node("measurement", "measurement", rule=Measure(), params={"rope": rope},
+                deps={"model": model, "calibration": calibration})
+
+
+def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: Node, calibration: Node,
+                  measurement: Node) -> list[Node]:
+    rope = {"scale": recipe.spec.rope.scale, "alpha": recipe.spec.rope.alpha}
+    info = {"bits": variant.bits, "head_bits": variant.head_bits, "format": "exl2"}
+    allocation = Node(f"{name}/allocation", "allocation", rule=Allocate(), params={"bits": variant.bits},
+                      deps={"measurement": measurement, "model": model}, info=info)
+    quantized = Node(f"{name}/quantized", "quantized", rule=Quantize(),
+                     params={"head_bits": variant.head_bits, "rope": rope},
+                     deps={"model": model, "calibration": calibration, "allocation": allocation}, info=info)
+    c = recipe.spec.calibration
+    dataset = "(default)" if c.dataset == "default" else Path(c.dataset).name
+    compiled = Node(name, "compiled", rule=Compile(),
+                    params={"bits": variant.bits, "head_bits": variant.head_bits, "shard_size": variant.shard_size,
+                            "calibration": {"rows": c.rows, "length": c.length, "dataset": dataset}},
+                    deps={"quantized": quantized, "model": model}, export_dir=recipe.out_dir(name, variant),
+                    info=info)
+    return [allocation, quantized, compiled]

@@ -1,0 +1,170 @@
+"""EXL2 through the engine and the CLI on a tiny model: measurement, a sweep of variants sharing it, output
+directories, the report, adding a variant, an exllamav2 measurement.json as input, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exlbuild.cli import main
+from exlbuild.model.checkpoint import Checkpoint
+from exlbuild.quant.exl2.pack import validate_layer
+from model_fixtures import sample_text, tiny_model
+from test_tokenizer import make_bpe_dir
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# The shapes of the model exllamav2's measurement fixture was made from (see test_exl2_reference.py).
+TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2, vocab_size=1024, max_position_embeddings=512)
+
+RECIPE = """\
+model:
+  path: model
+calibration:
+  dataset: cal.parquet
+  rows: 4
+  length: 64
+  measurement_rows: 2
+  measurement_length: 64
+sweep:
+  bits: [3.0, 4.0]
+  shard_size: 0
+eval:
+  text: eval.txt
+  window: 64
+"""
+
+
+@pytest.fixture(scope="module")
+def model_template(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("exl2-template") / "model"
+    tiny_model(d, dtype=torch.float16, **TINY)
+    make_bpe_dir(d, vocab_size=1000)
+    return d
+
+
+@pytest.fixture
+def project(tmp_path, model_template) -> Path:
+    shutil.copytree(model_template, tmp_path / "model")
+    paragraphs = [p for p in sample_text().split("\n\n") if p.strip()]
+    pq.write_table(pa.table({"text": paragraphs[:150]}), tmp_path / "cal.parquet")
+    (tmp_path / "eval.txt").write_text("\n\n".join(paragraphs[150:250]))
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    return tmp_path
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
+    recipe = project / "recipe.yaml"
+    code, out, err = run(capsys, recipe)
+    assert code == 0, err
+    for target in ("measurement", "exl2-3.0bpw/allocation", "exl2-3.0bpw/quantized", "exl2-3.0bpw",
+                   "exl2-4.0bpw", "fp16/eval", "report"):
+        assert f"building {target} " in err
+    assert err.count("building measurement ") == 1  # one measurement serves both bitrates
+    assert "| exl2-3.0bpw |" in out and "| exl2-4.0bpw |" in out  # the report
+
+    for bits in ("3.0", "4.0"):
+        d = project / "out" / f"exl2-{bits}bpw"
+        assert (d / "output.safetensors").is_file() and (d / "tokenizer.json").is_file()
+        config = json.loads((d / "config.json").read_text())
+        q = config["quantization_config"]
+        assert q["quant_method"] == "exl2" and q["bits"] == float(bits) and q["head_bits"] == 6
+        assert q["calibration"] == {"rows": 4, "length": 64, "dataset": "cal.parquet"}
+        ckpt = Checkpoint(d)
+        names = set(ckpt.names())
+        assert "lm_head.q_weight" in names and "model.embed_tokens.weight" in names
+        assert not any(n.endswith("_proj.weight") for n in names)
+        stored = load_file(str(d / "output.safetensors"))
+        tensors = {k: stored[f"model.layers.1.mlp.down_proj.{k}"]
+                   for k in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")}
+        validate_layer(tensors, layer="down_proj", in_features=512, out_features=256, bias=False)
+
+    report = json.loads(next((project / ".exlbuild/store/report").glob("*/report.json")).read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert rows["exl2-3.0bpw"]["decoder_bpw"] <= 3.0 + 1e-9 and rows["exl2-3.0bpw"]["decoder_bpw"] > 2.9
+    assert rows["exl2-4.0bpw"]["decoder_bpw"] <= 4.0 + 1e-9 and rows["exl2-4.0bpw"]["decoder_bpw"] > 3.9
+    fp16 = report["fp16_perplexity"]
+    assert fp16 < rows["exl2-4.0bpw"]["perplexity"] * 1.05  # quantization does not help, beyond noise
+    assert rows["exl2-4.0bpw"]["perplexity"] < rows["exl2-3.0bpw"]["perplexity"] * 1.02
+    assert list(Path(next((project / ".exlbuild/store/report").glob("*"))).glob("*.svg"))
+
+    code, out, err = run(capsys, "verify", recipe)
+    assert code == 0, out  # including the exported output directories
+
+    # Adding a bitrate builds only that variant (and re-makes the report); the measurement is reused.
+    code, out, err = run(capsys, recipe, "sweep.bits=[3.0,4.0,5.0]")
+    assert code == 0, err
+    built = sorted(line.split()[1] for line in err.splitlines() if line.startswith("building "))
+    assert built == ["exl2-5.0bpw", "exl2-5.0bpw/allocation", "exl2-5.0bpw/eval", "exl2-5.0bpw/quantized", "report"]
+
+    # eval of a compiled directory through exlbuild's own EXL2 reader
+    code, out, err = run(capsys, "eval", project / "out" / "exl2-4.0bpw", "--text", project / "eval.txt",
+                         "--window", "64", "--json")
+    assert code == 0, err
+    assert abs(json.loads(out)["perplexity"] - rows["exl2-4.0bpw"]["perplexity"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_exllamav2_measurement_as_input(project, capsys):
+    measurement = FIXTURES / "exllamav2_tiny_measurement.json"
+    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[4.0]",
+                         "~eval.text")
+    assert code == 0, err
+    assert "building measurement (measurement)" in err
+    strategy = json.loads(next((project / ".exlbuild/store/exl2-allocation").glob("*/strategy.json")).read_text())
+    assert 3.9 < strategy["bits_per_weight"] <= 4.0
+
+
+def test_measurement_of_another_model_is_refused(project, capsys):
+    cfg = json.loads((project / "model" / "config.json").read_text())
+    cfg["intermediate_size"] = 256  # now the measurement's costs do not fit this model
+    (project / "model" / "config.json").write_text(json.dumps(cfg))
+    measurement = FIXTURES / "exllamav2_tiny_measurement.json"
+    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "~eval.text")
+    assert code == 1 and "measurement of another model" in err
+    assert not list((project / ".exlbuild/store").glob("exl2-*/*"))
+
+
+def test_bits_below_the_smallest_option(project, capsys):
+    measurement = FIXTURES / "exllamav2_tiny_measurement.json"
+    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[2.0]",
+                         "~eval.text")
+    assert code == 1 and "bits 2.0" in err and "smallest achievable" in err
+    assert not list((project / ".exlbuild/store").glob("exl2-allocation/*"))
+
+
+def test_dimensions_exl2_cannot_store(project, capsys):
+    shutil.rmtree(project / "model")
+    tiny_model(project / "model", **{**TINY, "intermediate_size": 200})
+    make_bpe_dir(project / "model", vocab_size=1000)
+    code, out, err = run(capsys, project / "recipe.yaml", "~eval.text")
+    assert code == 1 and "intermediate_size = 200 cannot be stored as EXL2" in err
+
+
+def test_unsupported_architecture(project, capsys):
+    cfg = json.loads((project / "model" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (project / "model" / "config.json").write_text(json.dumps(cfg))
+    code, out, err = run(capsys, project / "recipe.yaml", "~eval.text")
+    assert code == 1 and "GPT2LMHeadModel" in err and "LlamaForCausalLM" in err
+
+
+def test_tokenizer_larger_than_the_embedding(project, capsys):
+    make_bpe_dir(project / "model", vocab_size=1100)  # ids up to 1099, embedding rows 1024
+    code, out, err = run(capsys, project / "recipe.yaml", "~eval.text")
+    assert code == 1 and "1024" in err and str(project / "model") in err

@@ -1,0 +1,166 @@
+"""The EXL2 measurement pass (exl2-format.md 4.5) on tiny random Llamas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import exlbuild.quant.exl2.measure as measure
+from exlbuild.errors import ExlbuildError
+from exlbuild.model.checkpoint import embedding_weight, layer_tensor_shapes, layer_weights, open_model
+from exlbuild.model.llama import attention_block, embed, mlp_block, rope_tables
+from exlbuild.quant.exl2.measure import CANDIDATES, MODULE_NAMES, CandidateLinear, candidate_outputs, measure_block
+from exlbuild.quant.exl2.measurement_json import (
+    LinearShape,
+    measurement_to_json,
+    read_measurement,
+    validate_measurement,
+    write_measurement,
+)
+from exlbuild.quant.exl2.options import total_bits
+from exlbuild.quant.stream import LayerCheckpoint, run_block
+from model_fixtures import tiny_model
+
+DIMS = dict(hidden_size=64, intermediate_size=128, vocab_size=256, num_hidden_layers=2)
+ROWS, LENGTH = 3, 40
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, DIMS["vocab_size"], (ROWS, LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("tiny"), **DIMS)
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir: Path):
+    return measure.measure_model(model_dir, _ids())
+
+
+def _layer0_inputs(model_dir: Path):
+    cfg, ckpt = open_model(model_dir)
+    x = embed(_ids(), embedding_weight(ckpt))
+    return cfg, x, layer_weights(ckpt, cfg, 0), rope_tables(cfg, LENGTH)
+
+
+def _decoder_linears(cfg) -> dict[str, LinearShape]:
+    shapes = layer_tensor_shapes(cfg)
+    return {
+        f"model.layers.{i}.{name.removesuffix('.weight')}": LinearShape(
+            shape[1], shape[0], name.replace(".weight", ".bias") in shapes
+        )
+        for i in range(cfg.num_hidden_layers)
+        for name, shape in shapes.items()
+        if name.endswith("_proj.weight")
+    }
+
+
+@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize("block", ["attention", "mlp"])
+def test_batched_candidates_equal_one_by_one(tmp_path: Path, block: str, biases: bool) -> None:
+    overrides = dict(attention_bias=True, mlp_bias=True) if biases else {}
+    cfg, x, w, rope = _layer0_inputs(tiny_model(tmp_path, **DIMS, **overrides))
+    table = CANDIDATES[block]
+    n = len(table.candidates)
+    generator = torch.Generator().manual_seed(1)
+    linears = {}
+    for projection in table.projections:
+        name = f"{MODULE_NAMES[block]}.{projection}"
+        weight = w[name + ".weight"]
+        distinct = weight + 0.05 * torch.randn(5, *weight.shape, generator=generator)
+        index = torch.randint(0, 5, (n,), generator=generator)
+        linears[projection] = CandidateLinear(distinct, index, w.get(name + ".bias"))
+
+    batched = candidate_outputs(block, x, w, linears, cfg, rope)
+    assert batched.shape == (n, *x.shape)
+    for c in range(n):
+        wc = dict(w)
+        for projection, linear in linears.items():
+            wc[f"{MODULE_NAMES[block]}.{projection}.weight"] = linear.weights[linear.index[c]]
+        single = attention_block(x, wc, cfg, rope) if block == "attention" else mlp_block(x, wc, cfg)
+        torch.testing.assert_close(batched[c], single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp"])
+def test_measure_block(model_dir: Path, block: str) -> None:
+    cfg, x, w, rope = _layer0_inputs(model_dir)
+    if block == "mlp":
+        x = run_block("attention", x, w, cfg, rope)[0]
+    candidates, y_ref = measure_block(block, x, w, cfg, rope, batch_rows=2)
+    table = CANDIDATES[block]
+
+    # The next block reads the unquantized output.
+    torch.testing.assert_close(y_ref, run_block(block, x, w, cfg, rope)[0], rtol=0, atol=0)
+    assert len(candidates) == len(table.candidates)
+    for candidate, options in zip(candidates, table.candidates):
+        assert tuple(candidate.options) == table.projections
+        assert tuple(candidate.options.values()) == options
+        weights = {p: w[f"{MODULE_NAMES[block]}.{p}.weight"] for p in table.projections}
+        expected = sum(total_bits(o, *weights[p].shape[::-1]) for p, o in candidate.options.items())
+        assert candidate.total_bits == expected
+        assert 0 < candidate.accuracy <= 1
+
+    # More bits, more accuracy: exceptions only between candidates within a few percent of each other's cost.
+    for a in candidates:
+        for b in candidates:
+            if b.total_bits > 1.05 * a.total_bits:
+                assert b.accuracy > a.accuracy, (a.total_bits, a.accuracy, b.total_bits, b.accuracy)
+    assert candidates[-1].accuracy > 0.99  # the 8-bit candidate
+
+
+def test_measure_block_aborts_naming_the_module(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
+    cfg, x, w, rope = _layer0_inputs(model_dir)
+    real = measure.quantize_options
+
+    def scaled(factor: float):
+        def quantize_options(*args, **kwargs):
+            results = real(*args, **kwargs)
+            return [type(r)(**{**r.__dict__, "weight": r.weight * factor}) for r in results]
+
+        return quantize_options
+
+    monkeypatch.setattr(measure, "quantize_options", scaled(-50.0))
+    with pytest.raises(ExlbuildError, match=r"model\.layers\.0\.mlp: the best candidate's accuracy"):
+        measure_block("mlp", x, w, cfg, rope, module="model.layers.0.mlp")
+    monkeypatch.setattr(measure, "quantize_options", scaled(float("nan")))
+    with pytest.raises(ExlbuildError, match=r"model\.layers\.0\.self_attn: .*NaN"):
+        measure_block("attention", x, w, cfg, rope, module="model.layers.0.self_attn")
+
+
+def test_measurement_file_round_trip(model_dir: Path, full_run, tmp_path: Path) -> None:
+    cfg, _ = open_model(model_dir)
+    keys = [k for i in range(2) for k in (f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp")]
+    assert list(full_run.modules) == [*keys, "model.norm.norm", "lm_head.linear"]
+    assert full_run.last_module_idx == 2 * 2 + 2
+    write_measurement(tmp_path / "measurement.json", full_run)
+    back = read_measurement(tmp_path / "measurement.json")
+    assert measurement_to_json(back) == measurement_to_json(full_run)
+    validate_measurement(back, _decoder_linears(cfg))
+
+
+def test_resume_after_interruption(monkeypatch: pytest.MonkeyPatch, model_dir: Path, full_run, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    save = LayerCheckpoint.save
+
+    def save_then_crash(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LayerCheckpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        measure.measure_model(model_dir, _ids(), state_dir=state)
+    monkeypatch.setattr(LayerCheckpoint, "save", save)
+
+    blocks = []
+    real = measure.measure_block
+    monkeypatch.setattr(measure, "measure_block", lambda *a, **k: blocks.append(k["module"]) or real(*a, **k))
+    resumed = measure.measure_model(model_dir, _ids(), state_dir=state)
+    assert blocks == ["model.layers.1.self_attn", "model.layers.1.mlp"]
+    assert measurement_to_json(resumed) == measurement_to_json(full_run)
+
+    with pytest.raises(ExlbuildError, match="another measurement"):
+        measure.measure_model(model_dir, _ids()[:2], state_dir=tmp_path / "state")
