@@ -183,19 +183,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/exl2-compat"))
     ap.add_argument("--compiled", type=Path, nargs="*", default=[])
+    ap.add_argument("--models-only", action="store_true", help="only part 3")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
-    report["reference"] = reference(args.work, args.out)
-    report["layers"] = layers(args.work / "tiny-exl2")
+    if not args.models_only:
+        report["reference"] = reference(args.work, args.out)
+        report["layers"] = layers(args.work / "tiny-exl2")
+        bad = [r for r in report["layers"] if not r["reconstruction_equal"] or r["matmul_max_diff"] > 0.01]
+        print(f"layers: {len(report['layers'])} option/shape cases, {len(bad)} not matching")
+        for r in bad[:20]:
+            print("  MISMATCH", r)
+        print(f"worst matmul difference {max(r['matmul_max_diff'] for r in report['layers']):.5f}")
     report["models"] = models(args.compiled)
-    (args.out / "exl2-compat.json").write_text(json.dumps(report, indent=2))
-    bad = [r for r in report["layers"] if not r["reconstruction_equal"] or r["matmul_max_diff"] > 0.01]
-    print(f"layers: {len(report['layers'])} option/shape cases, {len(bad)} not matching")
-    for r in bad[:20]:
-        print("  MISMATCH", r)
-    worst = max(r["matmul_max_diff"] for r in report["layers"])
-    print(f"worst matmul difference {worst:.5f}")
+    name = "exl2-compat-models.json" if args.models_only else "exl2-compat.json"
+    (args.out / name).write_text(json.dumps(report, indent=2))
     for m in report["models"]:
         print(f"model {m['dir']}: {m['reconstruction_equal']}/{m['linears']} linears equal, max diff {m['max_diff']}")
 
