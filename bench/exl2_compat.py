@@ -158,19 +158,29 @@ def models(compiled_dirs: list[Path]) -> list[dict]:
     from exllamav2 import ExLlamaV2, ExLlamaV2Config
     from exllamav2.linear import ExLlamaV2Linear
 
-    from exlbuild.model.checkpoint import Checkpoint
+    from exlbuild.model.checkpoint import open_model
 
     out = []
     for d in compiled_dirs:
         model = ExLlamaV2(ExLlamaV2Config(str(d)))
         model.load()
-        ckpt = Checkpoint(d)
+        ckpt = open_model(d)[1]
+        stored = {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
         worst, count, equal = 0.0, 0, 0
         for module in model.modules:
             for sub in [module] + list(getattr(module, "submodules", [])):
                 if isinstance(sub, ExLlamaV2Linear) and sub.q_handle is not None:
                     ours = ckpt.get(f"{sub.key}.weight").float()  # (out, in), padding cropped
                     theirs = sub.get_weight_tensor_dq().float().cpu()[:, : ours.shape[0]].T
+                    # exllamav2 folds down_proj's input permutation into gate/up's output columns at
+                    # load time (docs/exl2-format.md 6): undo that to compare with the stored layers.
+                    mlp = sub.key.rsplit(".", 1)[0]
+                    if sub.key.endswith(("gate_proj", "up_proj", "down_proj")):
+                        perm = torch.argsort(stored[f"{mlp}.down_proj.q_invperm"].long())
+                        if sub.key.endswith("down_proj"):
+                            theirs = theirs[:, torch.argsort(perm)]
+                        else:
+                            theirs = theirs[torch.argsort(perm)]
                     count += 1
                     equal += bool(torch.equal(ours.half(), theirs.half()))
                     worst = max(worst, float((ours - theirs).abs().max()))
