@@ -228,7 +228,8 @@ def _explain_compose_error(e: Exception, path: Path, overrides: List[str]) -> st
 
     if isinstance(e, OverrideParseException):
         return (f"bad override '{e.override}': {e.message.splitlines()[0]}. "
-                "Overrides use Hydra's grammar: key=value, +key=value (add), ~key (delete), key=[a,b] (list)")
+                "Overrides use Hydra's grammar: key=value, +key=value (add), ~key (delete an added key), "
+                "key=[a,b] (list)")
     text = str(e)
     cause: Optional[BaseException] = e
     while cause is not None and not (isinstance(cause, (ConfigKeyError, ConfigAttributeError, ValidationError))
@@ -238,6 +239,11 @@ def _explain_compose_error(e: Exception, path: Path, overrides: List[str]) -> st
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Error merging override (\S+)", text)
     if m:
         origin = f"override '{_find_override(overrides, m.group(1))}'"
+    deleted = next((o for o in overrides if o.startswith("~") and f"override {o}" in text), None)
+    if deleted:
+        key = deleted[1:].split("=")[0]
+        return (f"override '{deleted}': '{key}' is part of every recipe and cannot be deleted; "
+                f"set it to null instead ({key}=null)")
     if "Could not load" in text or "Cannot find primary config" in text:
         return f"{path}: {text.splitlines()[0]}"
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):

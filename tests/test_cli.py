@@ -206,6 +206,7 @@ BAD_RECIPES = {
     "malformed yaml": (RECIPE + "  - [oops\n", [], "malformed YAML at line"),
     "bad override": (RECIPE, ["calibration.rows=[1,"], "bad override 'calibration.rows=[1,'"),
     "unknown override": (RECIPE, ["rope.sclae=2"], "did you mean 'rope.scale'?"),
+    "deleting a recipe key": (RECIPE, ["~calibration.rows"], "set it to null instead"),
     "missing parquet": (RECIPE.replace("cal.parquet", "none.parquet"), [], "calibration.dataset: file not found"),
     "missing column": (RECIPE, ["calibration.text_column=txt"], "txt"),
 }

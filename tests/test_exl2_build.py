@@ -123,7 +123,7 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
 def test_exllamav2_measurement_as_input(project, capsys):
     measurement = FIXTURES / "exllamav2_tiny_measurement.json"
     code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[4.0]",
-                         "~eval.text")
+                         "eval.text=null")
     assert code == 0, err
     assert "building measurement (measurement)" in err
     strategy = json.loads(next((project / ".exlbuild/store/exl2-allocation").glob("*/strategy.json")).read_text())
@@ -135,7 +135,7 @@ def test_measurement_of_another_model_is_refused(project, capsys):
     cfg["intermediate_size"] = 256  # now the measurement's costs do not fit this model
     (project / "model" / "config.json").write_text(json.dumps(cfg))
     measurement = FIXTURES / "exllamav2_tiny_measurement.json"
-    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "~eval.text")
+    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "eval.text=null")
     assert code == 1 and "measurement of another model" in err
     assert not list((project / ".exlbuild/store").glob("exl2-*/*"))
 
@@ -143,7 +143,7 @@ def test_measurement_of_another_model_is_refused(project, capsys):
 def test_bits_below_the_smallest_option(project, capsys):
     measurement = FIXTURES / "exllamav2_tiny_measurement.json"
     code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[2.0]",
-                         "~eval.text")
+                         "eval.text=null")
     assert code == 1 and "bits 2.0" in err and "smallest achievable" in err
     assert not list((project / ".exlbuild/store").glob("exl2-allocation/*"))
 
@@ -152,7 +152,7 @@ def test_dimensions_exl2_cannot_store(project, capsys):
     shutil.rmtree(project / "model")
     tiny_model(project / "model", **{**TINY, "intermediate_size": 200})
     make_bpe_dir(project / "model", vocab_size=1000)
-    code, out, err = run(capsys, project / "recipe.yaml", "~eval.text")
+    code, out, err = run(capsys, project / "recipe.yaml", "eval.text=null")
     assert code == 1 and "intermediate_size = 200 cannot be stored as EXL2" in err
 
 
@@ -160,11 +160,11 @@ def test_unsupported_architecture(project, capsys):
     cfg = json.loads((project / "model" / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (project / "model" / "config.json").write_text(json.dumps(cfg))
-    code, out, err = run(capsys, project / "recipe.yaml", "~eval.text")
+    code, out, err = run(capsys, project / "recipe.yaml", "eval.text=null")
     assert code == 1 and "GPT2LMHeadModel" in err and "LlamaForCausalLM" in err
 
 
 def test_tokenizer_larger_than_the_embedding(project, capsys):
     make_bpe_dir(project / "model", vocab_size=1100)  # ids up to 1099, embedding rows 1024
-    code, out, err = run(capsys, project / "recipe.yaml", "~eval.text")
+    code, out, err = run(capsys, project / "recipe.yaml", "eval.text=null")
     assert code == 1 and "1024" in err and str(project / "model") in err
