@@ -11,6 +11,8 @@
    bit for bit, and its matmul of an identity matrix must match within fp16 rounding.
 3. models (--compiled): each exlbuild-compiled directory is loaded whole by exllamav2 (config, every shard);
    every linear layer's reconstruction must equal exlbuild's reader of the same directory.
+4. measurement: exlbuild measures the tiny model and writes measurement.json; exllamav2's converter must
+   accept it with -m and quantize from it.
 Results: OUT/exl2-compat.json, and a summary on stdout.
 """
 
@@ -188,12 +190,31 @@ def models(compiled_dirs: list[Path]) -> list[dict]:
     return out
 
 
+def measurement(work: Path, out: Path) -> dict:
+    """Part 4: exllamav2's converter quantizes from a measurement.json that exlbuild wrote."""
+    from exlbuild.quant.exl2.measure import measure_model
+    from exlbuild.quant.exl2.measurement_json import write_measurement
+
+    source = work / "tiny"
+    torch.manual_seed(1)
+    ids = torch.randint(2, 1024, (8, 256))
+    path = out / "exlbuild_tiny_measurement.json"
+    write_measurement(path, measure_model(source, ids, device="cuda"))
+    cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(source), "-o", str(work / "job-m"),
+           "-nr", "-m", str(path), "-cf", str(work / "tiny-exl2-from-ours"), "-b", "4.0", "-r", "8", "-l", "512"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    (out / "exl2-convert-from-ours.log").write_text(run.stdout[-20000:] + run.stderr[-5000:])
+    shards = sorted(p.name for p in (work / "tiny-exl2-from-ours").glob("*.safetensors"))
+    return {"accepted": run.returncode == 0, "shards": shards}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/exl2-compat"))
     ap.add_argument("--compiled", type=Path, nargs="*", default=[])
     ap.add_argument("--models-only", action="store_true", help="only part 3")
+    ap.add_argument("--measurement", action="store_true", help="also part 4")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
@@ -206,6 +227,11 @@ def main() -> None:
             print("  MISMATCH", r)
         print(f"worst matmul difference {max(r['matmul_max_diff'] for r in report['layers']):.5f}")
     report["models"] = models(args.compiled)
+    if args.measurement:
+        if not (args.work / "tiny").is_dir():
+            tiny_model(args.work / "tiny")
+        report["measurement"] = measurement(args.work, args.out)
+        print(f"exllamav2 accepts exlbuild's measurement.json: {report['measurement']}")
     name = "exl2-compat-models.json" if args.models_only else "exl2-compat.json"
     (args.out / name).write_text(json.dumps(report, indent=2))
     for m in report["models"]:

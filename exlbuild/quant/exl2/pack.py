@@ -1,78 +1,29 @@
 """The tensors of one EXL2 linear layer (docs/exl2-format.md section 2): packing, checks and decoding.
 
-Packing and unpacking are vectorized over rows and columns; Python loops only walk the runs of equal
+The bit-level work (bitstreams, the layer decoder, the fp16 arithmetic) lives in exlbuild.kernels.pack,
+Triton kernels on CUDA beside their PyTorch references; Python loops here only walk the runs of equal
 bit width (at most six per layer) and the group list.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from exlbuild.errors import ExlbuildError
+from exlbuild.kernels.pack import (  # noqa: F401 (re-exported: part of this module's API)
+    decode_layer,
+    dequantize_codes,
+    pack_bitstream,
+    scale_from_nibbles,
+    unpack_bitstream,
+)
 from exlbuild.quant.exl2.options import BIT_WIDTHS, ROW_ALIGN, Group, pad_to_32
 
 REQUIRED_KEYS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 MAX_IN_FEATURES = 65536  # the kernels hold row indices as uint16
-
-_WORD_MASK = 0xFFFFFFFF
-
-
-# ---------------------------------------------------------------------------------------------
-# Bitstreams (2.4): each column is a little-endian stream; code j of a run of width b occupies
-# stream bits [b·j, b·j + b). A run of codes repeats its word layout every `codes_per_block` codes.
-
-
-def _block_layout(bits: int, device: torch.device) -> tuple[int, int, Tensor, Tensor]:
-    """(codes per block, words per block, word index of each code, bit shift of each code)."""
-    codes_per_block = 32 // math.gcd(bits, 32)
-    offsets = torch.arange(codes_per_block, device=device) * bits
-    return codes_per_block, codes_per_block * bits // 32, offsets // 32, offsets % 32
-
-
-def _as_int32(words: Tensor) -> Tensor:
-    """Reinterpret unsigned 32-bit values held in int64 as int32 (two's complement)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def pack_bitstream(codes: Tensor, bits: int) -> Tensor:
-    """Pack (R, N) codes of `bits` bits into (R·bits/32, N) int32 words, column by column."""
-    rows, columns = codes.shape
-    per_block, words_per_block, word, shift = _block_layout(bits, codes.device)
-    if rows % per_block:
-        raise ValueError(f"{rows} rows of {bits}-bit codes do not fill whole 32-bit words")
-    codes = codes.to(torch.int64)
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 1 << bits):
-        raise ValueError(f"codes out of range for {bits} bits")
-    shifted = codes.reshape(rows // per_block, per_block, columns) << shift[None, :, None]
-    # Codes never share bits, so adding is OR-ing; a code that straddles a word boundary sends its
-    # high bits (above bit 31 of the shifted value) to the next word. The extra last word stays zero.
-    words = torch.zeros(rows // per_block, words_per_block + 1, columns, dtype=torch.int64, device=codes.device)
-    words.index_add_(1, word, shifted & _WORD_MASK)
-    words.index_add_(1, word + 1, shifted >> 32)
-    return _as_int32(words[:, :words_per_block].reshape(-1, columns))
-
-
-def unpack_bitstream(words: Tensor, bits: int) -> Tensor:
-    """Inverse of pack_bitstream: (Q, N) int32 words → (Q·32/bits, N) uint8 codes."""
-    qrows, columns = words.shape
-    per_block, words_per_block, word, shift = _block_layout(bits, words.device)
-    if qrows % words_per_block:
-        raise ValueError(f"{qrows} words do not hold whole blocks of {bits}-bit codes")
-    unsigned = words.to(torch.int64) & _WORD_MASK
-    blocks = unsigned.reshape(qrows // words_per_block, words_per_block, columns)
-    blocks = torch.cat([blocks, torch.zeros_like(blocks[:, :1])], dim=1)
-    mask = (1 << bits) - 1
-    shift = shift[None, :, None]
-    low = blocks[:, word] >> shift
-    # Only a straddling code takes bits from the next word; for the others these bits land at or
-    # above bit `bits` and the mask drops them. Masking first keeps the shift inside int64.
-    high = (blocks[:, word + 1] & mask) << (32 - shift)
-    return ((low | high) & mask).reshape(-1, columns).to(torch.uint8)
-
 
 def pack_scale_nibbles(nibbles: Tensor) -> Tensor:
     """(G, N) 4-bit scale codes → q_scale (G, N/8) int32; column n sits at bits 4·(n mod 8) (2.5)."""
@@ -123,24 +74,6 @@ def make_q_groups(groups: Sequence[Group]) -> Tensor:
         entries += [g.bits, qrow]
         qrow += g.qrows
     return torch.tensor(entries, dtype=torch.int16)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dequantization arithmetic (2.6 with prescale 1). Shared by the quantizer (its error feedback) and
-# the decoder, so both produce the same fp16 bits. Each product below is exact in float32 (at most
-# 9 + 11 significant bits), so rounding it once to fp16 is exactly the loader's fp16 multiply.
-
-
-def scale_from_nibbles(nibbles: Tensor, scale_max: Tensor) -> Tensor:
-    """S = fp16((s+1)² · fp16(scale_max / 256)); nibbles (..., G, N), scale_max (..., G) → fp16."""
-    m = (scale_max.to(torch.float16).float() / 256).half().float()
-    t = nibbles.float() + 1
-    return (t * t * m[..., None]).half()
-
-
-def dequantize_codes(codes: Tensor, zero: Tensor, scale: Tensor) -> Tensor:
-    """fp16((q − z) · S), broadcasting codes, zero points and fp16 scales."""
-    return ((codes.float() - zero) * scale.float()).half()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,13 +180,6 @@ def dequantize(tensors: Mapping[str, Tensor], out_features: int | None = None, l
     (section 7, prescale 1). Padding columns are dropped when `out_features` is given."""
     groups = _layer_structure(tensors, layer)
     q_weight = tensors["q_weight"]
-    codes = unpack_q_weight(q_weight, groups)
     scale = scale_from_nibbles(unpack_scale_nibbles(tensors["q_scale"]), tensors["q_scale_max"])
-    device = q_weight.device
-    rows = torch.tensor([g.rows for g in groups], device=device)
-    group_of_row = torch.repeat_interleave(torch.arange(len(groups), device=device), rows)
-    zero_of_row = 2 ** (bits_per_row(groups, device) - 1)
-    stored = dequantize_codes(codes, zero_of_row[:, None], scale[group_of_row])
-    # Stored row k holds input feature q_perm[k], so input feature i is stored row q_invperm[i].
-    dense = stored[tensors["q_invperm"].to(torch.int64)]
-    return dense.T[: q_weight.shape[1] if out_features is None else out_features].contiguous()
+    dense = decode_layer(q_weight, scale, groups, tensors["q_invperm"])
+    return dense if out_features is None else dense[:out_features].contiguous()

@@ -16,6 +16,8 @@ The measurement quantizes every distinct option of a layer from the same weight 
   exactly the doc's algorithm, whose lazy block is the group (only float summation order differs).
   Per row, each option has its own bit width, zero point and scales, held as (B, …) tensors.
 - Scale searches of options whose groups start at the same row with the same length run batched.
+- On CUDA the block's row loop and the scale search run as Triton kernels (exlbuild.kernels), on
+  other devices as their PyTorch references; the block step is bit-exact either way.
 
 Memory is about 7 bytes per weight and option (float32 work copy, fp16 values, uint8 codes), so a
 caller with a large layer and little memory splits the options into several calls.
@@ -31,26 +33,22 @@ import torch
 from torch import Tensor
 
 from exlbuild.errors import ExlbuildError
+from exlbuild.kernels.gptq_block import BLOCK_ROWS, gptq_block_step
+from exlbuild.kernels.scale_search import (  # noqa: F401 (re-exported: part of this module's API)
+    MULTIPLIER_POINTS,
+    MULTIPLIER_RANGE,
+    find_group_scales,
+    multiplier_grid,
+)
 from exlbuild.quant.exl2.options import Group, QuantOption, pad_to_32
 from exlbuild.quant.exl2.pack import (
     bits_per_row,
-    dequantize_codes,
     make_q_groups,
     pack_q_weight,
     pack_scale_nibbles,
     scale_from_nibbles,
 )
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
-
-# Scale search (Q3): a global multiplier p on 97 points from 0.70 to 1.20, error exponent 3.5.
-MULTIPLIER_POINTS = 97
-MULTIPLIER_RANGE = (0.70, 1.20)
-SEARCH_EXPONENT = 3.5
-# The row loop's block: the finest granularity of group boundaries in the format.
-BLOCK_ROWS = 32
-# Elements of one scale-search temporary (options × multipliers × rows × columns), to bound memory.
-_SEARCH_CHUNK_ELEMENTS = 1 << 24
-
 
 @dataclass(frozen=True, eq=False)
 class QuantizedLinear:
@@ -64,45 +62,6 @@ class QuantizedLinear:
     perm: Tensor  # (K,) int64: stored row k holds input feature perm[k]
     invperm: Tensor  # (K,) int64
     weight: Tensor  # (N, K) float16: the dequantized nn.Linear weight, as the loader computes it
-
-
-def multiplier_grid(device: torch.device | str | None = None) -> Tensor:
-    """The 97 candidate multipliers p_i = 0.70·(1 − i/96) + 1.20·(i/96)."""
-    low, high = MULTIPLIER_RANGE
-    i = torch.arange(MULTIPLIER_POINTS, dtype=torch.float64) / (MULTIPLIER_POINTS - 1)
-    return (low * (1 - i) + high * i).to(torch.float32).to(device)
-
-
-def find_group_scales(rows: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
-    """Q2–Q4 for B groups at once: rows (B, R, N) float32, bits (B,) → nibbles (B, N) uint8 and
-    q_scale_max (B,) float16."""
-    maxq = (2**bits - 1).to(rows.dtype)[:, None]
-    zero = (2 ** (bits - 1)).to(rows.dtype)[:, None]
-    base = (rows.abs().amax(dim=1) + 1e-12) / (maxq / 2)
-    group_max = base.amax(dim=1, keepdim=True)
-    steps = torch.round(16 * torch.sqrt(base / group_max)).clamp(1, 16)
-    candidate = (steps / 16) ** 2 * group_max
-
-    grid = multiplier_grid(rows.device)
-    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // rows.numel())
-    low, high = (-zero)[None, :, :, None], (maxq - zero)[None, :, :, None]
-    errors = []
-    for p in grid.split(chunk):
-        scale = candidate[None, :, None, :] * p[:, None, None, None]  # (P, B, 1, N)
-        q = torch.round(rows[None] / scale).clamp(low, high)
-        errors.append((q * scale - rows[None]).abs().pow(SEARCH_EXPONENT).sum(dim=(2, 3)))
-    best = torch.cat(errors).argmin(dim=0)  # the first of equal minima, as the reference does
-    return (steps - 1).to(torch.uint8), (group_max[:, 0] * grid[best]).half()
-
-
-def _quantize_row(row: Tensor, scale: Tensor, zero: Tensor, maxq: Tensor) -> tuple[Tensor, Tensor]:
-    """Q6 for one row of B options: codes (B, N) and their fp16 values as the loader decodes them."""
-    s = scale.float()
-    # A zero scale (a group of near-zero weights whose q_scale_max/256 underflows fp16) decodes every
-    # code to zero; take the zero point there instead of dividing by zero.
-    ratio = torch.where(s > 0, row / s, 0.0)
-    codes = (torch.round(ratio) + zero).clamp(torch.zeros_like(maxq), maxq)
-    return codes, dequantize_codes(codes, zero, scale)
 
 
 def quantize_options(
@@ -153,13 +112,7 @@ def quantize_options(
             for (o, g), n, m in zip(members, group_nibbles, group_max):
                 nibbles[o][g] = n
                 scale_max[o][g] = m
-        for c in range(a, e):
-            q, v = _quantize_row(work[:, c], scale, row_zero[:, c : c + 1], row_maxq[:, c : c + 1])
-            codes[:, c] = q.to(torch.uint8)
-            values[:, c] = v
-            err = (work[:, c] - v.float()) / factor[c, c]
-            block_errors[:, c - a] = err
-            work[:, c + 1 : e] -= factor[c, c + 1 : e, None] * err[:, None, :]
+        gptq_block_step(work, a, factor, scale, row_zero[:, a:e], row_maxq[:, a:e], codes, values, block_errors)
         work[:, e:] -= torch.matmul(factor[a:e, e:].T, block_errors)
 
     return [

@@ -1,0 +1,185 @@
+"""GPTQ's step over one 32-row block for a batch of options (docs/exl2-format.md 4.9, Q6).
+
+`quantize_options` walks the stored rows in blocks of 32 for B options at once. Inside a block, every
+row is rounded to its option's grid and its error is pushed onto the block's later rows before they are
+rounded in turn; the update of all rows below the block is one matrix product afterwards, left to the
+caller. `gptq_block_step` is that inner loop:
+
+    reads   work[:, a:a+32]  (B, K, N) float32, the error-compensated weights (left unchanged)
+            factor[a:a+32, a:a+32]  the inverse Cholesky factor U, upper triangular
+            scale (B, N) fp16, zero and maxq (B, 32) float32 (per option and row of the block)
+    writes  codes[:, a:a+32] (B, K, N) uint8, values[:, a:a+32] (B, K, N) fp16, the loader's
+            dequantized weights, and errors (B, 32, N) float32 for the caller's trailing update
+            work[:, a+32:] -= U[a:a+32, a+32:]ᵀ @ errors
+
+The kernel reproduces the reference bit for bit: the same float32 operations in the same order,
+IEEE-rounded divisions, no fused multiply-adds, and the fp16 roundings of `dequantize_codes`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from exlbuild.kernels.pack import dequantize_codes
+from exlbuild.kernels.runtime import jit, launch, tl, use_triton
+
+# The row loop's block: the finest granularity of group boundaries in the format (every group and
+# bit-width boundary of every option lies on a multiple of 32 rows).
+BLOCK_ROWS = 32
+
+
+def gptq_block_step(
+    work: Tensor,
+    a: int,
+    factor: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: Tensor,
+    codes: Tensor,
+    values: Tensor,
+    errors: Tensor,
+) -> None:
+    """Quantize rows a..a+31 of every option (see the module docstring): Triton on CUDA, else the reference."""
+    _check(work, a, factor, scale, zero, maxq, codes, values, errors)
+    if use_triton(work, factor, scale, zero, maxq, codes, values, errors):
+        gptq_block_step_triton(work, a, factor, scale, zero, maxq, codes, values, errors)
+    else:
+        gptq_block_step_reference(work, a, factor, scale, zero, maxq, codes, values, errors)
+
+
+def gptq_block_step_reference(
+    work: Tensor,
+    a: int,
+    factor: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: Tensor,
+    codes: Tensor,
+    values: Tensor,
+    errors: Tensor,
+) -> None:
+    """The reference: one row at a time, all options and columns at once."""
+    e = a + BLOCK_ROWS
+    # A copy, so that the caller's work stays as it was: rows a..e are not read again after the block.
+    block = work[:, a:e].clone()
+    s = scale.float()
+    for r in range(BLOCK_ROWS):
+        c = a + r
+        row, z, m = block[:, r], zero[:, r : r + 1], maxq[:, r : r + 1]
+        # A zero scale (a group of near-zero weights whose q_scale_max/256 underflows fp16) decodes every
+        # code to zero; take the zero point there instead of dividing by zero.
+        ratio = torch.where(s > 0, row / s, 0.0)
+        q = (torch.round(ratio) + z).clamp(torch.zeros_like(m), m)
+        v = dequantize_codes(q, z, scale)
+        codes[:, c] = q.to(torch.uint8)
+        values[:, c] = v
+        err = (row - v.float()) / factor[c, c]
+        errors[:, r] = err
+        block[:, r + 1 :] -= factor[c, c + 1 : e, None] * err[:, None, :]
+
+
+@jit
+def _gptq_block_kernel(
+    work_ptr, factor_ptr, scale_ptr, zero_ptr, maxq_ptr, codes_ptr, values_ptr, errors_ptr,
+    a, K, N,
+    factor_stride_row, factor_stride_col, zero_stride, maxq_stride,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program: one option, BLOCK_N columns, all ROWS rows of the block held in registers.
+    option = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = cols < N
+    rows = tl.arange(0, ROWS)
+    start = a.to(tl.int64)
+    first = option.to(tl.int64) * K + start  # the block's first row in the flattened (B·K, N) tensors
+    w = tl.load(work_ptr + (first + rows[:, None]) * N + cols[None, :], mask=in_range[None, :], other=0.0)
+    s = tl.load(scale_ptr + option * N + cols, mask=in_range, other=0.0).to(tl.float32)
+    # A zero scale decodes every code to zero (see the reference); divide by 1 there instead of 0.
+    has_scale = s > 0
+    divisor = tl.where(has_scale, s, 1.0)
+    for r in tl.static_range(ROWS):
+        u_row = factor_ptr + (start + r) * factor_stride_row + start * factor_stride_col  # U[a + r, a:]
+        # Row r with the errors of rows 0..r-1 applied. Picking it out by a masked sum is exact: the
+        # other rows contribute zeros.
+        w_r = tl.sum(tl.where(rows[:, None] == r, w, 0.0), axis=0)
+        z = tl.load(zero_ptr + option * zero_stride + r)
+        m = tl.load(maxq_ptr + option * maxq_stride + r)
+        ratio = tl.where(has_scale, tl.math.div_rn(w_r, divisor), 0.0)  # `/` is not IEEE-rounded on the GPU
+        # Round half to even, as torch.round: adding and removing 1.5·2^23 leaves the nearest integer for
+        # |x| < 2^22; a larger |x| lies far outside every code range and clamps the same either way.
+        rounded = tl.where(tl.abs(ratio) < 4194304.0, (ratio + 12582912.0) - 12582912.0, ratio)
+        q = tl.minimum(tl.maximum(rounded + z, 0.0), m)
+        # (q − z)·S is exact in float32 (at most 9 + 11 significant bits): one rounding to fp16, as the loader.
+        v = ((q - z) * s).to(tl.float16)
+        u_rr = tl.load(u_row + r * factor_stride_col)
+        err = tl.math.div_rn(w_r - v.to(tl.float32), u_rr)
+        out = (first + r) * N + cols
+        tl.store(codes_ptr + out, q.to(tl.uint8), mask=in_range)
+        tl.store(values_ptr + out, v, mask=in_range)
+        tl.store(errors_ptr + (option * ROWS + r).to(tl.int64) * N + cols, err, mask=in_range)
+        # Push the error onto the later rows of the block (U is upper triangular: rows ≤ r get zero).
+        u = tl.load(u_row + rows * factor_stride_col, mask=rows > r, other=0.0)
+        w = w - u[:, None] * err[None, :]
+
+
+# One warp per program, one column per thread: the 32 rows of a column sit in one thread's registers,
+# so picking out a row is a reduction inside the thread.
+_BLOCK_N = 32
+_NUM_WARPS = 1
+
+
+def gptq_block_step_triton(
+    work: Tensor,
+    a: int,
+    factor: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: Tensor,
+    codes: Tensor,
+    values: Tensor,
+    errors: Tensor,
+) -> None:
+    """The Triton kernel (on CPU tensors it runs in Triton's interpreter)."""
+    options, in_features, out_features = work.shape
+    grid = (options, -(-out_features // _BLOCK_N))
+    launch(
+        _gptq_block_kernel, grid, work.device,
+        work, factor, scale, zero, maxq, codes, values, errors,
+        a, in_features, out_features, *factor.stride(), zero.stride(0), maxq.stride(0),
+        ROWS=BLOCK_ROWS, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
+        # Separate multiply and subtract, as the reference's tensor operations round them.
+        enable_fp_fusion=False,
+    )
+
+
+def _check(
+    work: Tensor,
+    a: int,
+    factor: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: Tensor,
+    codes: Tensor,
+    values: Tensor,
+    errors: Tensor,
+) -> None:
+    options, in_features, out_features = work.shape
+    if a % BLOCK_ROWS or not 0 <= a <= in_features - BLOCK_ROWS:
+        raise ValueError(f"block start {a} must be a multiple of {BLOCK_ROWS} inside {in_features} rows")
+    expected = {
+        "work": (work, torch.float32, (options, in_features, out_features)),
+        "factor": (factor, torch.float32, (in_features, in_features)),
+        "scale": (scale, torch.float16, (options, out_features)),
+        "zero": (zero, torch.float32, (options, BLOCK_ROWS)),
+        "maxq": (maxq, torch.float32, (options, BLOCK_ROWS)),
+        "codes": (codes, torch.uint8, (options, in_features, out_features)),
+        "values": (values, torch.float16, (options, in_features, out_features)),
+        "errors": (errors, torch.float32, (options, BLOCK_ROWS, out_features)),
+    }
+    for name, (t, dtype, shape) in expected.items():
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        # factor, zero and maxq are read through their strides; the large tensors must be dense.
+        if name not in ("factor", "zero", "maxq") and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")

@@ -1,0 +1,308 @@
+"""The Triton kernels of exlbuild.kernels against their PyTorch references, on fresh random inputs.
+
+On the CPU (CI) the kernels run in Triton's interpreter. Triton decides when it is imported whether
+kernels are interpreted (kernels/runtime.py), and other test modules import it first, so every CPU
+check runs in one child process started with TRITON_INTERPRET=1: this file, run as a script, reports
+each check's outcome as JSON. The `gpu` tests run the same checks at real sizes on CUDA, in-process.
+
+Integer outputs (codes, words) and the fp16 results of exact arithmetic must be equal bit for bit;
+the scale search sums in another order, so its errors agree to float32 rounding and its choice must
+be optimal to that rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from exlbuild.kernels.gptq_block import BLOCK_ROWS, gptq_block_step_reference, gptq_block_step_triton
+from exlbuild.kernels.pack import (
+    decode_layer_reference,
+    decode_layer_triton,
+    pack_bitstream_reference,
+    pack_bitstream_triton,
+    scale_from_nibbles,
+    unpack_bitstream_reference,
+    unpack_bitstream_triton,
+)
+from exlbuild.kernels.scale_search import (
+    candidate_scales,
+    find_group_scales,
+    multiplier_grid,
+    score_multipliers_triton,
+    search_errors_reference,
+)
+from exlbuild.quant.exl2.options import BIT_WIDTHS, MLP_CANDIDATES, Group, QuantOption, head_option
+from exlbuild.quant.exl2.quantize import quantize_options
+from exlbuild.quant.gptq import prepare_hessian
+
+CHECKS: dict[str, Callable[[str, bool, int], None]] = {}
+
+
+def check(fn: Callable[[str, bool, int], None]) -> Callable[[str, bool, int], None]:
+    """Register fn(device, real_sizes, seed) as a check of a kernel against its reference."""
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def layer(in_features: int, out_features: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (out, in) with a few outlier input features and the Hessian of uneven activations."""
+    g = generator(seed)
+    weight = torch.randn(out_features, in_features, generator=g) * 0.02
+    weight[:, :4] *= 8
+    x = torch.randn(4 * in_features, in_features, generator=g) * torch.rand(in_features, generator=g) * 2
+    return weight.half().to(device), (x.T @ x / 8).to(device)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (fp16 compared as int16, so that signed zeros and NaNs count too)."""
+    if a.dtype == torch.float16:
+        a, b = a.view(torch.int16), b.view(torch.int16)
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+@contextmanager
+def kernels(mode: str) -> Iterator[None]:
+    """Route every dispatcher to `mode` ('triton' or 'reference') for the duration."""
+    before = os.environ.get("EXLBUILD_KERNELS")
+    os.environ["EXLBUILD_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["EXLBUILD_KERNELS"]
+        else:
+            os.environ["EXLBUILD_KERNELS"] = before
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: each compares a kernel with its reference; small sizes for the interpreter, real on CUDA.
+
+
+@check
+def gptq_block_step(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    # (options, in_features, out_features, block starts): SmolLM2's down_proj and head, or small.
+    cases = [(14, 1536, 576, (0, 736, 1504)), (1, 576, 49152, (0, 544))] if real else [(3, 64, 40, (0, 32))]
+    for options, k, n, starts in cases:
+        weight, hessian = layer(k, n, seed, device)
+        factor = prepare_hessian(hessian).inverse_factor  # column-major, as quantize_options passes it
+        spread = (1 + torch.rand(options, 1, 1, generator=g)).to(device)  # options differ in their weights too
+        work = weight.float().T.contiguous().repeat(options, 1, 1) * spread
+        bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (options, 1), generator=g)].expand(options, k)
+        bits = bits.clone()
+        bits[0, 16::32] = 2  # per-row widths inside a block
+        zero, maxq = (2 ** (bits - 1)).float().to(device), (2**bits - 1).float().to(device)
+        for a in starts:
+            nibbles, scale_max = find_group_scales(work[:, a : a + BLOCK_ROWS].cpu(), bits[:, a].contiguous())
+            scale = scale_from_nibbles(nibbles, scale_max).to(device)
+            scale[0, :3] = 0  # groups of zeros decode to zero
+            outputs = []
+            for step in (gptq_block_step_reference, gptq_block_step_triton):
+                codes = torch.full((options, k, n), 255, dtype=torch.uint8, device=device)
+                values = torch.full((options, k, n), float("nan"), dtype=torch.float16, device=device)
+                errors = torch.full((options, BLOCK_ROWS, n), float("nan"), device=device)
+                before = work.clone()
+                step(work, a, factor, scale, zero[:, a : a + BLOCK_ROWS], maxq[:, a : a + BLOCK_ROWS],
+                     codes, values, errors)
+                assert same(work, before), f"{step.__name__} changed work"
+                rows = slice(a, a + BLOCK_ROWS)
+                outputs.append((codes[:, rows], values[:, rows], errors))
+            for name, ours, reference in zip(("codes", "values", "errors"), outputs[1], outputs[0]):
+                assert same(ours, reference), f"{name} differ at block {a} of {(options, k, n)}, seed {seed}"
+            assert not values[:, a : a + BLOCK_ROWS].isnan().any()
+
+
+@check
+def pack_bitstream(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    for rows, columns in [(1536, 576), (576, 49152)] if real else [(96, 200)]:
+        for bits in BIT_WIDTHS:
+            codes = torch.randint(1 << bits, (rows, columns), generator=g, dtype=torch.uint8).to(device)
+            words = pack_bitstream_triton(codes, bits)
+            where = f"{bits}-bit {rows}×{columns}, seed {seed}"
+            assert same(words, pack_bitstream_reference(codes, bits)), f"words differ: {where}"
+            # Every int32 is a valid stretch of stream: unpack random words, and the packed codes.
+            noise = torch.randint(-(2**31), 2**31, words.shape, generator=g, dtype=torch.int64).to(torch.int32)
+            noise = noise.to(device)
+            assert same(unpack_bitstream_triton(noise, bits), unpack_bitstream_reference(noise, bits)), where
+            assert same(unpack_bitstream_triton(words, bits), codes), f"round trip: {where}"
+
+
+def random_groups(in_features: int, g: torch.Generator) -> tuple[Group, ...]:
+    """Groups of decreasing width (every width once when the rows allow), sizes 32, 64 or 128."""
+    widths = sorted(BIT_WIDTHS, reverse=True)
+    groups, start = [], 0
+    while start < in_features:
+        bits = widths[min(len(groups), len(widths) - 1)]
+        rows = min(32 * int(2 ** torch.randint(3, (1,), generator=g)), in_features - start)
+        groups.append(Group(bits, start, start + rows))
+        start += rows
+    return tuple(groups)
+
+
+@check
+def decode_layer(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    for k, n in [(1536, 576), (576, 49152)] if real else [(224, 72)]:
+        groups = random_groups(k, g)
+        q_weight = torch.randint(-(2**31), 2**31, (sum(x.qrows for x in groups), n), generator=g).to(torch.int32)
+        nibbles = torch.randint(16, (len(groups), n), generator=g)
+        scale_max = torch.rand(len(groups), generator=g) * 0.5
+        scale_max[0] = 1e-6  # m = scale_max/256 underflows: S is zero or subnormal
+        scale = scale_from_nibbles(nibbles, scale_max)
+        invperm = torch.randperm(k, generator=g)
+        args = [t.to(device) for t in (q_weight, scale)]
+        ours = decode_layer_triton(*args, groups, invperm.to(torch.int32).to(device))
+        assert same(ours, decode_layer_reference(*args, groups, invperm.to(device))), f"{k}×{n}, seed {seed}"
+
+
+@check
+def scale_search(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    for groups, r, n in [(14, 128, 576), (13, 32, 1536), (1, 96, 49152)] if real else [(3, 64, 40)]:
+        rows = (torch.randn(groups, r, n, generator=g) * 0.02).to(device)
+        rows[:, :, :2] *= 10
+        rows[-1, :, 3] = 0  # a dead column
+        rows[0] *= 0 if groups > 1 else 1  # a group of zeros: every multiplier scores zero
+        bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (groups,), generator=g)].to(device)
+        steps, top, candidate, zero, maxq = candidate_scales(rows, bits)
+        reference = search_errors_reference(rows, candidate, zero, maxq, multiplier_grid(device))
+        nibbles, group_max, ours = score_multipliers_triton(rows, bits)
+        where = f"{groups}×{r}×{n}, seed {seed}"
+        assert same(nibbles, (steps - 1).to(torch.uint8)) and same(group_max, top[:, 0]), f"Q2 differs: {where}"
+        relative = ((ours.double() - reference.double()).abs() / reference.double().clamp(min=1e-30)).max().item()
+        assert relative < 1e-5, f"errors differ by {relative:.2e} relative: {where}"
+        # The kernel's choice scores within float32 rounding of the reference's best.
+        chosen = reference.gather(1, ours.argmin(dim=1, keepdim=True))[:, 0]
+        assert (chosen <= reference.min(dim=1).values * (1 + 1e-5)).all(), where
+
+
+def compare_quantized(ours: list, reference: list) -> dict[str, int]:
+    """Kernel path against reference path, option by option. The scale search may pick another of two
+    multipliers that tie to float32 rounding; such an option's later rows legitimately differ, so it
+    only has to keep the reference's nibbles and come out as accurate. All others must be identical."""
+    tied = 0
+    for o, r in zip(ours, reference):
+        assert same(o.nibbles, r.nibbles), f"{o.option}: nibbles differ"
+        if not same(o.scale_max, r.scale_max):
+            tied += 1
+            step = (o.scale_max.float() / r.scale_max.float() - 1).abs().max().item()
+            assert step < 0.05, f"{o.option}: q_scale_max differs by {step:.3f} relative"
+            continue
+        assert same(o.codes, r.codes), f"{o.option}: codes differ"
+        assert same(o.weight, r.weight), f"{o.option}: weights differ"
+    return {"options": len(ours), "tied": tied}
+
+
+@check
+def quantize_options_end_to_end(device: str, real: bool, seed: int) -> None:
+    if real:
+        gate = list(MLP_CANDIDATES.reduced().distinct[0])
+        down = list(MLP_CANDIDATES.reduced().distinct[2])
+        cases = [(576, 1536, gate), (1536, 576, down), (576, 49152, [head_option(6)])]
+    else:
+        options = [QuantOption((4,), (1,), (32,)), QuantOption((6, 3), (0.5, 0.5), (32, 64))]
+        cases = [(64, 40, options + [QuantOption((8,), (1,), (64,))])]
+    for k, n, options in cases:
+        weight, hessian = layer(k, n, seed, device)
+        prepared = prepare_hessian(hessian)
+        with kernels("triton"):
+            ours = quantize_options(weight, prepared, options)
+        with kernels("reference"):
+            reference = quantize_options(weight, prepared, options)
+        outcome = compare_quantized(ours, reference)
+        # Near-ties are rare (about one search in a thousand): most options must match exactly.
+        assert outcome["tied"] <= max(1, len(options) // 4), f"{outcome} for {k}×{n}, seed {seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the checks in one child process under Triton's interpreter.
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, str]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and lines, f"the interpreter process failed:\n{done.stdout}\n{done.stderr}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_kernel_matches_reference_interpreted(interpreted: dict[str, str], name: str) -> None:
+    assert interpreted[name] == "ok", interpreted[name]
+
+
+@pytest.mark.kernels
+def test_cpu_tensors_go_to_the_references() -> None:
+    from exlbuild.kernels.runtime import interpreting
+    from exlbuild.quant.exl2.pack import pack_bitstream as public_pack
+
+    codes = torch.randint(8, (32, 16), dtype=torch.uint8)
+    assert same(public_pack(codes, 3), pack_bitstream_reference(codes, 3))
+    if not interpreting():  # forced onto CPU tensors without the interpreter, a kernel says why it cannot run
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"), kernels("triton"):
+            public_pack(codes, 3)
+
+
+@pytest.mark.kernels
+def test_references_run_without_triton() -> None:
+    """Where Triton is missing (it is a dependency on Linux x86-64 only) everything runs the references."""
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from exlbuild.quant.exl2.options import QuantOption\n"
+        "from exlbuild.quant.exl2.pack import dequantize\n"
+        "from exlbuild.quant.exl2.quantize import pack_layer, quantize\n"
+        "w = torch.randn(40, 64).half(); x = torch.randn(256, 64)\n"
+        "r = quantize(w, x.T @ x, QuantOption((4,), (1,), (32,)))\n"
+        "assert torch.equal(dequantize(pack_layer(r), 40), r.weight)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the same checks at real sizes (SmolLM2-135M: 576 hidden, 1536 intermediate, 49152 vocabulary).
+
+
+@pytest.mark.gpu
+@pytest.mark.kernels
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_kernel_matches_reference_cuda(name: str) -> None:
+    CHECKS[name]("cuda", True, int.from_bytes(os.urandom(4), "little"))
+
+
+def _run_interpreted_checks() -> dict[str, str]:
+    """The child process: every check on the CPU, in Triton's interpreter, on fresh inputs."""
+    from exlbuild.kernels.runtime import interpreting
+
+    assert interpreting(), "run with TRITON_INTERPRET=1 in the environment"
+    outcome = {}
+    for name, fn in CHECKS.items():
+        seed = int.from_bytes(os.urandom(4), "little")
+        try:
+            fn("cpu", False, seed)
+            outcome[name] = "ok"
+        except Exception:  # report every check, not just the first failure
+            outcome[name] = f"seed {seed}\n{traceback.format_exc()}"
+    return outcome
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_interpreted_checks()))
