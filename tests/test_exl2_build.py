@@ -54,6 +54,7 @@ def model_template(tmp_path_factory) -> Path:
 @pytest.fixture
 def project(tmp_path, model_template) -> Path:
     shutil.copytree(model_template, tmp_path / "model")
+    (tmp_path / "model" / "manifest.json").write_text("{}")  # as in an imported model: the store's record
     paragraphs = [p for p in sample_text().split("\n\n") if p.strip()]
     pq.write_table(pa.table({"text": paragraphs[:150]}), tmp_path / "cal.parquet")
     (tmp_path / "eval.txt").write_text("\n\n".join(paragraphs[150:250]))
@@ -81,6 +82,7 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     for bits in ("3.0", "4.0"):
         d = project / "out" / f"exl2-{bits}bpw"
         assert (d / "output.safetensors").is_file() and (d / "tokenizer.json").is_file()
+        assert not (d / "manifest.json").exists()
         config = json.loads((d / "config.json").read_text())
         q = config["quantization_config"]
         assert q["quant_method"] == "exl2" and q["bits"] == float(bits) and q["head_bits"] == 6

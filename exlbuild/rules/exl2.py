@@ -18,6 +18,7 @@ from exlbuild.errors import ExlbuildError
 from exlbuild.graph import BuildContext, Node, Rule
 from exlbuild.recipe import LoadedRecipe, VariantSpec
 from exlbuild.rules.calibration import CALIBRATION_FILE
+from exlbuild.store import MANIFEST
 
 MEASUREMENT_FILE = "measurement.json"
 STRATEGY_FILE = "strategy.json"
@@ -182,7 +183,9 @@ class Compile(Rule):
         p = ctx.params
         config = {"quant_method": "exl2", "version": EXL2_FORMAT_VERSION, "bits": p["bits"],
                   "head_bits": p["head_bits"], "calibration": p["calibration"]}
-        return compile_model(ctx.inputs["quantized"], ctx.inputs["model"], ctx.out, p["shard_size"], config)
+        # An imported model is a store artifact: its manifest is the store's record, not a file of the model.
+        return compile_model(ctx.inputs["quantized"], ctx.inputs["model"], ctx.out, p["shard_size"], config,
+                             skip_files=(MANIFEST,))
 
 
 def measurement_node(recipe: LoadedRecipe, model: Node, calibration: Node) -> Node:
