@@ -11,7 +11,8 @@ import exlbuild.quant.exl2.measure as measure
 from exlbuild.errors import ExlbuildError
 from exlbuild.model.checkpoint import embedding_weight, layer_tensor_shapes, layer_weights, open_model
 from exlbuild.model.llama import attention_block, embed, mlp_block, rope_tables
-from exlbuild.quant.exl2.measure import CANDIDATES, MODULE_NAMES, CandidateLinear, candidate_outputs, measure_block
+from exlbuild.quant.exl2.measure import CANDIDATES, CandidateLinear, candidate_outputs, measure_block
+from exlbuild.quant.stream import BLOCK_MODULES
 from exlbuild.quant.exl2.measurement_json import (
     LinearShape,
     measurement_to_json,
@@ -69,7 +70,7 @@ def test_batched_candidates_equal_one_by_one(tmp_path: Path, block: str, biases:
     generator = torch.Generator().manual_seed(1)
     linears = {}
     for projection in table.projections:
-        name = f"{MODULE_NAMES[block]}.{projection}"
+        name = f"{BLOCK_MODULES[block]}.{projection}"
         weight = w[name + ".weight"]
         distinct = weight + 0.05 * torch.randn(5, *weight.shape, generator=generator)
         index = torch.randint(0, 5, (n,), generator=generator)
@@ -80,7 +81,7 @@ def test_batched_candidates_equal_one_by_one(tmp_path: Path, block: str, biases:
     for c in range(n):
         wc = dict(w)
         for projection, linear in linears.items():
-            wc[f"{MODULE_NAMES[block]}.{projection}.weight"] = linear.weights[linear.index[c]]
+            wc[f"{BLOCK_MODULES[block]}.{projection}.weight"] = linear.weights[linear.index[c]]
         single = attention_block(x, wc, cfg, rope) if block == "attention" else mlp_block(x, wc, cfg)
         torch.testing.assert_close(batched[c], single, rtol=1e-5, atol=1e-5)
 
@@ -99,7 +100,7 @@ def test_measure_block(model_dir: Path, block: str) -> None:
     for candidate, options in zip(candidates, table.candidates):
         assert tuple(candidate.options) == table.projections
         assert tuple(candidate.options.values()) == options
-        weights = {p: w[f"{MODULE_NAMES[block]}.{p}.weight"] for p in table.projections}
+        weights = {p: w[f"{BLOCK_MODULES[block]}.{p}.weight"] for p in table.projections}
         expected = sum(total_bits(o, *weights[p].shape[::-1]) for p, o in candidate.options.items())
         assert candidate.total_bits == expected
         assert 0 < candidate.accuracy <= 1

@@ -26,6 +26,8 @@ Block = Literal["attention", "mlp"]
 # The capture points (exlbuild.model.llama.LINEAR_INPUTS) whose Hessians each block needs.
 BLOCK_INPUTS: dict[Block, tuple[str, ...]] = {"attention": ("attn_input", "attn_output"),
                                                "mlp": ("mlp_input", "mlp_hidden")}
+# The block's name in module keys (model.layers.3.self_attn) and in its linears' names (self_attn.q_proj).
+BLOCK_MODULES: dict[Block, str] = {"attention": "self_attn", "mlp": "mlp"}
 BLOCK_LINEARS: dict[Block, tuple[str, ...]] = {
     "attention": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),

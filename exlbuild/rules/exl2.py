@@ -61,24 +61,6 @@ def check_exl2_shapes(cfg: Any, model_dir: Path) -> None:
                             "of 32, which EXL2 needs for o_proj's input")
 
 
-def decoder_linears(cfg: Any) -> dict[str, Any]:
-    """Full key -> LinearShape of every decoder linear, in model order (the head is not budgeted)."""
-    from exlbuild.quant.exl2.measurement_json import LinearShape
-
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = {
-        "self_attn.q_proj": (h, cfg.num_attention_heads * d, cfg.attention_bias),
-        "self_attn.k_proj": (h, cfg.num_key_value_heads * d, cfg.attention_bias),
-        "self_attn.v_proj": (h, cfg.num_key_value_heads * d, cfg.attention_bias),
-        "self_attn.o_proj": (cfg.num_attention_heads * d, h, cfg.attention_out_bias),
-        "mlp.gate_proj": (h, i, cfg.mlp_bias),
-        "mlp.up_proj": (h, i, cfg.mlp_bias),
-        "mlp.down_proj": (i, h, cfg.mlp_bias),
-    }
-    return {f"model.layers.{layer}.{name}": LinearShape(k, n, bool(bias))
-            for layer in range(cfg.num_hidden_layers) for name, (k, n, bias) in shapes.items()}
-
-
 class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
@@ -106,6 +88,7 @@ class ImportMeasurement(Rule):
     version = 1
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.exl2.convert import decoder_linears
         from exlbuild.quant.exl2.measurement_json import read_measurement, validate_measurement, write_measurement
 
         cfg = model_config(ctx.inputs["model"])
@@ -124,6 +107,7 @@ class Allocate(Rule):
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.allocate import allocate
+        from exlbuild.quant.exl2.convert import decoder_linears
         from exlbuild.quant.exl2.measurement_json import measurement_to_json, read_measurement
         from exlbuild.quant.exl2.options import pad_to_32
 

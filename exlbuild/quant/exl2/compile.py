@@ -29,7 +29,7 @@ from exlbuild.quant.exl2.convert import (
     HEAD_FILE,
     HEAD_KEY,
     LAYERS_DIR,
-    linear_shapes,
+    decoder_linears,
 )
 from exlbuild.quant.exl2.measurement_json import LinearShape
 from exlbuild.quant.exl2.options import pad_to_32
@@ -72,8 +72,7 @@ class _QuantizedTensors:
 
 def quantized_linears(cfg: LlamaConfig) -> dict[str, LinearShape]:
     """Full key → shape of every quantized linear: the decoder's in model order, then the head."""
-    per_layer = linear_shapes(cfg)
-    linears = {layer_prefix(i) + name: s for i in range(cfg.num_hidden_layers) for name, s in per_layer.items()}
+    linears = decoder_linears(cfg)
     linears[HEAD_KEY] = LinearShape(cfg.hidden_size, cfg.vocab_size)
     return linears
 

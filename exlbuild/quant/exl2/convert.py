@@ -53,7 +53,7 @@ from exlbuild.quant.exl2.options import QuantOption, head_option, pad_to_32, tot
 from exlbuild.quant.exl2.pack import dequantize
 from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
 from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
-from exlbuild.quant.stream import BLOCK_LINEARS, Block, LayerCheckpoint, relative_error, run_block
+from exlbuild.quant.stream import BLOCK_LINEARS, BLOCK_MODULES, Block, LayerCheckpoint, relative_error, run_block
 
 LAYERS_DIR = "layers"
 HEAD_FILE = "head.safetensors"
@@ -64,7 +64,6 @@ FINAL_NORM_KEY = "model.norm.weight"
 # The norm at the start of each block, stored unquantized with the layer.
 BLOCK_NORMS: dict[Block, str] = {"attention": "input_layernorm.weight", "mlp": "post_attention_layernorm.weight"}
 # Strategy keys are `model.layers.{i}.<module>`, as in measurement.json.
-STRATEGY_MODULES: dict[Block, str] = {"attention": "self_attn", "mlp": "mlp"}
 
 Strategy = Mapping[str, Mapping[str, QuantOption]]
 
@@ -84,12 +83,18 @@ def linear_shapes(cfg: LlamaConfig) -> dict[str, LinearShape]:
     }
 
 
+def decoder_linears(cfg: LlamaConfig) -> dict[str, LinearShape]:
+    """Full key → shape of every decoder linear, in model order (what the bit budget counts)."""
+    per_layer = linear_shapes(cfg)
+    return {layer_prefix(i) + name: s for i in range(cfg.num_hidden_layers) for name, s in per_layer.items()}
+
+
 def block_options(strategy: Strategy, cfg: LlamaConfig) -> dict[str, dict[str, QuantOption]]:
     """The strategy checked against the model: block key (model.layers.{i}.self_attn, ….mlp) → relative
     linear name (self_attn.q_proj, …) → option, for every block in model order."""
     resolved: dict[str, dict[str, QuantOption]] = {}
     for i in range(cfg.num_hidden_layers):
-        for block, module in STRATEGY_MODULES.items():
+        for block, module in BLOCK_MODULES.items():
             key = layer_prefix(i) + module
             if key not in strategy:
                 raise ExlbuildError(f"the strategy has no options for {key}")
@@ -260,7 +265,7 @@ def quantize_model(
             prefix = layer_prefix(i)
             w = _fp32(layer_weights(ckpt, cfg, i, torch.float16, device))
             tensors = {prefix + n: w[n].half().cpu() for n in BLOCK_NORMS.values()}
-            for block, module in STRATEGY_MODULES.items():
+            for block, module in BLOCK_MODULES.items():
                 key = prefix + module
                 x, packed, rfn_error[key] = quantize_block(block, x, w, options[key], cfg, rope, prefix)
                 tensors.update(packed)

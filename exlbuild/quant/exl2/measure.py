@@ -37,11 +37,9 @@ from exlbuild.quant.exl2.measurement_json import (
 from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, CandidateTable, QuantOption, total_bits
 from exlbuild.quant.exl2.quantize import quantize_options
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
-from exlbuild.quant.stream import Block, LayerCheckpoint, relative_error, run_block
+from exlbuild.quant.stream import BLOCK_MODULES, Block, LayerCheckpoint, relative_error, run_block
 
 CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": MLP_CANDIDATES}
-# The block's name in module keys and in its linears' names (self_attn.q_proj, mlp.gate_proj, …).
-MODULE_NAMES: dict[Block, str] = {"attention": "self_attn", "mlp": "mlp"}
 
 # quantize_options needs ~7 bytes per weight and option; options beyond this budget go in further calls.
 QUANTIZE_BYTES = 1 << 30
@@ -120,7 +118,7 @@ def measure_block(
     Returns the candidates in list order and the reference output Y_ref (the next block's input). `batch_rows`
     is the row chunk of the reference pass; `module` names the block in errors (e.g. model.layers.3.mlp).
     """
-    module = module or MODULE_NAMES[block]
+    module = module or BLOCK_MODULES[block]
     table = CANDIDATES[block]
     y_ref, hessians = run_block(block, x, w, cfg, rope, hessians=True, batch_rows=batch_rows)
     if torch.isnan(y_ref).any():
@@ -129,7 +127,7 @@ def measure_block(
     prepared: dict[str, PreparedHessian] = {}  # q/k/v share attn_input's, gate/up mlp_input's
     linears: dict[str, CandidateLinear] = {}
     for column, projection in enumerate(table.projections):
-        name = f"{MODULE_NAMES[block]}.{projection}"
+        name = f"{BLOCK_MODULES[block]}.{projection}"
         point = LINEAR_INPUTS[name]
         if point not in prepared:
             prepared[point] = prepare_hessian(hessians[point], f"{module}.{projection}")
@@ -156,8 +154,8 @@ def measure_block(
             f"this block cannot be quantized to EXL2 with these calibration rows"
         )
 
-    shapes = {p: w[f"{MODULE_NAMES[block]}.{p}.weight"].shape for p in table.projections}
-    has_bias = {p: f"{MODULE_NAMES[block]}.{p}.bias" in w for p in table.projections}
+    shapes = {p: w[f"{BLOCK_MODULES[block]}.{p}.weight"].shape for p in table.projections}
+    has_bias = {p: f"{BLOCK_MODULES[block]}.{p}.bias" in w for p in table.projections}
     measured = []
     for accuracy, candidate in zip(accuracies, table.candidates):
         options = dict(zip(table.projections, candidate))
@@ -215,7 +213,7 @@ def measure_model(
     for i in progress.track(range(start, cfg.num_hidden_layers), "measuring layers"):
         w = layer_weights(ckpt, cfg, i, torch.float32, device)
         for block in ("attention", "mlp"):
-            key = f"model.layers.{i}.{MODULE_NAMES[block]}"
+            key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
             modules[key], x = measure_block(block, x, w, cfg, rope, module=key)
         del w  # free this layer before the next one loads
         if checkpoint:
