@@ -97,7 +97,10 @@ class Session:
         self.graph.resolve(self.store.hashes)
         self.previous = lockfile.previous_targets(self.recipe)
 
-    def close(self) -> None:
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.store.close()
 
 
@@ -111,8 +114,7 @@ def _session(args: argparse.Namespace) -> Session:
 def _build(args: argparse.Namespace) -> int:
     from exlbuild import lockfile, progress, runner
 
-    s = _session(args)
-    try:
+    with _session(args) as s:
         if args.frozen:
             return _frozen_check(s)
         say = (lambda m: None) if args.quiet else _err
@@ -124,9 +126,7 @@ def _build(args: argparse.Namespace) -> int:
             if not args.quiet:
                 _summary(failed.outcomes)
             cause = failed.cause
-            if isinstance(cause, ExlbuildError):
-                raise cause
-            if isinstance(cause, KeyboardInterrupt):
+            if isinstance(cause, (ExlbuildError, KeyboardInterrupt)):  # main() reports these
                 raise cause
             if args.verbose:
                 traceback.print_exception(cause)
@@ -138,8 +138,6 @@ def _build(args: argparse.Namespace) -> int:
             _summary(outcomes)
             _print_report(s)
         return 0
-    finally:
-        s.close()
 
 
 def _frozen_check(s: Session) -> int:
@@ -169,8 +167,7 @@ def _frozen_check(s: Session) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from exlbuild import runner
 
-    s = _session(args)
-    try:
+    with _session(args) as s:
         stale = [st for st in runner.status(s.graph, s.store, s.previous) if st.state == runner.STALE]
         if not stale:
             print("nothing to do: every target is up to date")
@@ -179,21 +176,18 @@ def _plan(args: argparse.Namespace) -> int:
             for reason in st.reasons:
                 print(f"    because {reason}")
         return 0
-    finally:
-        s.close()
 
 
 def _status(args: argparse.Namespace) -> int:
     from exlbuild import lockfile, runner
 
-    s = _session(args)
-    try:
+    with _session(args) as s:
         rows = []
         for st in runner.status(s.graph, s.store, s.previous):
             n = st.node
             row: dict[str, Any] = {"name": n.name, "kind": n.kind, "state": st.state, "key": n.key,
                                    "out_dir": str(lockfile.out_dir(n, s.store)), "rule": n.rule_name}
-            row.update({k: v for k, v in n.info.items() if k != "out_dir"})
+            row.update(n.info)
             if st.reasons:
                 row["why"] = st.reasons
             rows.append(row)
@@ -205,13 +199,10 @@ def _status(args: argparse.Namespace) -> int:
             where = "; ".join(r.get("why", [])) or r["out_dir"]
             print(f"{r['name']:{width}}  {r['kind']:11}  {r['state']:10}  {r['key'][:12]}  {where}")
         return 0
-    finally:
-        s.close()
 
 
 def _graph(args: argparse.Namespace) -> int:
-    s = _session(args)
-    try:
+    with _session(args) as s:
         nodes = s.graph.nodes
         if args.dot:
             print("digraph exlbuild {\n  rankdir=LR;")
@@ -232,15 +223,12 @@ def _graph(args: argparse.Namespace) -> int:
             if n.source_dir is not None:
                 print(f"    <- directory {n.source_dir}")
         return 0
-    finally:
-        s.close()
 
 
 def _verify(args: argparse.Namespace) -> int:
     from exlbuild import lockfile
 
-    s = _session(args)
-    try:
+    with _session(args) as s:
         section = lockfile.section(s.recipe)
         if section is None:
             raise ExlbuildError(f"{s.recipe.lock_path} has no entry for {s.recipe.path.name}: build it first")
@@ -266,8 +254,6 @@ def _verify(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"verify: OK ({len(section['targets'])} targets, {checked} files match {s.recipe.lock_path.name})")
         return 0
-    finally:
-        s.close()
 
 
 def _verify_tree(name: str, node: Any, root: Path, files: dict[str, str], problems: list[str]) -> int:
@@ -303,8 +289,7 @@ def _files_of(node: Any, root: Path) -> list[Path]:
 def _clean(args: argparse.Namespace) -> int:
     targets = [t for t in args.targets if "=" not in t]
     overrides = [t for t in args.targets if "=" in t]
-    s = Session(args.recipe, overrides)
-    try:
+    with Session(args.recipe, overrides) as s:
         nodes = [s.graph[t] for t in targets] if targets else s.graph.nodes
         freed = 0
         for n in nodes:
@@ -318,15 +303,12 @@ def _clean(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"freed {_human(freed)}")
         return 0
-    finally:
-        s.close()
 
 
 def _gc(args: argparse.Namespace) -> int:
     from exlbuild import lockfile
 
-    s = _session(args)
-    try:
+    with _session(args) as s:
         keep = set()
         for path in s.store.lockfiles():
             p = Path(path)
@@ -342,8 +324,6 @@ def _gc(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"gc: removed {removed} artifacts, freed {_human(freed)}; kept {len(keep)} referenced by lock files")
         return 0
-    finally:
-        s.close()
 
 
 def _eval(args: argparse.Namespace) -> int:
