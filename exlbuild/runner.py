@@ -11,7 +11,7 @@ import importlib.metadata
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +29,6 @@ class Outcome:
     state: str
     seconds: float = 0.0
     size: int = 0
-    reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,12 +71,12 @@ def build(graph: Graph, store: Store, previous: dict[str, Any], say: Callable[[s
                         _build_one(node, store)
                         state = BUILT
             except BaseException as e:
-                outcomes.append(Outcome(node, FAILED, time.perf_counter() - start, reasons=st.reasons))
+                outcomes.append(Outcome(node, FAILED, time.perf_counter() - start))
                 raise BuildFailed(outcomes, e) from e
         if node.export_dir is not None and store.export(node.rule_name, node.key, node.export_dir):
             say(f"exported {node.name} to {node.export_dir}")
         seconds = time.perf_counter() - start if state != UP_TO_DATE else 0.0
-        outcomes.append(Outcome(node, state, seconds, _size(node, store), st.reasons if state == BUILT else []))
+        outcomes.append(Outcome(node, state, seconds, _size(node, store)))
     return outcomes
 
 
