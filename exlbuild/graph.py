@@ -109,18 +109,6 @@ class Graph:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ExlbuildError(f"no target named '{name}'; targets: {', '.join(n.name for n in self.nodes)}{hint}")
 
-    def upstream(self, name: str) -> list[Node]:
-        """The named node and everything it depends on, in build order."""
-        wanted: set[int] = set()
-
-        def mark(n: Node) -> None:
-            wanted.add(id(n))
-            for d in n.deps.values():
-                mark(d)
-
-        mark(self[name])
-        return [n for n in self.nodes if id(n) in wanted]
-
     def resolve(self, hashes: HashCache) -> None:
         """Compute every node's key, inputs first. Source files are hashed through the stat cache."""
         for node in self.nodes:
