@@ -51,7 +51,7 @@ def main() -> None:
         steps.append({"name": t["name"], "kind": t["kind"], "seconds": manifest["seconds"],
                       "peak_gpu_bytes": manifest["metrics"].get("peak_gpu_bytes")})
         if t["rule"] == "report":
-            report = json.loads((store / "report" / t["key"] / "report.json").read_text())
+            report = json.loads((Path(t["out_dir"]) / "report.json").read_text())
     env = manifest["environment"]
     result = {
         "device": env.get("gpu", "cpu"),

@@ -245,7 +245,7 @@ def _verify(args: argparse.Namespace) -> int:
             if node.is_source:
                 roots = [Path(entry["out_dir"])]
             else:  # the store's copy, and the exported one where there is one
-                roots = list(dict.fromkeys([s.store.artifact_dir(entry["rule"], entry["key"]), Path(entry["out_dir"])]))
+                roots = list(dict.fromkeys([s.store.data_dir(entry["rule"], entry["key"]), Path(entry["out_dir"])]))
             for root in roots:
                 checked += _verify_tree(name, node, root, entry["files"], problems)
         if problems:
@@ -276,14 +276,12 @@ def _verify_tree(name: str, node: Any, root: Path, files: dict[str, str], proble
 
 def _files_of(node: Any, root: Path) -> list[Path]:
     from exlbuild.graph import source_files
-    from exlbuild.store import MANIFEST
+    from exlbuild.hashing import tree_files
 
     if node.is_source:
         only = node.params.get("files")
         return [Path(f) for f in only if (root / f).is_file()] if only else source_files(root)
-    from exlbuild.hashing import tree_files
-
-    return [p for p in tree_files(root) if str(p) != MANIFEST]
+    return tree_files(root)
 
 
 def _clean(args: argparse.Namespace) -> int:
@@ -368,8 +366,9 @@ def _print_report(s: Session) -> None:
 
     for node in s.graph.nodes:
         if node.rule is not None and node.rule.name == "report":
-            print(f"\nReport ({s.store.artifact_dir(node.rule_name, node.key)}):\n")
-            print((s.store.artifact_dir(node.rule_name, node.key) / REPORT_MD).read_text())
+            report_dir = s.store.data_dir(node.rule_name, node.key)
+            print(f"\nReport ({report_dir}):\n")
+            print((report_dir / REPORT_MD).read_text())
 
 
 def _human(n: int) -> str:

@@ -25,9 +25,11 @@ class BuildContext:
 
     out: Path  # fill this directory; it is published atomically when the rule returns
     state: Path  # survives a crash of this rule: checkpoints for resuming (deleted after publishing)
-    inputs: dict[str, Path]  # input label -> directory of that input's artifact (or source directory)
+    inputs: dict[str, Path]  # input label -> the input artifact's data directory (or the source directory)
     sources: dict[str, Path]  # source label -> file
     params: dict[str, Any]
+    # input label -> the store's manifest of that input artifact (times, metrics, file sizes); none for sources
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Rule:

@@ -61,7 +61,7 @@ def entry(node: Node, store: Store) -> dict[str, Any] | None:
 
 def out_dir(node: Node, store: Store) -> Path:
     """Where a user or a loader finds the target's result."""
-    return node.source_dir or node.export_dir or store.artifact_dir(node.rule_name, node.key)
+    return node.source_dir or node.export_dir or store.data_dir(node.rule_name, node.key)
 
 
 def new_section(recipe: LoadedRecipe, graph: Graph, store: Store) -> dict[str, Any]:

@@ -90,14 +90,15 @@ class BuildFailed(Exception):
 def _build_one(node: Node, store: Store) -> None:
     assert node.rule is not None
     out, state = store.begin(node.rule_name, node.key)
-    inputs = {label: (dep.source_dir or store.artifact_dir(dep.rule_name, dep.key)) for label, dep in node.deps.items()}
+    inputs = {label: (dep.source_dir or store.data_dir(dep.rule_name, dep.key)) for label, dep in node.deps.items()}
+    manifests = {label: store.manifest(dep.rule_name, dep.key) for label, dep in node.deps.items() if not dep.is_source}
     before = {label: _stamp(p) for label, p in node.sources.items()}
     started = datetime.datetime.now(datetime.timezone.utc)
     _reset_gpu_peak()
     t0 = time.perf_counter()
     with progress.task(f"{node.name}", None):
-        metrics = node.rule.run(BuildContext(out=out, state=state, inputs=inputs, sources=node.sources,
-                                             params=node.params)) or {}
+        metrics = node.rule.run(BuildContext(out=out, state=state, inputs=inputs, manifests=manifests,
+                                             sources=node.sources, params=node.params)) or {}
     seconds = time.perf_counter() - t0
     peak = _gpu_peak()
     if peak is not None:
@@ -105,7 +106,7 @@ def _build_one(node: Node, store: Store) -> None:
     for label, p in node.sources.items():
         if _stamp(p) != before[label]:
             raise ExlbuildError(f"{p} changed while {node.name} was being built from it; run the build again")
-    store.publish(node.rule_name, node.key, out, {
+    store.publish(node.rule_name, node.key, {
         "target": node.name,
         "kind": node.kind,
         "rule": node.rule_name,

@@ -1,15 +1,19 @@
 """The content-addressed store: where artifacts are built, published, locked, found and collected.
 
-    <root>/store/<rule>/<key>/     published artifact, read-only, with manifest.json
-    <root>/work/<rule>/<key>/      out/ (being written) and state/ (checkpoints that survive a crash)
+    <root>/layout.json             {"version": 2}: how this store is laid out (see LAYOUT)
+    <root>/store/<rule>/<key>/     published artifact: manifest.json, and data/ (the rule's files, read-only)
+    <root>/work/<rule>/<key>/      out/ (the artifact being written, same shape) and state/ (checkpoints that
+                                   survive a crash)
     <root>/locks/<key>.lock        one lock per artifact
     <root>/hashes.sqlite           the stat cache of content hashes
     <root>/lockfiles.json          the lock files that reference this store (for gc)
     <root>/exports.json            the directories artifacts were exported to, with their file stats
 
-Publishing is a rename of a fully written and fsynced directory, so a reader sees a whole artifact or
-none. Locks are advisory fcntl locks (the filelock package): the kernel drops them when their process
-dies, so a lock left by a killed build never blocks; the owner file only names who is building.
+The rule's files live in data/, apart from the store's manifest, so that a consumer can use the directory as
+it is (a Hugging Face model directory holds only the model's files). Publishing is a rename of a fully written
+and fsynced artifact directory, so a reader sees a whole artifact or none. Locks are advisory fcntl locks
+(the filelock package): the kernel drops them when their process dies, so a lock left by a killed build never
+blocks; the owner file only names who is building.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from exlbuild.errors import ExlbuildError
 from exlbuild.hashing import HashCache, hash_file, tree_files
 
 MANIFEST = "manifest.json"
+DATA = "data"
+LAYOUT_FILE = "layout.json"
+# 1: the rule's files beside manifest.json in store/<rule>/<key>/ (stores without a layout file).
+# 2: the rule's files in store/<rule>/<key>/data/.
+LAYOUT = 2
 
 
 class Store:
@@ -37,11 +46,34 @@ class Store:
                 (root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ExlbuildError(f"cannot create the store at {root}: {e.strerror}") from None
+        self._check_layout()
         self.hashes = HashCache(root / "hashes.sqlite")
+
+    def _check_layout(self) -> None:
+        """Refuse a store of another layout, whose artifacts this code would misread; mark a new one."""
+        path = self.root / LAYOUT_FILE
+        if path.is_file():
+            found = _read_layout(path)
+        elif any((self.root / "store").glob("*/*")):
+            found = 1  # artifacts published before the layout was recorded
+        else:
+            write_atomic(path, json.dumps({"version": LAYOUT}) + "\n")
+            return
+        if found < LAYOUT:
+            raise ExlbuildError(f"the store {self.root} was written by an earlier exlbuild (store layout {found}, this "
+                                f"one reads layout {LAYOUT}); delete {self.root / 'store'} and build again")
+        if found > LAYOUT:
+            raise ExlbuildError(f"the store {self.root} was written by a newer exlbuild (store layout {found}, this "
+                                f"one reads layout {LAYOUT}); upgrade exlbuild or set another store.path")
 
     # -- where things are ------------------------------------------------------------------------------
     def artifact_dir(self, rule: str, key: str) -> Path:
+        """The whole artifact: its manifest and its data directory."""
         return self.root / "store" / rule / key
+
+    def data_dir(self, rule: str, key: str) -> Path:
+        """The rule's files of an artifact: what consumers read and exports hold."""
+        return self.artifact_dir(rule, key) / DATA
 
     def work_dir(self, rule: str, key: str) -> Path:
         return self.root / "work" / rule / key
@@ -83,20 +115,22 @@ class Store:
 
     # -- building and publishing -------------------------------------------------------------------------
     def begin(self, rule: str, key: str) -> tuple[Path, Path]:
-        """Fresh out/ and kept state/ directories for building an artifact (call under its lock)."""
+        """A fresh data directory for the rule to fill and its kept state/ directory (call under its lock)."""
         work = self.work_dir(rule, key)
         out, state = work / "out", work / "state"
         if out.exists():
             _remove_tree(out)  # a crashed attempt's partial output: never published, never reused
-        out.mkdir(parents=True)
+        (out / DATA).mkdir(parents=True)
         state.mkdir(parents=True, exist_ok=True)
-        return out, state
+        return out / DATA, state
 
-    def publish(self, rule: str, key: str, out: Path, manifest: dict[str, Any]) -> Path:
-        """Hash the files in `out`, write the manifest, make everything durable, rename into the store."""
-        if (out / MANIFEST).exists():
-            raise ExlbuildError(f"rule {rule} wrote a file named {MANIFEST}, which is reserved")
-        files = {str(rel): {"size": (out / rel).stat().st_size, "hash": hash_file(out / rel)} for rel in tree_files(out)}
+    def publish(self, rule: str, key: str, manifest: dict[str, Any]) -> Path:
+        """Hash the files the rule wrote, write the manifest beside them, make everything durable, rename the
+        artifact into the store; returns its data directory."""
+        out = self.work_dir(rule, key) / "out"
+        data = out / DATA
+        files = {str(rel): {"size": (data / rel).stat().st_size, "hash": hash_file(data / rel)}
+                 for rel in tree_files(data)}
         manifest = {**manifest, "files": files}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _fsync_tree(out)
@@ -106,18 +140,18 @@ class Store:
         _fsync_dir(final.parent)
         _make_read_only(final)
         _remove_tree(self.work_dir(rule, key))
-        return final
+        return final / DATA
 
     # -- exporting ------------------------------------------------------------------------------------
     def export(self, rule: str, key: str, target: Path) -> bool:
-        """Make `target` hold the artifact's files (not its manifest); False if it already did.
+        """Make `target` hold the artifact's data files; False if it already did.
 
         Files are hard links into the store where the file system allows (no copy of a multi-GB model),
         else copies. A record of what was exported (file stats) makes the check cheap; anything else in
         the way is replaced whole: the new directory is assembled beside it and swapped in.
         """
-        src = self.artifact_dir(rule, key)
-        files = [rel for rel in tree_files(src) if str(rel) != MANIFEST]
+        src = self.data_dir(rule, key)
+        files = tree_files(src)
         records = self._exports()
         if records.get(str(target)) == {"key": key, "files": _stats(target, files)} and target.is_dir():
             return False
@@ -176,6 +210,14 @@ def _stats(root: Path, files: list[Path]) -> dict[str, list[int]] | None:
         return {str(rel): [(st := (root / rel).stat()).st_size, st.st_mtime_ns, st.st_ino] for rel in files}
     except OSError:
         return None
+
+
+def _read_layout(path: Path) -> int:
+    try:
+        return int(json.loads(path.read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ExlbuildError(f"{path}: unreadable store layout file; delete the store {path.parent} and build "
+                            "again") from None
 
 
 def _read_owner(owner: Path) -> str:

@@ -1,4 +1,5 @@
-"""Shared helpers for the model tests: the imported demo model, tiny random models, deterministic text.
+"""Shared helpers for the model tests: the imported demo model, tiny random models, deterministic text, recipe
+projects on a tiny model and the command line run in-process.
 
 Import the fixtures explicitly (`from model_fixtures import smollm_dir`). A fixture imported into several test
 modules is set up once per module by pytest, so the expensive results are cached here for the whole session.
@@ -135,3 +136,41 @@ def edit_config(model_dir: Path, **changes: Any) -> None:
         else:
             config[key] = value
     path.write_text(json.dumps(config))
+
+
+def tiny_model_with_tokenizer(out: Path, **overrides: Any) -> Path:
+    """tiny_model (with `overrides`) and a trained BPE tokenizer of 1000 tokens: a directory a recipe builds from."""
+    from test_tokenizer import make_bpe_dir
+
+    tiny_model(out, **overrides)
+    make_bpe_dir(out, vocab_size=1000)
+    return out
+
+
+def recipe_project(root: Path, model: Path, recipe: str, calibration_paragraphs: int, eval_paragraphs: int = 0) -> Path:
+    """A recipe's folder in `root`: recipe.yaml, a copy of `model` as model/, cal.parquet with the first
+    `calibration_paragraphs` paragraphs of sample_text (columns text and id) and, if `eval_paragraphs`, eval.txt
+    with the paragraphs after those."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(model, root / "model")
+    paragraphs = [p for p in sample_text().split("\n\n") if p.strip()]
+    calibration = paragraphs[:calibration_paragraphs]
+    pq.write_table(pa.table({"text": calibration, "id": list(range(len(calibration)))}), root / "cal.parquet")
+    if eval_paragraphs:
+        evaluation = paragraphs[calibration_paragraphs : calibration_paragraphs + eval_paragraphs]
+        (root / "eval.txt").write_text("\n\n".join(evaluation))
+    (root / "recipe.yaml").write_text(recipe)
+    return root
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str, str]:
+    """exlbuild's command line in this process: its exit status, stdout and stderr."""
+    from exlbuild.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err

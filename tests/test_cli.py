@@ -1,21 +1,19 @@
 """The command line on a tiny Hugging Face model and a Parquet calibration file: build, plan and why, status,
-graph, verify, --frozen, clean, gc, concurrent builds, and bad recipes (clear error, nothing published)."""
+graph, verify, --frozen, clean, gc, a store of the old layout, concurrent builds, and bad recipes (clear error,
+nothing published)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from exlbuild.cli import main
-from model_fixtures import sample_text, tiny_model
-from test_tokenizer import make_bpe_dir
+from model_fixtures import recipe_project, run_cli, tiny_model_with_tokenizer
 
 RECIPE = """\
 model:
@@ -31,27 +29,12 @@ calibration:
 
 @pytest.fixture(scope="module")
 def model_template(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("template") / "model"
-    tiny_model(d, vocab_size=1000)
-    make_bpe_dir(d, vocab_size=1000)
-    return d
+    return tiny_model_with_tokenizer(tmp_path_factory.mktemp("template") / "model", vocab_size=1000)
 
 
 @pytest.fixture
 def project(tmp_path, model_template) -> Path:
-    import shutil
-
-    shutil.copytree(model_template, tmp_path / "model")
-    paragraphs = [p for p in sample_text().split("\n\n") if p.strip()][:200]
-    pq.write_table(pa.table({"text": paragraphs, "id": list(range(len(paragraphs)))}), tmp_path / "cal.parquet")
-    (tmp_path / "recipe.yaml").write_text(RECIPE)
-    return tmp_path
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return recipe_project(tmp_path, model_template, RECIPE, calibration_paragraphs=200)
 
 
 def published(project: Path) -> list[str]:
@@ -61,7 +44,7 @@ def published(project: Path) -> list[str]:
 
 def test_build_summary_then_noop(project, capsys):
     recipe = project / "recipe.yaml"
-    code, out, err = run(capsys, recipe)
+    code, out, err = run_cli(capsys, recipe)
     assert code == 0, err
     assert "building calibration (calibration): never built" in err
     for name in ("model", "calibration", "calibration-measurement"):
@@ -71,52 +54,52 @@ def test_build_summary_then_noop(project, capsys):
     assert set(lock["targets"]) == {"model", "tokenizer", "calibration", "calibration-measurement"}
     assert lock["recipe"]["calibration"]["rows"] == 4
 
-    code, out, err = run(capsys, recipe)
+    code, out, err = run_cli(capsys, recipe)
     assert code == 0 and "building" not in err
     assert out.count("up to date") == 4
 
     from safetensors.torch import load_file
 
     key = lock["targets"]["calibration"]["key"]
-    ids = load_file(project / ".exlbuild/store/calibration" / key / "calibration.safetensors")["input_ids"]
+    ids = load_file(project / ".exlbuild/store/calibration" / key / "data/calibration.safetensors")["input_ids"]
     assert tuple(ids.shape) == (4, 32)
 
 
 def test_plan_says_why(project, capsys):
     recipe = project / "recipe.yaml"
-    run(capsys, recipe)
-    code, out, _ = run(capsys, "plan", recipe, "calibration.rows=8")
+    run_cli(capsys, recipe)
+    code, out, _ = run_cli(capsys, "plan", recipe, "calibration.rows=8")
     assert code == 0
     assert "build calibration (calibration" in out and "because rows: 4 -> 8" in out
     assert "calibration-measurement" not in out
-    code, out, _ = run(capsys, "plan", recipe)
+    code, out, _ = run_cli(capsys, "plan", recipe)
     assert "nothing to do" in out
 
 
 def test_weights_change_leaves_calibration_alone_tokenizer_change_does_not(project, capsys):
     recipe = project / "recipe.yaml"
-    run(capsys, recipe)
+    run_cli(capsys, recipe)
     weights = project / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-4:] = b"\x00\x3c\x00\x3c"  # the last two fp16 values become 1.0
     weights.write_bytes(bytes(data))
-    code, out, _ = run(capsys, "plan", recipe)
+    code, out, _ = run_cli(capsys, "plan", recipe)
     assert "nothing to do" in out  # only the tokenizer reaches the calibration sets
 
     tok = project / "model" / "tokenizer_config.json"
     tok.write_text(tok.read_text().replace("</s>", "<s>"))
-    code, out, _ = run(capsys, "plan", recipe)
+    code, out, _ = run_cli(capsys, "plan", recipe)
     assert "build calibration " in out and "build calibration-measurement " in out
     assert "because input 'tokenizer' changed" in out
 
 
 def test_status_json_and_graph(project, capsys):
     recipe = project / "recipe.yaml"
-    code, out, _ = run(capsys, "status", recipe, "--json")
+    code, out, _ = run_cli(capsys, "status", recipe, "--json")
     targets = {t["name"]: t for t in json.loads(out)["targets"]}
     assert targets["calibration"]["state"] == "stale" and targets["calibration"]["why"] == ["never built"]
-    run(capsys, recipe)
-    code, out, _ = run(capsys, "status", recipe, "--json")
+    run_cli(capsys, recipe)
+    code, out, _ = run_cli(capsys, "status", recipe, "--json")
     targets = {t["name"]: t for t in json.loads(out)["targets"]}
     assert {t["kind"] for t in targets.values()} == {"model", "calibration"}
     assert all(t["state"] == "up to date" for t in targets.values())
@@ -125,25 +108,25 @@ def test_status_json_and_graph(project, capsys):
     assert Path(cal["out_dir"], "calibration.safetensors").is_file() and len(cal["key"]) == 64
     assert cal["rows"] == 4 and cal["length"] == 32
 
-    code, out, _ = run(capsys, "graph", recipe)
+    code, out, _ = run_cli(capsys, "graph", recipe)
     assert "calibration  [calibration, calibration," in out and "<- tokenizer" in out
-    code, out, _ = run(capsys, "graph", recipe, "--dot")
+    code, out, _ = run_cli(capsys, "graph", recipe, "--dot")
     assert out.startswith("digraph") and '"tokenizer" -> "calibration"' in out
 
 
 def test_verify_names_corruption(project, capsys):
     recipe = project / "recipe.yaml"
-    run(capsys, recipe)
-    code, out, _ = run(capsys, "verify", recipe)
+    run_cli(capsys, recipe)
+    code, out, _ = run_cli(capsys, "verify", recipe)
     assert code == 0 and "verify: OK" in out
     key = json.loads((project / "exlbuild.lock").read_text())["recipes"]["recipe.yaml"]["targets"]["calibration"]["key"]
-    artifact = project / ".exlbuild/store/calibration" / key / "calibration.safetensors"
+    artifact = project / ".exlbuild/store/calibration" / key / "data/calibration.safetensors"
     os.chmod(artifact, 0o644)
     data = bytearray(artifact.read_bytes())
     data[-1] ^= 1
     artifact.write_bytes(bytes(data))
     (project / "model" / "generation_config.json").write_text("{}")
-    code, out, _ = run(capsys, "verify", recipe)
+    code, out, _ = run_cli(capsys, "verify", recipe)
     assert code == 1
     assert f"calibration: {artifact} differs from the lock" in out
     assert f"model: {(project / 'model' / 'generation_config.json').resolve()} differs from the lock" in out
@@ -151,35 +134,54 @@ def test_verify_names_corruption(project, capsys):
 
 def test_frozen(project, capsys):
     recipe = project / "recipe.yaml"
-    code, _, err = run(capsys, recipe, "--frozen")
+    code, _, err = run_cli(capsys, recipe, "--frozen")
     assert code == 1 and "has no entry for recipe.yaml" in err
-    run(capsys, recipe)
-    code, _, err = run(capsys, recipe, "--frozen")
+    run_cli(capsys, recipe)
+    code, _, err = run_cli(capsys, recipe, "--frozen")
     assert code == 0, err
-    code, _, err = run(capsys, recipe, "--frozen", "calibration.length=64")
+    code, _, err = run_cli(capsys, recipe, "--frozen", "calibration.length=64")
     assert code == 1 and "calibration: length: 32 -> 64" in err and "resolved recipe differs" in err
     assert len(published(project)) == 2  # nothing new was built
 
 
 def test_clean_and_gc(project, capsys):
     recipe = project / "recipe.yaml"
-    run(capsys, recipe)
+    run_cli(capsys, recipe)
     assert len(published(project)) == 2
-    code, out, _ = run(capsys, "clean", recipe, "calibration")
+    code, out, _ = run_cli(capsys, "clean", recipe, "calibration")
     assert code == 0 and "removed calibration" in out
     assert len(published(project)) == 1
-    code, out, _ = run(capsys, "status", recipe, "--json")
+    code, out, _ = run_cli(capsys, "status", recipe, "--json")
     states = {t["name"]: t["state"] for t in json.loads(out)["targets"]}
     assert states["calibration"] == "stale" and states["calibration-measurement"] == "up to date"
 
-    run(capsys, recipe)  # rows 4 again
-    run(capsys, recipe, "calibration.rows=3")  # the lock now references the rows=3 artifact
+    run_cli(capsys, recipe)  # rows 4 again
+    run_cli(capsys, recipe, "calibration.rows=3")  # the lock now references the rows=3 artifact
     assert len(published(project)) == 3
-    code, out, _ = run(capsys, "gc", recipe)
+    code, out, _ = run_cli(capsys, "gc", recipe)
     assert code == 0 and "removed 1 artifacts" in out
     assert len(published(project)) == 2
-    code, out, _ = run(capsys, "status", recipe, "--json", "calibration.rows=3")
+    code, out, _ = run_cli(capsys, "status", recipe, "--json", "calibration.rows=3")
     assert all(t["state"] == "up to date" for t in json.loads(out)["targets"])
+
+
+def test_a_store_of_the_old_layout_says_to_delete_it(project, capsys):
+    recipe = project / "recipe.yaml"
+    run_cli(capsys, recipe)
+    store = project / ".exlbuild"
+    for artifact in store.glob("store/*/*"):  # as an exlbuild before data/ left it
+        for f in (artifact / "data").iterdir():
+            f.rename(artifact / f.name)
+        (artifact / "data").rmdir()
+    (store / "layout.json").unlink()
+    for command in ([recipe], ["status", recipe], ["clean", recipe]):
+        code, _, err = run_cli(capsys, *command)
+        assert code == 1 and f"delete {store / 'store'} and build again" in err, err
+    shutil.rmtree(store / "store")
+    code, _, err = run_cli(capsys, recipe)
+    assert code == 0 and err.count("building ") == 2, err
+    code, out, _ = run_cli(capsys, "verify", recipe)
+    assert code == 0 and "verify: OK" in out
 
 
 def test_two_concurrent_cli_builds(project):
@@ -216,7 +218,7 @@ BAD_RECIPES = {
 def test_bad_recipes(project, capsys, case):
     text, overrides, message = BAD_RECIPES[case]
     (project / "recipe.yaml").write_text(text)
-    code, out, err = run(capsys, project / "recipe.yaml", *overrides)
+    code, out, err = run_cli(capsys, project / "recipe.yaml", *overrides)
     assert code == 1, (out, err)
     assert message in err, err
     assert published(project) == []
@@ -225,12 +227,12 @@ def test_bad_recipes(project, capsys, case):
 
 def test_missing_config_json(project, capsys):
     (project / "model" / "config.json").unlink()
-    code, _, err = run(capsys, project / "recipe.yaml")
+    code, _, err = run_cli(capsys, project / "recipe.yaml")
     assert code == 1 and "has no config.json" in err and published(project) == []
 
 
 def test_noop_build_imports_neither_torch_nor_triton(project, capsys):
-    run(capsys, project / "recipe.yaml")
+    run_cli(capsys, project / "recipe.yaml")
     code = ("import sys; from exlbuild.cli import main; rc = main([sys.argv[1], '-q']); "
             "print(rc, 'torch' in sys.modules, 'triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(project / "recipe.yaml")], capture_output=True, text=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import engine_graph
+from exlbuild.errors import ExlbuildError
 from exlbuild.graph import explain
 from exlbuild.runner import BUILT, REUSED, STALE, UP_TO_DATE, status
 from exlbuild.store import Store
@@ -60,11 +62,61 @@ def test_build_then_noop(env):
     assert len(runs(log)) == 4  # nothing ran again
     store, graph = resolved(store_root, src)
     joined = graph["joined"]
-    assert (store.artifact_dir("joined", joined.key) / "joined.txt").read_text() == "alpha beta gamma|ALPHA BETA GAMMA|1"
+    assert (store.data_dir("joined", joined.key) / "joined.txt").read_text() == "alpha beta gamma|ALPHA BETA GAMMA|1"
+    assert sorted(p.name for p in store.artifact_dir("joined", joined.key).iterdir()) == ["data", "manifest.json"]
     manifest = store.manifest("joined", joined.key)
     assert manifest["inputs"]["text"] == graph["text"].key
     assert manifest["files"]["joined.txt"]["size"] == len("alpha beta gamma|ALPHA BETA GAMMA|1")
     assert manifest["environment"]["python"]
+
+
+def test_a_rule_sees_its_inputs_data_and_their_manifests_apart(env, monkeypatch):
+    src, store_root, _ = env
+    seen = {}
+
+    def look(self, ctx):
+        seen["files"] = sorted(p.name for p in ctx.inputs["text"].iterdir())
+        seen["manifest"] = ctx.manifests["text"]
+        (ctx.out / "upper.txt").write_text("")
+
+    monkeypatch.setattr(engine_graph.Upper, "run", look)
+    engine_graph.run(store_root, src)
+    store, graph = resolved(store_root, src)
+    assert seen["files"] == ["text.txt"]  # no manifest among the rule's files
+    assert seen["manifest"] == store.manifest("text", graph["text"].key)
+
+
+def old_layout_store(store_root: Path, src: Path) -> None:
+    """A store as an exlbuild before the data/ directory wrote it: the rule's files beside manifest.json."""
+    engine_graph.run(store_root, src)
+    for artifact in store_root.glob("store/*/*"):
+        data = artifact / "data"
+        for f in data.iterdir():
+            f.rename(artifact / f.name)
+        data.rmdir()
+    (store_root / "layout.json").unlink()
+
+
+def test_a_new_store_records_its_layout(tmp_path):
+    Store(tmp_path / "store").close()
+    assert json.loads((tmp_path / "store" / "layout.json").read_text()) == {"version": 2}
+
+
+def test_a_store_of_the_old_layout_is_refused_until_deleted(env):
+    src, store_root, log = env
+    old_layout_store(store_root, src)
+    with pytest.raises(ExlbuildError, match="earlier exlbuild .*store layout 1.*delete .*store and build again"):
+        Store(store_root)
+    shutil.rmtree(store_root / "store")
+    again = engine_graph.run(store_root, src)
+    assert set(states(again).values()) == {UP_TO_DATE, BUILT}
+    assert runs(log).count("text") == 2  # rebuilt into the new layout, never read from the old one
+
+
+def test_a_store_of_a_newer_layout_is_refused(tmp_path):
+    (tmp_path / "layout.json").write_text('{"version": 3}')
+    with pytest.raises(ExlbuildError, match="newer exlbuild .*store layout 3"):
+        Store(tmp_path)
 
 
 def stale_after(src, store_root, change, **kw) -> dict[str, list[str]]:
@@ -165,7 +217,7 @@ def test_sigkill_mid_rule_then_resume(env):
     assert states(again)["slow"] == BUILT and states(again)["joined"] == BUILT
     starts = [line for line in log.read_text().splitlines() if line.startswith("slow")]
     assert starts[0].endswith("start=0") and starts[1].endswith(f"start={done_before}")
-    assert (store.artifact_dir("slow", key) / "count.txt").read_text() == "6"
+    assert (store.data_dir("slow", key) / "count.txt").read_text() == "6"
     assert not store.work_dir("slow", key).exists()  # checkpoints go once published
 
 
@@ -180,7 +232,7 @@ def test_two_concurrent_builds_build_each_artifact_once(env):
         assert {sa[name], sb[name]} <= {BUILT, REUSED, UP_TO_DATE}
         assert BUILT in (sa[name], sb[name])
     store, graph = resolved(store_root, src, **kw)
-    assert (store.artifact_dir("joined", graph["joined"].key) / "joined.txt").read_text().endswith("|4")
+    assert (store.data_dir("joined", graph["joined"].key) / "joined.txt").read_text().endswith("|4")
 
 
 def test_lock_of_a_dead_process_does_not_block(tmp_path):

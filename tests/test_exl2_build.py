@@ -7,16 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from exlbuild.cli import main
 from exlbuild.model.checkpoint import Checkpoint
 from exlbuild.quant.exl2.pack import validate_layer
-from model_fixtures import sample_text, tiny_model
+from model_fixtures import recipe_project, run_cli, tiny_model_with_tokenizer
 from test_tokenizer import make_bpe_dir
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -45,33 +42,18 @@ eval:
 
 @pytest.fixture(scope="module")
 def model_template(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("exl2-template") / "model"
-    tiny_model(d, dtype=torch.float16, **TINY)
-    make_bpe_dir(d, vocab_size=1000)
-    return d
+    return tiny_model_with_tokenizer(tmp_path_factory.mktemp("exl2-template") / "model", dtype=torch.float16, **TINY)
 
 
 @pytest.fixture
 def project(tmp_path, model_template) -> Path:
-    shutil.copytree(model_template, tmp_path / "model")
-    (tmp_path / "model" / "manifest.json").write_text("{}")  # as in an imported model: the store's record
-    paragraphs = [p for p in sample_text().split("\n\n") if p.strip()]
-    pq.write_table(pa.table({"text": paragraphs[:150]}), tmp_path / "cal.parquet")
-    (tmp_path / "eval.txt").write_text("\n\n".join(paragraphs[150:250]))
-    (tmp_path / "recipe.yaml").write_text(RECIPE)
-    return tmp_path
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return recipe_project(tmp_path, model_template, RECIPE, calibration_paragraphs=150, eval_paragraphs=100)
 
 
 @pytest.mark.slow
 def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     recipe = project / "recipe.yaml"
-    code, out, err = run(capsys, recipe)
+    code, out, err = run_cli(capsys, recipe)
     assert code == 0, err
     for target in ("measurement", "exl2-3.0bpw/allocation", "exl2-3.0bpw/quantized", "exl2-3.0bpw",
                    "exl2-4.0bpw", "fp16/eval", "report"):
@@ -96,27 +78,27 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
                    for k in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")}
         validate_layer(tensors, layer="down_proj", in_features=512, out_features=256, bias=False)
 
-    report = json.loads(next((project / ".exlbuild/store/report").glob("*/report.json")).read_text())
+    report = json.loads(next((project / ".exlbuild/store/report").glob("*/data/report.json")).read_text())
     rows = {r["variant"]: r for r in report["variants"]}
     assert rows["exl2-3.0bpw"]["decoder_bpw"] <= 3.0 + 1e-9 and rows["exl2-3.0bpw"]["decoder_bpw"] > 2.9
     assert rows["exl2-4.0bpw"]["decoder_bpw"] <= 4.0 + 1e-9 and rows["exl2-4.0bpw"]["decoder_bpw"] > 3.9
     fp16 = report["fp16_perplexity"]
     assert fp16 < rows["exl2-4.0bpw"]["perplexity"] * 1.05  # quantization does not help, beyond noise
     assert rows["exl2-4.0bpw"]["perplexity"] < rows["exl2-3.0bpw"]["perplexity"] * 1.02
-    assert list(Path(next((project / ".exlbuild/store/report").glob("*"))).glob("*.svg"))
+    assert list((project / ".exlbuild/store/report").glob("*/data/*.svg"))
 
-    code, out, err = run(capsys, "verify", recipe)
+    code, out, err = run_cli(capsys, "verify", recipe)
     assert code == 0, out  # including the exported output directories
 
     # Adding a bitrate builds only that variant (and re-makes the report); the measurement is reused.
-    code, out, err = run(capsys, recipe, "sweep.bits=[3.0,4.0,5.0]")
+    code, out, err = run_cli(capsys, recipe, "sweep.bits=[3.0,4.0,5.0]")
     assert code == 0, err
     built = sorted(line.split()[1] for line in err.splitlines() if line.startswith("building "))
     assert built == ["exl2-5.0bpw", "exl2-5.0bpw/allocation", "exl2-5.0bpw/eval", "exl2-5.0bpw/quantized", "report"]
 
     # eval of a compiled directory through exlbuild's own EXL2 reader
-    code, out, err = run(capsys, "eval", project / "out" / "exl2-4.0bpw", "--text", project / "eval.txt",
-                         "--window", "64", "--json")
+    code, out, err = run_cli(capsys, "eval", project / "out" / "exl2-4.0bpw", "--text", project / "eval.txt",
+                             "--window", "64", "--json")
     assert code == 0, err
     assert abs(json.loads(out)["perplexity"] - rows["exl2-4.0bpw"]["perplexity"]) < 1e-3
 
@@ -124,11 +106,11 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
 @pytest.mark.slow
 def test_exllamav2_measurement_as_input(project, capsys):
     measurement = FIXTURES / "exllamav2_tiny_measurement.json"
-    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[4.0]",
-                         "eval.text=null")
+    code, out, err = run_cli(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[4.0]",
+                             "eval.text=null")
     assert code == 0, err
     assert "building measurement (measurement)" in err
-    strategy = json.loads(next((project / ".exlbuild/store/exl2-allocation").glob("*/strategy.json")).read_text())
+    strategy = json.loads(next((project / ".exlbuild/store/exl2-allocation").glob("*/data/strategy.json")).read_text())
     assert 3.9 < strategy["bits_per_weight"] <= 4.0
 
 
@@ -137,24 +119,23 @@ def test_measurement_of_another_model_is_refused(project, capsys):
     cfg["intermediate_size"] = 256  # now the measurement's costs do not fit this model
     (project / "model" / "config.json").write_text(json.dumps(cfg))
     measurement = FIXTURES / "exllamav2_tiny_measurement.json"
-    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "eval.text=null")
+    code, out, err = run_cli(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "eval.text=null")
     assert code == 1 and "measurement of another model" in err
     assert not list((project / ".exlbuild/store").glob("exl2-*/*"))
 
 
 def test_bits_below_the_smallest_option(project, capsys):
     measurement = FIXTURES / "exllamav2_tiny_measurement.json"
-    code, out, err = run(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[2.0]",
-                         "eval.text=null")
+    code, out, err = run_cli(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[2.0]",
+                             "eval.text=null")
     assert code == 1 and "bits 2.0" in err and "smallest achievable" in err
     assert not list((project / ".exlbuild/store").glob("exl2-allocation/*"))
 
 
 def test_dimensions_exl2_cannot_store(project, capsys):
     shutil.rmtree(project / "model")
-    tiny_model(project / "model", **{**TINY, "intermediate_size": 200})
-    make_bpe_dir(project / "model", vocab_size=1000)
-    code, out, err = run(capsys, project / "recipe.yaml", "eval.text=null")
+    tiny_model_with_tokenizer(project / "model", **{**TINY, "intermediate_size": 200})
+    code, out, err = run_cli(capsys, project / "recipe.yaml", "eval.text=null")
     assert code == 1 and "intermediate_size = 200 cannot be stored as EXL2" in err
 
 
@@ -162,11 +143,11 @@ def test_unsupported_architecture(project, capsys):
     cfg = json.loads((project / "model" / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (project / "model" / "config.json").write_text(json.dumps(cfg))
-    code, out, err = run(capsys, project / "recipe.yaml", "eval.text=null")
+    code, out, err = run_cli(capsys, project / "recipe.yaml", "eval.text=null")
     assert code == 1 and "GPT2LMHeadModel" in err and "LlamaForCausalLM" in err
 
 
 def test_tokenizer_larger_than_the_embedding(project, capsys):
     make_bpe_dir(project / "model", vocab_size=1100)  # ids up to 1099, embedding rows 1024
-    code, out, err = run(capsys, project / "recipe.yaml", "eval.text=null")
+    code, out, err = run_cli(capsys, project / "recipe.yaml", "eval.text=null")
     assert code == 1 and "1024" in err and str(project / "model") in err

@@ -8,7 +8,6 @@ from typing import Any
 
 from exlbuild.graph import BuildContext, Node, Rule
 from exlbuild.recipe import LoadedRecipe, resolve_file
-from exlbuild.store import MANIFEST
 
 EVAL_FILE = "eval.json"
 REPORT_JSON, REPORT_MD, REPORT_SVG = "report.json", "report.md", "bpw-perplexity.svg"
@@ -42,8 +41,8 @@ class Report(Rule):
         fp16 = _read_json(ctx.inputs["fp16/eval"] / EVAL_FILE)["perplexity"] if "fp16/eval" in ctx.inputs else None
         rows = []
         for name in variants:
-            quantized = _manifest(ctx.inputs[f"{name}/quantized"])
-            compiled = _manifest(ctx.inputs[name])
+            quantized = ctx.manifests[f"{name}/quantized"]
+            compiled = ctx.manifests[name]
             metrics = quantized["metrics"]
             row = {
                 "variant": name,
@@ -65,10 +64,6 @@ class Report(Rule):
         if any("perplexity" in r for r in rows):
             (ctx.out / REPORT_SVG).write_text(plot_svg(rows, fp16))
         return {"variants": len(rows)}
-
-
-def _manifest(artifact: Path) -> dict[str, Any]:
-    return _read_json(artifact / MANIFEST)
 
 
 def _read_json(path: Path) -> Any:
