@@ -101,8 +101,9 @@ def test_perplexity_close_to_fp(llama: dict) -> None:
     for bits, close, logit_error in (("8bit", 0.01, 0.05), ("4bit", 0.5, 0.6)):
         metrics, _, compiled = llama[bits]
         ppl = perplexity(compiled, ids.flatten(), window=LENGTH)["perplexity"]
-        # Calibration perplexity is this very quantity, on the quantized states of the pass.
-        assert metrics["calibration_perplexity"] == pytest.approx(ppl, rel=1e-5)
+        # Calibration perplexity is this very quantity, on the quantized states of the pass (held in float16
+        # between blocks, where the reader's forward keeps float32).
+        assert metrics["calibration_perplexity"] == pytest.approx(ppl, rel=1e-4)
         assert abs(math.log(ppl / fp)) < close, (bits, ppl, fp)
         logits = forward_logits(compiled, ids)
         assert ((logits - fp_logits).norm() / fp_logits.norm()).item() < logit_error, bits
@@ -125,9 +126,9 @@ def test_layers_see_quantized_states(llama: dict, tmp_path: Path, monkeypatch: p
     inputs = {}
     original = convert.quantize_block
 
-    def recording(block, x, w, options, cfg, rope, prefix):
+    def recording(block, x, w, options, cfg, rope, prefix, *rest):
         inputs[prefix + block] = x.clone()
-        return original(block, x, w, options, cfg, rope, prefix)
+        return original(block, x, w, options, cfg, rope, prefix, *rest)
 
     monkeypatch.setattr(convert, "quantize_block", recording)
     quantize_model(llama["model"], llama["ids"], strategy(2, 6, 6), 6, tmp_path / "out")
@@ -136,9 +137,10 @@ def test_layers_see_quantized_states(llama: dict, tmp_path: Path, monkeypatch: p
     def layer0_output(model_dir: Path) -> torch.Tensor:
         cfg, ckpt = open_model(model_dir)
         x = embed(llama["ids"], ckpt.get("model.embed_tokens.weight"))
-        return decoder_layer(x, layer_weights(ckpt, cfg, 0), cfg, rope_tables(cfg, LENGTH))
+        x = decoder_layer(x, layer_weights(ckpt, cfg, 0), cfg, rope_tables(cfg, LENGTH))
+        return x.to(seen.dtype)  # the pass holds its states in float16 (rounded after each block)
 
-    assert torch.allclose(seen, layer0_output(llama["4bit"][2]), rtol=0, atol=1e-5)
+    assert torch.allclose(seen, layer0_output(llama["4bit"][2]), rtol=2e-3, atol=2e-3)  # a few float16 ulps
     assert not torch.allclose(seen, layer0_output(llama["model"]), rtol=0, atol=1e-2)
 
 
@@ -150,11 +152,11 @@ def test_resume_after_interruption(llama: dict, tmp_path: Path, monkeypatch: pyt
     calls = []
     original = convert.quantize_block
 
-    def interrupted(block, x, w, options, cfg, rope, prefix):
+    def interrupted(block, x, w, options, cfg, rope, prefix, *rest):
         calls.append(prefix + block)
         if len(calls) == 3:  # the first run stops at layer 1
             raise Interrupted
-        return original(block, x, w, options, cfg, rope, prefix)
+        return original(block, x, w, options, cfg, rope, prefix, *rest)
 
     monkeypatch.setattr(convert, "quantize_block", interrupted)
     args = (llama["model"], llama["ids"], strategy(2, 6, 6), 6, tmp_path / "quantized", tmp_path / "state")

@@ -86,16 +86,29 @@ def test_batched_candidates_equal_one_by_one(tmp_path: Path, block: str, biases:
         torch.testing.assert_close(batched[c], single, rtol=1e-5, atol=1e-5)
 
 
+def test_candidates_in_groups_from_host_memory(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block too big for CANDIDATE_BYTES keeps its candidates' weights in host memory and evaluates them a
+    few at a time: the accuracies are the same as in one batched pass."""
+    cfg, x, w, rope = _layer0_inputs(model_dir)
+    batched, _ = measure_block("mlp", x, w, cfg, rope)
+    one_candidate = 4 * sum(w[f"mlp.{p}.weight"].numel() for p in ("gate_proj", "up_proj", "down_proj"))
+    monkeypatch.setattr(measure, "CANDIDATE_BYTES", 3 * one_candidate)
+    grouped, _ = measure_block("mlp", x, w, cfg, rope)
+    assert [c.accuracy for c in grouped] == pytest.approx([c.accuracy for c in batched], rel=1e-6)
+
+
 @pytest.mark.parametrize("block", ["attention", "mlp"])
 def test_measure_block(model_dir: Path, block: str) -> None:
     cfg, x, w, rope = _layer0_inputs(model_dir)
     if block == "mlp":
-        x = run_block("attention", x, w, cfg, rope)[0]
-    candidates, y_ref = measure_block(block, x, w, cfg, rope, batch_rows=2)
+        run_block("attention", x, w, cfg, rope, out=x)
+    candidates, y_ref = measure_block(block, x, w, cfg, rope)
     table = CANDIDATES[block]
 
     # The next block reads the unquantized output.
-    torch.testing.assert_close(y_ref, run_block(block, x, w, cfg, rope)[0], rtol=0, atol=0)
+    expected = torch.empty_like(x)
+    run_block(block, x, w, cfg, rope, out=expected)
+    torch.testing.assert_close(y_ref, expected, rtol=0, atol=0)
     assert len(candidates) == len(table.candidates)
     for candidate, options in zip(candidates, table.candidates):
         assert tuple(candidate.options) == table.projections

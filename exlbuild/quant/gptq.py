@@ -64,14 +64,20 @@ def damping(hessian: Tensor) -> float:
 def inverse_cholesky_upper(hessian: Tensor, damp: float, layer: str = "layer") -> tuple[Tensor, float]:
     """H4: upper U with (H + k·d·I)⁻¹ = UᵀU, for the first k = 1, 2, … ≤ 10 where every step works.
 
-    Returns U and the total damping k·d. Raises ExlbuildError when no attempt succeeds.
+    Returns U and the total damping k·d. Raises ExlbuildError when no attempt succeeds. Adds the damping to
+    `hessian`'s diagonal in place (a K × K float32 copy is 3.3 GB for K = 28672: the caller's is reused).
     """
-    eye = torch.eye(hessian.shape[0], dtype=torch.float32, device=hessian.device)
+    diagonal = hessian.diagonal()
+    undamped = diagonal.clone()
     for attempt in range(1, MAX_DAMPING_ATTEMPTS + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + attempt * damp * eye)
+        torch.add(undamped, attempt * damp, out=diagonal)
+        lower, info = torch.linalg.cholesky_ex(hessian)
         if info.item() != 0:
             continue
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         if info.item() == 0 and not torch.isnan(upper).any():
             return upper, attempt * damp
     raise ExlbuildError(
@@ -99,5 +105,6 @@ def prepare_hessian(hessian: Tensor, layer: str = "layer") -> PreparedHessian:
         raise ExlbuildError(f"{layer}: Hessian has NaN or infinite values (overflow in the calibration forward?)")
     perm = act_order(hessian)
     permuted = hessian[perm][:, perm]
+    del hessian  # frees it now when the caller handed over its only reference (e.g. with dict.pop)
     upper, total_damping = inverse_cholesky_upper(permuted, damping(permuted), layer)
     return PreparedHessian(perm, invert_permutation(perm), upper, total_damping)

@@ -18,7 +18,6 @@ from exlbuild.errors import ExlbuildError
 from exlbuild.graph import BuildContext, Node, Rule
 from exlbuild.recipe import LoadedRecipe, VariantSpec
 from exlbuild.rules.calibration import CALIBRATION_FILE
-from exlbuild.store import MANIFEST
 
 MEASUREMENT_FILE = "measurement.json"
 STRATEGY_FILE = "strategy.json"
@@ -106,29 +105,12 @@ class Allocate(Rule):
     version = 1
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
-        from exlbuild.quant.allocate import allocate
-        from exlbuild.quant.exl2.convert import decoder_linears
-        from exlbuild.quant.exl2.measurement_json import measurement_to_json, read_measurement
-        from exlbuild.quant.exl2.options import pad_to_32
+        from exlbuild.quant.exl2.convert import allocate_strategy
+        from exlbuild.quant.exl2.measurement_json import read_measurement
 
         cfg = model_config(ctx.inputs["model"])
         measurement = read_measurement(ctx.inputs["measurement"] / MEASUREMENT_FILE)
-        modules = [k for k, v in measurement.modules.items() if v]
-        # The budget counts decoder linears only, output widths padded as stored (docs/exl2-format.md 4.7).
-        numel = sum(s.in_features * pad_to_32(s.out_features) for s in decoder_linears(cfg).values())
-        bits = ctx.params["bits"]
-        budget = int(numel * bits)
-        candidates = [measurement.modules[k] for k in modules]
-        try:
-            solution = allocate([[c.total_bits for c in cands] for cands in candidates],
-                                [[1.0 - c.accuracy for c in cands] for cands in candidates], budget, numel=numel)
-        except ExlbuildError as e:
-            raise ExlbuildError(f"bits {bits}: {e}") from None
-        chosen = measurement_to_json(measurement)["measurement"]
-        strategy = {key: {"candidate": j, **chosen[key][j]} for key, j in zip(modules, solution.choice)}
-        result = {"bits": bits, "numel": numel, "budget": budget, "total_bits": solution.cost,
-                  "bits_per_weight": solution.cost / numel, "objective": solution.objective,
-                  "lower_bound": solution.lower_bound, "strategy": strategy}
+        result = allocate_strategy(measurement, cfg, ctx.params["bits"])
         (ctx.out / STRATEGY_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return {k: v for k, v in result.items() if k != "strategy"}
 
@@ -140,14 +122,11 @@ class Quantize(Rule):
     version = 1
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
-        from exlbuild.quant.exl2.convert import quantize_model
-        from exlbuild.quant.exl2.options import option_from_json
+        from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json
 
         model_config(ctx.inputs["model"])
         allocation = json.loads((ctx.inputs["allocation"] / STRATEGY_FILE).read_text())
-        projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-        strategy = {module: {p: option_from_json(entry[p], f"{module}.{p}") for p in projections if p in entry}
-                    for module, entry in allocation["strategy"].items()}
+        strategy = strategy_from_json(allocation["strategy"])
         rope = ctx.params["rope"]
         metrics = quantize_model(ctx.inputs["model"], load_ids(ctx.inputs["calibration"]), strategy,
                                  ctx.params["head_bits"], ctx.out, state_dir=ctx.state, rope_scale=rope["scale"],
@@ -167,9 +146,7 @@ class Compile(Rule):
         p = ctx.params
         config = {"quant_method": "exl2", "version": EXL2_FORMAT_VERSION, "bits": p["bits"],
                   "head_bits": p["head_bits"], "calibration": p["calibration"]}
-        # An imported model is a store artifact: its manifest is the store's record, not a file of the model.
-        return compile_model(ctx.inputs["quantized"], ctx.inputs["model"], ctx.out, p["shard_size"], config,
-                             skip_files=(MANIFEST,))
+        return compile_model(ctx.inputs["quantized"], ctx.inputs["model"], ctx.out, p["shard_size"], config)
 
 
 def measurement_node(recipe: LoadedRecipe, model: Node, calibration: Node) -> Node:

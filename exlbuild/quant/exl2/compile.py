@@ -147,11 +147,9 @@ def _validated_bits(tensors: _QuantizedTensors, key: str, shape: LinearShape, so
 
 def compile_model(
     quantized_dir: Path, model_dir: Path, out: Path, shard_size_mb: int, quantization_config: Mapping[str, Any],
-    skip_files: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the loadable EXL2 directory `out`: shards of shard_size_mb MiB (0: one file) holding the tensors in
-    module order, config.json of `model_dir` with `quantization_config` set, and the model's other files
-    (except `skip_files`: names that are not the model's, such as a build tool's own records).
+    module order, config.json of `model_dir` with `quantization_config` set, and the model's other files.
 
     Returns {files: name → bytes, bits_per_weight (decoder linears), head_bits_per_weight}.
     """
@@ -181,7 +179,7 @@ def compile_model(
     config["quantization_config"] = dict(quantization_config)
     (out / "config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
     for path in sorted(model_dir.iterdir()):
-        if path.is_file() and not any(path.match(pattern) for pattern in (*NOT_COPIED, *skip_files)):
+        if path.is_file() and not any(path.match(pattern) for pattern in NOT_COPIED):
             shutil.copyfile(path, out / path.name)
 
     return {

@@ -48,12 +48,22 @@ from exlbuild.model.checkpoint import (
 )
 from exlbuild.model.config import LlamaConfig
 from exlbuild.model.llama import LINEAR_INPUTS, Rope, embed, rms_norm, rope_tables
-from exlbuild.quant.exl2.measurement_json import LinearShape
-from exlbuild.quant.exl2.options import QuantOption, head_option, pad_to_32, total_bits
+from exlbuild.quant.allocate import allocate
+from exlbuild.quant.exl2.measurement_json import LinearShape, Measurement, measurement_to_json
+from exlbuild.quant.exl2.options import QuantOption, head_option, option_from_json, pad_to_32, total_bits
 from exlbuild.quant.exl2.pack import dequantize
 from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
 from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
-from exlbuild.quant.stream import BLOCK_LINEARS, BLOCK_MODULES, Block, LayerCheckpoint, relative_error, run_block
+from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for compile)
+    BLOCK_LINEARS,
+    BLOCK_MODULES,
+    BLOCK_NORMS,
+    STATE_DTYPE,
+    Block,
+    LayerCheckpoint,
+    relative_error,
+    run_block,
+)
 
 LAYERS_DIR = "layers"
 HEAD_FILE = "head.safetensors"
@@ -61,8 +71,6 @@ GLOBALS_FILE = "globals.safetensors"
 HEAD_KEY = "lm_head"
 EMBEDDING_KEY = "model.embed_tokens.weight"
 FINAL_NORM_KEY = "model.norm.weight"
-# The norm at the start of each block, stored unquantized with the layer.
-BLOCK_NORMS: dict[Block, str] = {"attention": "input_layernorm.weight", "mlp": "post_attention_layernorm.weight"}
 # Strategy keys are `model.layers.{i}.<module>`, as in measurement.json.
 
 Strategy = Mapping[str, Mapping[str, QuantOption]]
@@ -111,6 +119,34 @@ def block_options(strategy: Strategy, cfg: LlamaConfig) -> dict[str, dict[str, Q
     return resolved
 
 
+def allocate_strategy(measurement: Measurement, cfg: LlamaConfig, bits: float) -> dict[str, Any]:
+    """The allocation (4.7) of `measurement` at `bits` per weight: one candidate per block, as JSON data
+    (budget, achieved bits, objective and its lower bound, and `strategy`: block key → the chosen
+    candidate's entry of measurement.json with its index)."""
+    modules = [k for k, v in measurement.modules.items() if v]
+    # The budget counts decoder linears only, output widths padded as stored.
+    numel = sum(s.in_features * pad_to_32(s.out_features) for s in decoder_linears(cfg).values())
+    budget = int(numel * bits)
+    candidates = [measurement.modules[k] for k in modules]
+    try:
+        solution = allocate([[c.total_bits for c in cands] for cands in candidates],
+                            [[1.0 - c.accuracy for c in cands] for cands in candidates], budget, numel=numel)
+    except ExlbuildError as e:
+        raise ExlbuildError(f"bits {bits}: {e}") from None
+    chosen = measurement_to_json(measurement)["measurement"]
+    return {"bits": bits, "numel": numel, "budget": budget, "total_bits": solution.cost,
+            "bits_per_weight": solution.cost / numel, "objective": solution.objective,
+            "lower_bound": solution.lower_bound,
+            "strategy": {key: {"candidate": j, **chosen[key][j]} for key, j in zip(modules, solution.choice)}}
+
+
+def strategy_from_json(strategy: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, QuantOption]]:
+    """allocate_strategy's `strategy` as options: block key → projection (q_proj, …) → QuantOption."""
+    projections = [name.partition(".")[2] for linears in BLOCK_LINEARS.values() for name in linears]
+    return {module: {p: option_from_json(entry[p], f"{module}.{p}") for p in projections if p in entry}
+            for module, entry in strategy.items()}
+
+
 def decoder_bits_per_weight(options: Mapping[str, Mapping[str, QuantOption]], cfg: LlamaConfig) -> float:
     """Σ total_bits / Σ in × padded out over the decoder linears: the measure the allocation budgets (4.7)."""
     shapes = linear_shapes(cfg)
@@ -152,28 +188,34 @@ def quantize_block(
     cfg: LlamaConfig,
     rope: Rope,
     prefix: str,
-) -> tuple[Tensor, dict[str, Tensor], float]:
-    """4.8 steps 1–4 for one block: Hessians of the unquantized block `w` (float32) on inputs x (rows, tokens,
-    hidden), each linear quantized with options[name], then the block rerun with the decoded weights.
+    error_rows: int = 16,
+) -> tuple[dict[str, Tensor], float]:
+    """4.8 steps 1–4 for one block: Hessians of the unquantized block `w` (fp16 weights) on inputs x (rows,
+    tokens, hidden), each linear quantized with options[name], then the block rerun with the decoded weights.
 
-    Returns the quantized block's outputs (the next block's inputs), the EXL2 tensors keyed by full name (on
-    the CPU) and rfn_error against the unquantized outputs. `w` is not modified.
+    The quantized block's outputs (the next block's inputs) replace x in place: the pass holds one copy of the
+    states. Returns the EXL2 tensors keyed by full name (on the CPU) and rfn_error against the unquantized
+    outputs, over the first `error_rows` rows (whose unquantized outputs are all that is kept). `w` is not
+    modified.
     """
-    reference, hessians = run_block(block, x, w, cfg, rope, hessians=True)
+    module = prefix + BLOCK_MODULES[block]
+    reference = torch.empty_like(x[:error_rows])
+    hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, module=f"{module} (unquantized)")
     prepared: dict[str, PreparedHessian] = {}
     decoded_w = dict(w)
     packed: dict[str, Tensor] = {}
     for name in BLOCK_LINEARS[block]:
         point, key = LINEAR_INPUTS[name], prefix + name
         if point not in prepared:  # q/k/v share one Hessian, as do gate/up
-            prepared[point] = prepare_hessian(hessians[point], key)
+            prepared[point] = prepare_hessian(hessians.pop(point), key)
         tensors, decoded = quantize_linear(
             w[f"{name}.weight"], prepared[point], options[name], key, w.get(f"{name}.bias")
         )
-        decoded_w[f"{name}.weight"] = decoded.float()
+        decoded_w[f"{name}.weight"] = decoded
         packed.update({f"{key}.{suffix}": t.contiguous().cpu() for suffix, t in tensors.items()})
-    out, _ = run_block(block, x, decoded_w, cfg, rope)
-    return out, packed, relative_error(out, reference)
+    del hessians, prepared
+    run_block(block, x, decoded_w, cfg, rope, out=x, module=f"{module} (quantized)")
+    return packed, relative_error(x[:error_rows], reference)
 
 
 def calibration_perplexity(states: Tensor, ids: Tensor, norm_w: Tensor, head_w: Tensor, eps: float) -> float:
@@ -181,7 +223,7 @@ def calibration_perplexity(states: Tensor, ids: Tensor, norm_w: Tensor, head_w: 
     from the final norm of `states` (rows, length, hidden) and the head weight (vocab, hidden)."""
     nll = 0.0
     for row, target in zip(states, ids):
-        logits = F.linear(rms_norm(row[:-1], norm_w, eps), head_w).float()
+        logits = F.linear(rms_norm(row[:-1].float(), norm_w, eps), head_w).float()
         nll += F.cross_entropy(logits, target[1:].to(logits.device), reduction="sum").item()
     return math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1)))
 
@@ -201,10 +243,6 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fp32(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.float() for k, v in tensors.items()}
-
-
 @torch.inference_mode()
 def quantize_model(
     model_dir: Path,
@@ -216,14 +254,14 @@ def quantize_model(
     rope_scale: float | None = None,
     rope_alpha: float | None = None,
     device: Device = None,
-    ppl_rows: int = 16,
+    metric_rows: int = 16,
 ) -> dict[str, Any]:
     """Quantize the model in `model_dir` with `strategy` (block key → projection → option, as the allocation
     chose), calibrated on token rows `ids` (rows, length), the head with head_option(head_bits); write the
     tensors to `out_dir` (see the module docstring).
 
     `state_dir` holds the per-layer checkpoints (a temporary directory when None). Returns metrics:
-    calibration_perplexity (on the first `ppl_rows` rows), rfn_error per block key, bits_per_weight of the
+    calibration_perplexity and rfn_error per block key (both on the first `metric_rows` rows), bits_per_weight of the
     decoder linears and head_bits_per_weight (from the options' exact storage), seconds.
     """
     started = time.perf_counter()
@@ -233,8 +271,8 @@ def quantize_model(
     bits_per_weight = decoder_bits_per_weight(options, cfg)  # also checks every option against its shape
     head = head_option(head_bits)
     head_bpw = total_bits(head, cfg.hidden_size, cfg.vocab_size) / (cfg.hidden_size * pad_to_32(cfg.vocab_size))
-    if ppl_rows < 1:
-        raise ExlbuildError(f"ppl_rows must be at least 1, got {ppl_rows}")
+    if metric_rows < 1:
+        raise ExlbuildError(f"metric_rows must be at least 1, got {metric_rows}")
     device = torch.device(device or "cpu")
     # What the saved states depend on, so that a state directory of other inputs is never resumed.
     fingerprint = hash_json({
@@ -248,7 +286,7 @@ def quantize_model(
         if state_dir is None:
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="exlbuild-exl2-")))
         state_dir = Path(state_dir)
-        checkpoint = LayerCheckpoint(state_dir)
+        checkpoint = stack.enter_context(LayerCheckpoint(state_dir))
         start, x, notes = checkpoint.load()
         if start and notes.get("fingerprint") != fingerprint:
             raise ExlbuildError(
@@ -256,18 +294,18 @@ def quantize_model(
                 "delete it to start over"
             )
         embedding = embedding_weight(ckpt, torch.float16, device)
-        x = embed(ids.to(device), embedding.float()) if x is None else x.to(device)
+        x = (embed(ids.to(device), embedding) if x is None else x).to(device, STATE_DTYPE)
         rfn_error: dict[str, float] = notes.get("rfn_error", {})
         rope = rope_tables(cfg, ids.shape[1], device)
         (state_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
 
         for i in progress.track(range(start, cfg.num_hidden_layers), "quantizing layers"):
             prefix = layer_prefix(i)
-            w = _fp32(layer_weights(ckpt, cfg, i, torch.float16, device))
-            tensors = {prefix + n: w[n].half().cpu() for n in BLOCK_NORMS.values()}
+            w = layer_weights(ckpt, cfg, i, torch.float16, device)
+            tensors = {prefix + n: w[n].cpu() for n in BLOCK_NORMS.values()}
             for block, module in BLOCK_MODULES.items():
                 key = prefix + module
-                x, packed, rfn_error[key] = quantize_block(block, x, w, options[key], cfg, rope, prefix)
+                packed, rfn_error[key] = quantize_block(block, x, w, options[key], cfg, rope, prefix, metric_rows)
                 tensors.update(packed)
             del w  # free this layer before the next one loads
             _save_atomic(tensors, state_dir / layer_file(i))
@@ -277,14 +315,14 @@ def quantize_model(
         norm_w = norm_weight(ckpt, torch.float16, device)
         hessian = HessianAccumulator(cfg.hidden_size, device)
         for row in x:
-            hessian.add(rms_norm(row, norm_w.float(), cfg.rms_norm_eps))
+            hessian.add(rms_norm(row.float(), norm_w.float(), cfg.rms_norm_eps))
         head_tensors, head_decoded = quantize_linear(
             head_weight(ckpt, cfg, torch.float16, device).float(),
             prepare_hessian(hessian.hessian(), HEAD_KEY),
             head,
             HEAD_KEY,
         )
-        rows = min(ppl_rows, ids.shape[0])
+        rows = min(metric_rows, ids.shape[0])
         ppl = calibration_perplexity(x[:rows], ids[:rows], norm_w.float(), head_decoded.float(), cfg.rms_norm_eps)
 
         out_dir = Path(out_dir)

@@ -13,6 +13,7 @@ reads the reference outputs, never quantized states.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,15 @@ from exlbuild.quant.exl2.measurement_json import (
 from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, CandidateTable, QuantOption, total_bits
 from exlbuild.quant.exl2.quantize import quantize_options
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
-from exlbuild.quant.stream import BLOCK_MODULES, Block, LayerCheckpoint, relative_error, run_block
+from exlbuild.quant.stream import (
+    BLOCK_MODULES,
+    STATE_DTYPE,
+    Block,
+    LayerCheckpoint,
+    block_weights,
+    relative_error,
+    run_block,
+)
 
 CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": MLP_CANDIDATES}
 
@@ -45,6 +54,10 @@ CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": 
 QUANTIZE_BYTES = 1 << 30
 # Candidate-pass intermediates are (candidates, rows, tokens, width) float32; rows per chunk keep one under this.
 EVAL_ELEMENTS = 1 << 25
+# A block's dequantized candidate weights wait in host memory when they take more than this in float16 (a
+# 70B-shaped MLP's 40 distinct options: 19 GB), and the candidate pass takes as many candidates at a time as
+# fit this in float32 on the device (for small models: all of them, in one pass).
+CANDIDATE_BYTES = 4 << 30
 MIN_BEST_ACCURACY = 0.1
 
 
@@ -52,9 +65,15 @@ MIN_BEST_ACCURACY = 0.1
 class CandidateLinear:
     """One linear layer's weights for all candidates: candidate c uses weights[index[c]]."""
 
-    weights: Tensor  # (distinct, out, in): the dequantized fp16 values, in the compute dtype
-    index: Tensor  # (candidates,) int64
+    weights: Tensor  # (distinct, out, in): the dequantized values (float16 where stored, float32 to compute)
+    index: Tensor  # (candidates,) int64, on the weights' device
     bias: Tensor | None  # (out,), unquantized and shared
+
+    def select(self, candidates: Sequence[int], device: torch.device) -> "CandidateLinear":
+        """The weights that `candidates` use, in float32 on `device`, indexed by position in `candidates`."""
+        used, index = torch.unique(self.index[list(candidates)], return_inverse=True)
+        weights = self.weights[used.to(self.weights.device)].to(device, torch.float32)
+        return CandidateLinear(weights, index.to(device), self.bias)
 
     def shared_input(self, x: Tensor) -> Tensor:
         """(…, in) read by every candidate → (candidates, …, out): one GEMM over the distinct weights."""
@@ -83,24 +102,33 @@ def candidate_outputs(
     return x + linears["down_proj"].per_candidate(m)
 
 
-def quantize_candidates(
-    weight: Tensor, bias: Tensor | None, prepared: PreparedHessian, options: Sequence[QuantOption], layer: str
-) -> CandidateLinear:
-    """Quantize one linear for a column of the candidate table (3.5): each distinct option once.
+def distinct_layouts(weight_shape: Sequence[int], options: Sequence[QuantOption]) -> list:
+    """The group layouts of `options` on a weight of this (out, in) shape, each once, in first-use order.
 
-    Options that cut this weight into the same groups quantize identically (the quantizer sees only the
-    groups), so the de-duplication is by group layout, which also merges options that differ only at other
-    shapes.
+    Options that cut a weight into the same groups quantize identically (the quantizer sees only the groups),
+    so the de-duplication is by layout, which also merges options that differ only at other shapes.
     """
+    return list(dict.fromkeys(option.groups(weight_shape[1]) for option in options))
+
+
+def quantize_candidates(
+    weight: Tensor, bias: Tensor | None, prepared: PreparedHessian, options: Sequence[QuantOption], layer: str,
+    storage: torch.device | str | None = None,
+) -> CandidateLinear:
+    """Quantize one linear for a column of the candidate table (3.5): each distinct layout once. The float16
+    results are kept on `storage` (default: the weight's device)."""
     layouts = [option.groups(weight.shape[1]) for option in options]
-    distinct = list(dict.fromkeys(layouts))
+    distinct = distinct_layouts(weight.shape, options)
     chosen = [options[layouts.index(layout)] for layout in distinct]
+    storage = torch.device(storage or weight.device)
     per_call = max(1, QUANTIZE_BYTES // (7 * weight.numel()))
     weights = []
     for start in range(0, len(chosen), per_call):
-        weights += [r.weight for r in quantize_options(weight, prepared, chosen[start : start + per_call], layer)]
-    index = torch.tensor([distinct.index(layout) for layout in layouts], device=weight.device)
-    return CandidateLinear(torch.stack(weights).to(weight.dtype), index, bias)
+        results = quantize_options(weight, prepared, chosen[start : start + per_call], layer)
+        weights += [r.weight.to(storage) for r in results]
+        del results  # the quantizer's work tensors of this call, before the next one
+    index = torch.tensor([distinct.index(layout) for layout in layouts], device=storage)
+    return CandidateLinear(torch.stack(weights), index, bias)
 
 
 @torch.inference_mode()
@@ -110,41 +138,52 @@ def measure_block(
     w: dict[str, Tensor],
     cfg: LlamaConfig,
     rope: Rope,
-    batch_rows: int = 8,
     module: str | None = None,
 ) -> tuple[list[MeasuredCandidate], Tensor]:
     """Measure every candidate of one block (4.5) on reference inputs x (rows, tokens, hidden).
 
-    Returns the candidates in list order and the reference output Y_ref (the next block's input). `batch_rows`
-    is the row chunk of the reference pass; `module` names the block in errors (e.g. model.layers.3.mlp).
+    Returns the candidates in list order and the reference output Y_ref (the next block's input, in x's
+    dtype). `module` names the block in errors (e.g. model.layers.3.mlp).
     """
     module = module or BLOCK_MODULES[block]
     table = CANDIDATES[block]
-    y_ref, hessians = run_block(block, x, w, cfg, rope, hessians=True, batch_rows=batch_rows)
-    if torch.isnan(y_ref).any():
-        raise ExlbuildError(f"{module}: the unquantized block outputs NaN on the calibration rows")
+    y_ref = torch.empty_like(x)
+    hessians = run_block(block, x, w, cfg, rope, out=y_ref, hessians=True, module=f"{module} (unquantized)")
+    w = block_weights(block, w)
 
+    columns = {p: [candidate[c] for candidate in table.candidates] for c, p in enumerate(table.projections)}
+    weight_of = {p: w[f"{BLOCK_MODULES[block]}.{p}.weight"] for p in table.projections}
+    stored_bytes = sum(2 * weight_of[p].numel() * len(distinct_layouts(weight_of[p].shape, columns[p]))
+                       for p in table.projections)
+    storage = x.device if stored_bytes <= CANDIDATE_BYTES else torch.device("cpu")
     prepared: dict[str, PreparedHessian] = {}  # q/k/v share attn_input's, gate/up mlp_input's
     linears: dict[str, CandidateLinear] = {}
-    for column, projection in enumerate(table.projections):
+    for projection in table.projections:
         name = f"{BLOCK_MODULES[block]}.{projection}"
         point = LINEAR_INPUTS[name]
         if point not in prepared:
-            prepared[point] = prepare_hessian(hessians[point], f"{module}.{projection}")
-        options = [candidate[column] for candidate in table.candidates]
-        linears[projection] = quantize_candidates(
-            w[name + ".weight"], w.get(name + ".bias"), prepared[point], options, f"{module}.{projection}"
-        )
+            prepared[point] = prepare_hessian(hessians.pop(point), f"{module}.{projection}")
+        linears[projection] = quantize_candidates(weight_of[projection], w.get(name + ".bias"), prepared[point],
+                                                  columns[projection], f"{module}.{projection}", storage)
+    del prepared
 
     rows, tokens, _ = x.shape
+    n = len(table.candidates)
+    per_candidate = 4 * sum(weight_of[p].numel() for p in table.projections)
+    group = max(1, CANDIDATE_BYTES // per_candidate)
     width = max(linear.weights.shape[1] for linear in linears.values())
-    chunk = max(1, EVAL_ELEMENTS // (len(table.candidates) * tokens * width))
-    error_sums = torch.zeros(len(table.candidates), dtype=torch.float64)
-    for start in range(0, rows, chunk):
-        y = candidate_outputs(block, x[start : start + chunk], w, linears, cfg, rope)
-        ref = y_ref[start : start + chunk]
-        # relative_error is the row mean of a chunk; weigh it by the chunk's rows for the mean over all rows.
-        error_sums += torch.tensor([relative_error(y_c, ref) * ref.shape[0] for y_c in y], dtype=torch.float64)
+    error_sums = torch.zeros(n, dtype=torch.float64)
+    for first in range(0, n, group):
+        candidates = range(first, min(first + group, n))
+        chosen = {p: linear.select(candidates, x.device) for p, linear in linears.items()}
+        chunk = max(1, EVAL_ELEMENTS // (len(candidates) * tokens * width))
+        for start in range(0, rows, chunk):
+            y = candidate_outputs(block, x[start : start + chunk].float(), w, chosen, cfg, rope)
+            ref = y_ref[start : start + chunk]
+            # relative_error is the row mean of a chunk; weigh it by the chunk's rows for the mean over all rows.
+            error_sums[first : first + len(candidates)] += torch.tensor(
+                [relative_error(y_c, ref) * ref.shape[0] for y_c in y], dtype=torch.float64)
+        del chosen
     if torch.isnan(error_sums).any():
         raise ExlbuildError(f"{module}: a quantized candidate of this block outputs NaN on the calibration rows")
     accuracies = (1.0 - error_sums / rows).clamp(min=1e-6).tolist()
@@ -185,7 +224,8 @@ def measure_model(
     rope_alpha: float | None = None,
     device: Device = None,
 ) -> Measurement:
-    """Measure every decoder block of a model on calibration token rows `ids` (rows, length), in float32.
+    """Measure every decoder block of a model on calibration token rows `ids` (rows, length); blocks compute in
+    float32, the states between them are held in STATE_DTYPE.
 
     Streams one layer's weights at a time; the hidden states of all rows stay on `device` (None: CPU). With
     `state_dir`, progress is saved after every layer and a later call with the same directory resumes there.
@@ -202,20 +242,21 @@ def measure_model(
     modules = _from_notes(notes, f"{state_dir}/progress.json")
     expected_shape = (*ids.shape, cfg.hidden_size)
     if x is None:
-        x = embed(ids, embedding_weight(ckpt, torch.float32, device))
+        x = embed(ids, embedding_weight(ckpt, torch.float16, device))
     elif tuple(x.shape) != expected_shape:
         raise ExlbuildError(
             f"{state_dir}: saved states have shape {tuple(x.shape)}, this run needs {expected_shape}; "
             f"it belongs to another measurement (delete it to start over)"
         )
-    x = x.to(device)
+    x = x.to(device, STATE_DTYPE)
 
-    for i in progress.track(range(start, cfg.num_hidden_layers), "measuring layers"):
-        w = layer_weights(ckpt, cfg, i, torch.float32, device)
-        for block in ("attention", "mlp"):
-            key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
-            modules[key], x = measure_block(block, x, w, cfg, rope, module=key)
-        del w  # free this layer before the next one loads
-        if checkpoint:
-            checkpoint.save(i + 1, x, _notes(modules))
+    with checkpoint or contextlib.nullcontext():
+        for i in progress.track(range(start, cfg.num_hidden_layers), "measuring layers"):
+            w = layer_weights(ckpt, cfg, i, torch.float16, device)  # rounded as the reference loads them (4.2)
+            for block in ("attention", "mlp"):
+                key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
+                modules[key], x = measure_block(block, x, w, cfg, rope, module=key)
+            del w  # free this layer before the next one loads
+            if checkpoint:
+                checkpoint.save(i + 1, x, _notes(modules))
     return make_measurement(modules)
