@@ -18,7 +18,7 @@ def random_instance(rng: np.random.Generator, slots: int, options: int, max_cost
     return costs, [e.tolist() for e in errors]
 
 
-def brute_force(costs, errors, objective="log_accuracy"):
+def brute_force(costs, errors, objective="squared_error"):
     """Cost and objective of every combination."""
     losses = [block_loss(np.array(e), objective) for e in errors]
     combos = np.array(list(itertools.product(*(range(len(c)) for c in costs))))
@@ -32,7 +32,7 @@ def optimum(total_cost, total_loss, budget):
     return total_loss[fits].min() if fits.any() else np.inf
 
 
-def check_result(result, costs, errors, budget, objective="log_accuracy"):
+def check_result(result, costs, errors, budget, objective="squared_error"):
     """Feasible, self-consistent, and no single upgrade still fits (the fill ran to the end)."""
     losses = [block_loss(np.array(e), objective) for e in errors]
     assert result.cost == sum(c[j] for c, j in zip(costs, result.choice)) <= budget
@@ -52,7 +52,7 @@ def instances(count: int, seed: int):
         yield costs, errors, budgets
 
 
-@pytest.mark.parametrize("objective", ["log_accuracy", "error", 2.5])
+@pytest.mark.parametrize("objective", ["squared_error", "log_accuracy", "error", 2.5])
 def test_exact_matches_brute_force(objective):
     for costs, errors, budgets in instances(150, seed=1):
         total_cost, total_loss = brute_force(costs, errors, objective)

@@ -64,7 +64,7 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 1
+    version = 2  # 2: float16 states between blocks
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -102,7 +102,7 @@ class Allocate(Rule):
     """One candidate per block: the target bits per weight with the least predicted error."""
 
     name = "exl2-allocation"
-    version = 1
+    version = 2  # 2: squared-error objective
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import allocate_strategy
@@ -119,7 +119,7 @@ class Quantize(Rule):
     """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
 
     name = "exl2-quantized"
-    version = 1
+    version = 2  # 2: float16 states between blocks; rfn_error on metric rows
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json

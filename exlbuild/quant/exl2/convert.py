@@ -316,14 +316,15 @@ def quantize_model(
         hessian = HessianAccumulator(cfg.hidden_size, device)
         for row in x:
             hessian.add(rms_norm(row.float(), norm_w.float(), cfg.rms_norm_eps))
+        rows = min(metric_rows, ids.shape[0])
+        x = x[:rows].clone()  # all the rest needs; the states of the other rows are freed before the head
         head_tensors, head_decoded = quantize_linear(
-            head_weight(ckpt, cfg, torch.float16, device).float(),
+            head_weight(ckpt, cfg, torch.float16, device),
             prepare_hessian(hessian.hessian(), HEAD_KEY),
             head,
             HEAD_KEY,
         )
-        rows = min(metric_rows, ids.shape[0])
-        ppl = calibration_perplexity(x[:rows], ids[:rows], norm_w.float(), head_decoded.float(), cfg.rms_norm_eps)
+        ppl = calibration_perplexity(x, ids[:rows], norm_w.float(), head_decoded.float(), cfg.rms_norm_eps)
 
         out_dir = Path(out_dir)
         (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,10 @@ def quantize_options(
         for g, group in enumerate(layout):
             starts[group.start][group.rows].append((o, g))
 
-    work = weight.to(device, torch.float32).T[prepared.perm].unsqueeze(0).repeat(n_options, 1, 1)
+    # The float32 work copy is filled from the permuted weight in its own dtype (half the bytes of a float32
+    # intermediate for an fp16 weight: 2 GB less at a 128256 × 8192 head).
+    work = torch.empty(n_options, in_features, out_features, dtype=torch.float32, device=device)
+    work.copy_(weight.to(device).T[prepared.perm].expand_as(work))
     codes = torch.empty(n_options, in_features, out_features, dtype=torch.uint8, device=device)
     values = torch.empty(n_options, in_features, out_features, dtype=torch.float16, device=device)
     nibbles = [torch.empty(len(layout), out_features, dtype=torch.uint8, device=device) for layout in layouts]
@@ -114,6 +117,7 @@ def quantize_options(
                 scale_max[o][g] = m
         gptq_block_step(work, a, factor, scale, row_zero[:, a:e], row_maxq[:, a:e], codes, values, block_errors)
         work[:, e:] -= torch.matmul(factor[a:e, e:].T, block_errors)
+    del work
 
     return [
         QuantizedLinear(
@@ -124,7 +128,7 @@ def quantize_options(
             scale_max=scale_max[o],
             perm=prepared.perm,
             invperm=prepared.invperm,
-            weight=values[o][prepared.invperm].T.contiguous(),
+            weight=values[o].T.index_select(1, prepared.invperm),  # one copy, contiguous
         )
         for o, option in enumerate(options)
     ]
