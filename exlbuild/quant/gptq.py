@@ -29,9 +29,12 @@ class HessianAccumulator:
         self.in_features = in_features
         self.rows = 0
         self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._averaged = False
 
     def add(self, x: Tensor) -> None:
         """Add one calibration row's inputs (tokens, K), or several rows at once (..., tokens, K)."""
+        if self._averaged:
+            raise RuntimeError("HessianAccumulator.add after hessian(): the sum was turned into the average")
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs (..., tokens, {self.in_features}), got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.in_features).to(self._sum.device, torch.float32)
@@ -39,9 +42,13 @@ class HessianAccumulator:
         self.rows += math.prod(x.shape[:-2])
 
     def hessian(self) -> Tensor:
+        """The Hessian, made from the running sum in place (no second K × K copy); no rows can be added after."""
         if self.rows == 0:
             return torch.eye(self.in_features, dtype=torch.float32, device=self._sum.device)
-        return self._sum / self.rows
+        if not self._averaged:
+            self._sum.div_(self.rows)
+            self._averaged = True
+        return self._sum
 
 
 def invert_permutation(perm: Tensor) -> Tensor:
