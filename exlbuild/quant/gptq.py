@@ -81,8 +81,12 @@ def inverse_cholesky_upper(hessian: Tensor, damp: float, layer: str = "layer") -
         lower, info = torch.linalg.cholesky_ex(hessian)
         if info.item() != 0:
             continue
-        inverse = torch.cholesky_inverse(lower)
+        # (H + k·d·I)⁻¹ = L⁻ᵀL⁻¹: L⁻¹ is solved in place of an identity, then squared. Two K × K temporaries
+        # at a time besides H, where torch.cholesky_inverse takes three (9 GB at K = 28672).
+        inverse = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+        torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
         del lower
+        inverse = inverse.T @ inverse
         upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
         del inverse
         if info.item() == 0 and not torch.isnan(upper).any():

@@ -218,6 +218,14 @@ def quantize_block(
     return packed, relative_error(x[:error_rows], reference)
 
 
+def final_norm_hessian(states: Tensor, norm_w: Tensor, eps: float) -> Tensor:
+    """The Hessian of the head's input: the final norm of `states` (rows, length, hidden), row by row."""
+    hessian = HessianAccumulator(states.shape[-1], states.device)
+    for row in states:
+        hessian.add(rms_norm(row.float(), norm_w, eps))
+    return hessian.hessian()
+
+
 def calibration_perplexity(states: Tensor, ids: Tensor, norm_w: Tensor, head_w: Tensor, eps: float) -> float:
     """4.8 step 5: exp(−mean log p(ids[t+1] | logits[t])) over t < length−1 of every row, logits in float32
     from the final norm of `states` (rows, length, hidden) and the head weight (vocab, hidden)."""
@@ -295,6 +303,7 @@ def quantize_model(
             )
         embedding = embedding_weight(ckpt, torch.float16, device)
         x = (embed(ids.to(device), embedding) if x is None else x).to(device, STATE_DTYPE)
+        embedding = embedding.cpu()  # only written at the end: 2 GB less on the device for a 128256 × 8192 table
         rfn_error: dict[str, float] = notes.get("rfn_error", {})
         rope = rope_tables(cfg, ids.shape[1], device)
         (state_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
@@ -313,16 +322,11 @@ def quantize_model(
 
         # The head, from the Hessian of the final norm's output on the quantized states (4.8 step 1).
         norm_w = norm_weight(ckpt, torch.float16, device)
-        hessian = HessianAccumulator(cfg.hidden_size, device)
-        for row in x:
-            hessian.add(rms_norm(row.float(), norm_w.float(), cfg.rms_norm_eps))
+        head_hessian = final_norm_hessian(x, norm_w.float(), cfg.rms_norm_eps)
         rows = min(metric_rows, ids.shape[0])
         x = x[:rows].clone()  # all the rest needs; the states of the other rows are freed before the head
         head_tensors, head_decoded = quantize_linear(
-            head_weight(ckpt, cfg, torch.float16, device),
-            prepare_hessian(hessian.hessian(), HEAD_KEY),
-            head,
-            HEAD_KEY,
+            head_weight(ckpt, cfg, torch.float16, device), prepare_hessian(head_hessian, HEAD_KEY), head, HEAD_KEY
         )
         ppl = calibration_perplexity(x, ids[:rows], norm_w.float(), head_decoded.float(), cfg.rms_norm_eps)
 
