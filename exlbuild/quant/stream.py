@@ -99,8 +99,8 @@ class LayerCheckpoint:
     Writing the states (hundreds of MB at the reference calibration size) takes longer than a small layer
     takes to compute, so `save` copies them to host memory and writes them on a background thread: the pass
     goes on with the next layer meanwhile. One write is in flight at a time (the next `save` waits for it),
-    so every layer is still a checkpoint. Use it as a context manager: leaving the block, normally or by an
-    exception, waits for the last write and raises its error if it failed.
+    so every layer is still a checkpoint. Use it as a context manager: leaving the block waits for the last
+    write and raises its error if it failed (unless the block is already raising one of its own).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -112,8 +112,11 @@ class LayerCheckpoint:
     def __enter__(self) -> "LayerCheckpoint":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.wait()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.wait()
+        elif self._writer is not None:  # the pass failed: finish the write, keep the pass's own error
+            self._writer.join()
 
     def load(self) -> tuple[int, Tensor | None, dict[str, Any]]:
         """(next layer, saved states or None, notes)."""
