@@ -23,7 +23,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from exlbuild.kernels.gptq_block import BLOCK_ROWS, gptq_block_step
+from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step
 from exlbuild.kernels.pack import decode_layer, pack_bitstream, scale_from_nibbles, unpack_bitstream
 from exlbuild.kernels.scale_search import find_group_scales
 from exlbuild.quant.exl2.options import BIT_WIDTHS, MLP_CANDIDATES, QuantOption, head_option
@@ -114,13 +114,13 @@ def block_step_inputs(options: int, k: int, n: int) -> tuple:
     weight, hessian = layer(k, n)
     factor = prepare_hessian(hessian).inverse_factor
     work = weight.float().T.contiguous().repeat(options, 1, 1)
-    bits = torch.full((options, BLOCK_ROWS), 4.0, device="cuda")
+    bits = torch.full((options, k), 4.0, device="cuda")
     nibbles, scale_max = find_group_scales(work[:, :BLOCK_ROWS], bits[:, 0].long())
     scale = scale_from_nibbles(nibbles, scale_max)
     codes = torch.empty(options, k, n, dtype=torch.uint8, device="cuda")
     values = torch.empty(options, k, n, dtype=torch.float16, device="cuda")
     errors = torch.empty(options, BLOCK_ROWS, n, device="cuda")
-    return work, k // 2, factor, scale, 2 ** (bits - 1), 2**bits - 1, codes, values, errors
+    return BlockStep(work, factor, scale, 2 ** (bits - 1), 2**bits - 1, codes, values, errors), k // 2
 
 
 def time_block_step() -> list[dict]:

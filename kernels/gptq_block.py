@@ -7,7 +7,7 @@ caller. `gptq_block_step` is that inner loop:
 
     reads   work[:, a:a+32]  (B, K, N) float32, the error-compensated weights (left unchanged)
             factor[a:a+32, a:a+32]  the inverse Cholesky factor U, upper triangular
-            scale (B, N) fp16, zero and maxq (B, 32) float32 (per option and row of the block)
+            scale (B, N) fp16, zero[:, a:a+32] and maxq[:, a:a+32] float32 (per option and row)
     writes  codes[:, a:a+32] (B, K, N) uint8, values[:, a:a+32] (B, K, N) fp16, the loader's
             dequantized weights, and errors (B, 32, N) float32 for the caller's trailing update
             work[:, a+32:] -= U[a:a+32, a+32:]ᵀ @ errors
@@ -17,6 +17,8 @@ IEEE-rounded divisions, no fused multiply-adds, and the fp16 roundings of `dequa
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -29,53 +31,52 @@ from exlbuild.kernels.runtime import jit, launch, tl, use_triton
 BLOCK_ROWS = 32
 
 
-def gptq_block_step(
-    work: Tensor,
-    a: int,
-    factor: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    maxq: Tensor,
-    codes: Tensor,
-    values: Tensor,
-    errors: Tensor,
-) -> None:
+@dataclass(frozen=True, eq=False)
+class BlockStep:
+    """The tensors every block step of one `quantize_options` call reads or writes (B options, K rows, N
+    columns; see the module docstring for what each step reads and writes)."""
+
+    work: Tensor  # (B, K, N) float32
+    factor: Tensor  # (K, K) float32, upper triangular
+    scale: Tensor  # (B, N) fp16: the scales of the groups the block lies in (the caller updates them)
+    zero: Tensor  # (B, K) float32, per option and row
+    maxq: Tensor  # (B, K) float32
+    codes: Tensor  # (B, K, N) uint8
+    values: Tensor  # (B, K, N) fp16
+    errors: Tensor  # (B, 32, N) float32
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+def gptq_block_step(step: BlockStep, a: int) -> None:
     """Quantize rows a..a+31 of every option (see the module docstring): Triton on CUDA, else the reference."""
-    _check(work, a, factor, scale, zero, maxq, codes, values, errors)
-    if use_triton(work, factor, scale, zero, maxq, codes, values, errors):
-        gptq_block_step_triton(work, a, factor, scale, zero, maxq, codes, values, errors)
+    _check(step, a)
+    if use_triton(*step.tensors()):
+        gptq_block_step_triton(step, a)
     else:
-        gptq_block_step_reference(work, a, factor, scale, zero, maxq, codes, values, errors)
+        gptq_block_step_reference(step, a)
 
 
-def gptq_block_step_reference(
-    work: Tensor,
-    a: int,
-    factor: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    maxq: Tensor,
-    codes: Tensor,
-    values: Tensor,
-    errors: Tensor,
-) -> None:
+def gptq_block_step_reference(step: BlockStep, a: int) -> None:
     """The reference: one row at a time, all options and columns at once."""
     e = a + BLOCK_ROWS
     # A copy, so that the caller's work stays as it was: rows a..e are not read again after the block.
-    block = work[:, a:e].clone()
+    block = step.work[:, a:e].clone()
+    scale, factor = step.scale, step.factor
     s = scale.float()
     for r in range(BLOCK_ROWS):
         c = a + r
-        row, z, m = block[:, r], zero[:, r : r + 1], maxq[:, r : r + 1]
+        row, z, m = block[:, r], step.zero[:, c : c + 1], step.maxq[:, c : c + 1]
         # A zero scale (a group of near-zero weights whose q_scale_max/256 underflows fp16) decodes every
         # code to zero; take the zero point there instead of dividing by zero.
         ratio = torch.where(s > 0, row / s, 0.0)
         q = (torch.round(ratio) + z).clamp(torch.zeros_like(m), m)
         v = dequantize_codes(q, z, scale)
-        codes[:, c] = q.to(torch.uint8)
-        values[:, c] = v
+        step.codes[:, c] = q.to(torch.uint8)
+        step.values[:, c] = v
         err = (row - v.float()) / factor[c, c]
-        errors[:, r] = err
+        step.errors[:, r] = err
         block[:, r + 1 :] -= factor[c, c + 1 : e, None] * err[:, None, :]
 
 
@@ -129,55 +130,37 @@ _BLOCK_N = 32
 _NUM_WARPS = 1
 
 
-def gptq_block_step_triton(
-    work: Tensor,
-    a: int,
-    factor: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    maxq: Tensor,
-    codes: Tensor,
-    values: Tensor,
-    errors: Tensor,
-) -> None:
+def gptq_block_step_triton(step: BlockStep, a: int) -> None:
     """The Triton kernel (on CPU tensors it runs in Triton's interpreter)."""
-    options, in_features, out_features = work.shape
+    options, in_features, out_features = step.work.shape
     grid = (options, -(-out_features // _BLOCK_N))
+    zero, maxq = step.zero[:, a : a + BLOCK_ROWS], step.maxq[:, a : a + BLOCK_ROWS]  # the block's rows
     launch(
-        _gptq_block_kernel, grid, work.device,
-        work, factor, scale, zero, maxq, codes, values, errors,
-        a, in_features, out_features, *factor.stride(), zero.stride(0), maxq.stride(0),
+        _gptq_block_kernel, grid, step.work.device,
+        step.work, step.factor, step.scale, zero, maxq, step.codes, step.values, step.errors,
+        a, in_features, out_features, *step.factor.stride(), zero.stride(0), maxq.stride(0),
         ROWS=BLOCK_ROWS, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
         # Separate multiply and subtract, as the reference's tensor operations round them.
         enable_fp_fusion=False,
     )
 
 
-def _check(
-    work: Tensor,
-    a: int,
-    factor: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    maxq: Tensor,
-    codes: Tensor,
-    values: Tensor,
-    errors: Tensor,
-) -> None:
-    options, in_features, out_features = work.shape
+def _check(step: BlockStep, a: int) -> None:
+    options, in_features, out_features = step.work.shape
     if a % BLOCK_ROWS or not 0 <= a <= in_features - BLOCK_ROWS:
         raise ValueError(f"block start {a} must be a multiple of {BLOCK_ROWS} inside {in_features} rows")
     expected = {
-        "work": (work, torch.float32, (options, in_features, out_features)),
-        "factor": (factor, torch.float32, (in_features, in_features)),
-        "scale": (scale, torch.float16, (options, out_features)),
-        "zero": (zero, torch.float32, (options, BLOCK_ROWS)),
-        "maxq": (maxq, torch.float32, (options, BLOCK_ROWS)),
-        "codes": (codes, torch.uint8, (options, in_features, out_features)),
-        "values": (values, torch.float16, (options, in_features, out_features)),
-        "errors": (errors, torch.float32, (options, BLOCK_ROWS, out_features)),
+        "work": (torch.float32, (options, in_features, out_features)),
+        "factor": (torch.float32, (in_features, in_features)),
+        "scale": (torch.float16, (options, out_features)),
+        "zero": (torch.float32, (options, in_features)),
+        "maxq": (torch.float32, (options, in_features)),
+        "codes": (torch.uint8, (options, in_features, out_features)),
+        "values": (torch.float16, (options, in_features, out_features)),
+        "errors": (torch.float32, (options, BLOCK_ROWS, out_features)),
     }
-    for name, (t, dtype, shape) in expected.items():
+    for name, (dtype, shape) in expected.items():
+        t = getattr(step, name)
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
         # factor, zero and maxq are read through their strides; the large tensors must be dense.

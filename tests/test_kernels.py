@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from exlbuild.kernels.gptq_block import BLOCK_ROWS, gptq_block_step_reference, gptq_block_step_triton
+from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step_reference, gptq_block_step_triton
 from exlbuild.kernels.pack import (
     decode_layer_reference,
     decode_layer_triton,
@@ -115,8 +115,7 @@ def gptq_block_step(device: str, real: bool, seed: int) -> None:
                 values = torch.full((options, k, n), float("nan"), dtype=torch.float16, device=device)
                 errors = torch.full((options, BLOCK_ROWS, n), float("nan"), device=device)
                 before = work.clone()
-                step(work, a, factor, scale, zero[:, a : a + BLOCK_ROWS], maxq[:, a : a + BLOCK_ROWS],
-                     codes, values, errors)
+                step(BlockStep(work, factor, scale, zero, maxq, codes, values, errors), a)
                 assert same(work, before), f"{step.__name__} changed work"
                 rows = slice(a, a + BLOCK_ROWS)
                 outputs.append((codes[:, rows], values[:, rows], errors))

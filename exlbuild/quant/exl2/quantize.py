@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from exlbuild.errors import ExlbuildError
-from exlbuild.kernels.gptq_block import BLOCK_ROWS, gptq_block_step
+from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step
 from exlbuild.kernels.scale_search import (  # noqa: F401 (re-exported: part of this module's API)
     MULTIPLIER_POINTS,
     MULTIPLIER_RANGE,
@@ -106,6 +106,7 @@ def quantize_options(
     scale = torch.empty(n_options, out_features, dtype=torch.float16, device=device)
     block_errors = torch.empty(n_options, BLOCK_ROWS, out_features, device=device)
 
+    step = BlockStep(work, factor, scale, row_zero, row_maxq, codes, values, block_errors)
     for a in range(0, in_features, BLOCK_ROWS):
         e = a + BLOCK_ROWS
         for rows, members in starts[a].items():
@@ -115,9 +116,9 @@ def quantize_options(
             for (o, g), n, m in zip(members, group_nibbles, group_max):
                 nibbles[o][g] = n
                 scale_max[o][g] = m
-        gptq_block_step(work, a, factor, scale, row_zero[:, a:e], row_maxq[:, a:e], codes, values, block_errors)
+        gptq_block_step(step, a)
         work[:, e:] -= torch.matmul(factor[a:e, e:].T, block_errors)
-    del work
+    del work, step
 
     return [
         QuantizedLinear(
