@@ -7,7 +7,7 @@ from exlbuild.graph import Graph, Node
 from exlbuild.hashing import HashCache
 from exlbuild.recipe import LoadedRecipe
 from exlbuild.rules import exl2
-from exlbuild.rules.calibration import calibration_node
+from exlbuild.rules.calibration import calibration_dataset, calibration_node
 from exlbuild.rules.model import model_nodes
 from exlbuild.rules.report import report_node
 
@@ -16,8 +16,9 @@ def recipe_graph(recipe: LoadedRecipe, hashes: HashCache) -> Graph:
     """The nodes of a recipe. `hashes` answers content hashes of files that parameters depend on."""
     model, tokenizer = model_nodes(recipe)
     c = recipe.spec.calibration
-    calibration = calibration_node(recipe, hashes, tokenizer, "calibration", c.rows, c.length)
-    calibration_m = calibration_node(recipe, hashes, tokenizer, "calibration-measurement", c.measurement_rows,
+    dataset = calibration_dataset(recipe, hashes)
+    calibration = calibration_node(dataset, tokenizer, "calibration", c.rows, c.length)
+    calibration_m = calibration_node(dataset, tokenizer, "calibration-measurement", c.measurement_rows,
                                      c.measurement_length)
     nodes: list[Node] = [model, calibration, calibration_m]
     variants = recipe.variants()

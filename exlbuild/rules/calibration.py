@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from exlbuild.graph import BuildContext, Node, Rule
@@ -29,18 +30,20 @@ class Calibration(Rule):
         return description
 
 
-def calibration_node(recipe: LoadedRecipe, hashes: HashCache, tokenizer: Node, name: str, rows: int,
-                     length: int) -> Node:
+def calibration_dataset(recipe: LoadedRecipe, hashes: HashCache) -> tuple[dict[str, Any], dict[str, Path]]:
+    """What a calibration node's parameters and sources say about the dataset: the default mix's fingerprint or
+    the Parquet file. Computed once for both calibration sets (the fingerprint visits the standard library)."""
     spec = recipe.spec.calibration
-    params: dict[str, Any] = {"rows": rows, "length": length}
-    sources = {}
     if spec.dataset == "default":
         from exlbuild.calib.default_mix import fingerprint
 
-        params["dataset"] = {"default": fingerprint(hashes.file_hash)}
-    else:
-        params["dataset"] = "parquet"
-        params["text_column"] = spec.text_column
-        sources["parquet"] = recipe.resolve(spec.dataset)
-    return Node(name, "calibration", rule=Calibration(), params=params, deps={"tokenizer": tokenizer},
-                sources=sources, info={"rows": rows, "length": length})
+        return {"dataset": {"default": fingerprint(hashes.file_hash)}}, {}
+    return {"dataset": "parquet", "text_column": spec.text_column}, {"parquet": recipe.resolve(spec.dataset)}
+
+
+def calibration_node(dataset: tuple[dict[str, Any], dict[str, Path]], tokenizer: Node, name: str, rows: int,
+                     length: int) -> Node:
+    """One calibration set of `rows` × `length` tokens from `dataset` (calibration_dataset's answer)."""
+    params, sources = dataset
+    return Node(name, "calibration", rule=Calibration(), params={"rows": rows, "length": length, **params},
+                deps={"tokenizer": tokenizer}, sources=dict(sources), info={"rows": rows, "length": length})
