@@ -1,0 +1,45 @@
+"""LayerCheckpoint: states written in the background, errors of the write surfaced, resume state exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import exlbuild.quant.stream as stream
+from exlbuild.quant.stream import LayerCheckpoint
+
+
+def test_save_then_load_round_trip(tmp_path: Path) -> None:
+    x = torch.randn(3, 8, 4).half()
+    with LayerCheckpoint(tmp_path) as checkpoint:
+        assert checkpoint.load() == (0, None, {})
+        checkpoint.save(2, x, {"done": ["a"]})
+        x.zero_()  # the caller goes on with its states: the checkpoint holds the values saved
+    step, saved, notes = LayerCheckpoint(tmp_path).load()
+    assert step == 2 and notes == {"done": ["a"]}
+    assert saved.dtype == torch.float16 and not saved.eq(0).all()
+
+
+def test_a_failed_write_is_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(stream, "save_file", disk_full)
+    checkpoint = LayerCheckpoint(tmp_path)
+    checkpoint.save(1, torch.zeros(2, 2), {})
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.wait()
+    assert not (tmp_path / "progress.json").exists()  # nothing claims a checkpoint that was not written
+    with pytest.raises(OSError, match="No space"):
+        with LayerCheckpoint(tmp_path) as c:
+            c.save(1, torch.zeros(2, 2), {})
+
+
+def test_the_pass_keeps_its_own_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(KeyboardInterrupt):
+        with LayerCheckpoint(tmp_path) as checkpoint:
+            checkpoint.save(1, torch.zeros(2, 2), {})
+            raise KeyboardInterrupt
