@@ -193,7 +193,7 @@ def measure_block(
             f"this block cannot be quantized to EXL2 with these calibration rows"
         )
 
-    shapes = {p: w[f"{BLOCK_MODULES[block]}.{p}.weight"].shape for p in table.projections}
+    shapes = {p: weight.shape for p, weight in weight_of.items()}
     has_bias = {p: f"{BLOCK_MODULES[block]}.{p}.bias" in w for p in table.projections}
     measured = []
     for accuracy, candidate in zip(accuracies, table.candidates):
