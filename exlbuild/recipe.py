@@ -55,6 +55,7 @@ class StoreSpec:
 @dataclass
 class MeasurementSpec:
     file: Optional[str] = None  # an existing exllamav2 measurement.json to use instead of measuring
+    probe_tokens: int = 1024  # calibration tokens of the sensitivity probe (docs/exl2.md); 0: no probe
 
 
 @dataclass
@@ -351,6 +352,7 @@ def validate(recipe: LoadedRecipe) -> None:
         if value is not None and not value > 0:
             raise ExlbuildError(f"{where}: rope.{key}: {value} is not valid; it must be > 0 (1.0 = no scaling)")
 
+    _at_least(where, "measurement.probe_tokens", spec.measurement.probe_tokens, 0)
     if spec.measurement.file:
         p = recipe.resolve(spec.measurement.file)
         if not p.is_file():

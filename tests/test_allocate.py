@@ -18,9 +18,14 @@ def random_instance(rng: np.random.Generator, slots: int, options: int, max_cost
     return costs, [e.tolist() for e in errors]
 
 
-def brute_force(costs, errors, objective="squared_error"):
+def weighted_losses(errors, objective="squared_error", weights=None):
+    weights = weights or [1.0] * len(errors)
+    return [w * block_loss(np.array(e), objective) for w, e in zip(weights, errors)]
+
+
+def brute_force(costs, errors, objective="squared_error", weights=None):
     """Cost and objective of every combination."""
-    losses = [block_loss(np.array(e), objective) for e in errors]
+    losses = weighted_losses(errors, objective, weights)
     combos = np.array(list(itertools.product(*(range(len(c)) for c in costs))))
     total_cost = sum(np.array(c)[combos[:, s]] for s, c in enumerate(costs))
     total_loss = sum(l[combos[:, s]] for s, l in enumerate(losses))
@@ -32,9 +37,9 @@ def optimum(total_cost, total_loss, budget):
     return total_loss[fits].min() if fits.any() else np.inf
 
 
-def check_result(result, costs, errors, budget, objective="squared_error"):
+def check_result(result, costs, errors, budget, objective="squared_error", weights=None):
     """Feasible, self-consistent, and no single upgrade still fits (the fill ran to the end)."""
-    losses = [block_loss(np.array(e), objective) for e in errors]
+    losses = weighted_losses(errors, objective, weights)
     assert result.cost == sum(c[j] for c, j in zip(costs, result.choice)) <= budget
     assert result.objective == pytest.approx(sum(l[j] for l, j in zip(losses, result.choice)), abs=1e-12)
     assert result.lower_bound <= result.objective + 1e-9
@@ -63,6 +68,21 @@ def test_exact_matches_brute_force(objective):
             best = optimum(total_cost, total_loss, budget)
             assert result.objective == pytest.approx(best, abs=1e-12)
             assert result.lower_bound <= best + 1e-12
+
+
+def test_weighted_matches_brute_force():
+    """Per-slot weights (measured sensitivities) scale each slot's loss; zero weights are allowed."""
+    rng = np.random.default_rng(5)
+    for costs, errors, budgets in instances(150, seed=6):
+        weights = rng.choice([0.0, 0.1, 1.0, 30.0], len(costs)).tolist()
+        total_cost, total_loss = brute_force(costs, errors, weights=weights)
+        for budget in budgets:
+            result = allocate(costs, errors, budget, weights=weights)
+            check_result(result, costs, errors, budget, weights=weights)
+            assert result.objective == pytest.approx(optimum(total_cost, total_loss, budget), abs=1e-12)
+    # The same errors, the bits go where they are weighted.
+    costs, errors = [[10, 20], [10, 20]], [[0.2, 0.1], [0.2, 0.1]]
+    assert allocate(costs, errors, 30, weights=[1.0, 2.0]).choice == (0, 1)
 
 
 def test_coarse_grid_within_proven_bound():
@@ -116,6 +136,9 @@ def test_bad_input():
         allocate([[1, 2]], [[0.1, 1.5]], 10)
     with pytest.raises(ValueError):
         allocate([[1, 2]], [[0.1, 0.2]], 10, objective="max")
+    for weights in ([1.0, 1.0], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="weights"):
+            allocate([[1, 2]], [[0.1, 0.2]], 10, weights=weights)
 
 
 def test_realistic_model_fills_budget():

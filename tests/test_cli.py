@@ -211,6 +211,7 @@ BAD_RECIPES = {
     "deleting a recipe key": (RECIPE, ["~calibration.rows"], "set it to null instead"),
     "missing parquet": (RECIPE.replace("cal.parquet", "none.parquet"), [], "calibration.dataset: file not found"),
     "missing column": (RECIPE, ["calibration.text_column=txt"], "txt"),
+    "negative probe": (RECIPE, ["measurement.probe_tokens=-1"], "measurement.probe_tokens: -1 is out of range"),
 }
 
 

@@ -53,6 +53,7 @@ def project(tmp_path, model_template) -> Path:
 @pytest.mark.slow
 def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     recipe = project / "recipe.yaml"
+    store = project / ".exlbuild" / "store"
     code, out, err = run_cli(capsys, recipe)
     assert code == 0, err
     for target in ("measurement", "exl2-3.0bpw/allocation", "exl2-3.0bpw/quantized", "exl2-3.0bpw",
@@ -86,6 +87,10 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     assert fp16 < rows["exl2-4.0bpw"]["perplexity"] * 1.05  # quantization does not help, beyond noise
     assert rows["exl2-4.0bpw"]["perplexity"] < rows["exl2-3.0bpw"]["perplexity"] * 1.02
     assert list((project / ".exlbuild/store/report").glob("*/data/*.svg"))
+    # The allocation weighed the blocks by the sensitivities the measurement wrote beside measurement.json.
+    assert len(json.loads(next(store.glob("exl2-measurement/*/data/sensitivity.json")).read_text())["sensitivity"]) == 4
+    for path in store.glob("exl2-allocation/*/data/strategy.json"):
+        assert json.loads(path.read_text())["objective_kind"].startswith("predicted KL")
 
     code, out, err = run_cli(capsys, "verify", recipe)
     assert code == 0, out  # including the exported output directories
@@ -112,6 +117,7 @@ def test_exllamav2_measurement_as_input(project, capsys):
     assert "building measurement (measurement)" in err
     strategy = json.loads(next((project / ".exlbuild/store/exl2-allocation").glob("*/data/strategy.json")).read_text())
     assert 3.9 < strategy["bits_per_weight"] <= 4.0
+    assert strategy["objective_kind"] == "squared error (no sensitivity measured)"  # exllamav2 measures none
 
 
 def test_measurement_of_another_model_is_refused(project, capsys):

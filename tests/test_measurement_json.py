@@ -1,6 +1,7 @@
 """exllamav2 measurement.json: reading, matching to a model, writing (exl2-format.md 4.6, §8 check 8)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -8,12 +9,15 @@ from exlbuild.errors import ExlbuildError
 from exlbuild.quant.exl2.measurement_json import (
     LinearShape,
     MeasuredCandidate,
+    Sensitivity,
     make_measurement,
     measurement_to_json,
     parse_measurement,
     read_measurement,
+    read_sensitivity,
     validate_measurement,
     write_measurement,
+    write_sensitivity,
 )
 from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, QuantOption, option_to_json
 
@@ -171,3 +175,35 @@ def test_unreadable_files(tmp_path):
     broken.write_text("{")
     with pytest.raises(ExlbuildError, match="broken.json: not valid JSON"):
         read_measurement(broken)
+
+
+def test_sensitivity_round_trip_and_errors(tmp_path):
+    measurement = parse_measurement(json.loads(exllamav2_file()))
+    modules = [k for k, v in measurement.modules.items() if v is not None]
+    sensitivity = {k: Sensitivity(kl=0.01 * (i + 1), error=0.02) for i, k in enumerate(modules)}
+    measured = replace(measurement, sensitivity=sensitivity)
+    assert measured.sensitivity[modules[1]].weight == pytest.approx(0.02 / 0.02**2)
+    path = tmp_path / "sensitivity.json"
+    write_sensitivity(path, measured)
+    assert read_sensitivity(path, measurement).sensitivity == sensitivity
+    assert read_measurement(write_and(tmp_path, measured)).sensitivity == {}  # measurement.json stays exllamav2's
+
+    entries = json.loads(path.read_text())["sensitivity"]
+    entries.pop(modules[0])
+    path.write_text(json.dumps({"sensitivity": entries}))
+    with pytest.raises(ExlbuildError, match=rf"sensitivity.json: does not match its measurement: module '{modules[0]}'"):
+        read_sensitivity(path, measurement)
+    entries[modules[0]] = {"kl": -1.0, "error": 0.1}
+    path.write_text(json.dumps({"sensitivity": entries}))
+    with pytest.raises(ExlbuildError, match=rf"sensitivity\['{modules[0]}'\] needs finite non-negative"):
+        read_sensitivity(path, measurement)
+    path.write_text("[]")
+    with pytest.raises(ExlbuildError, match="expected an object with a 'sensitivity' object"):
+        read_sensitivity(path, measurement)
+
+
+def write_and(tmp_path, measurement):
+    path = tmp_path / "measurement.json"
+    write_measurement(path, measurement)
+    assert path.read_text() == exllamav2_file()
+    return path

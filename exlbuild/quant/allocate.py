@@ -1,8 +1,9 @@
 """Bit allocation: choose one measured candidate per block so that the model fits a bit budget.
 
 Each slot (slot 2i = attention of layer i, 2i+1 = its MLP) has candidates j with an integer cost
-`total_bits[j]` and a measured error e[j] = 1 − accuracy. We choose one candidate per slot with
-Σ cost ≤ budget, minimising Σ loss(e). This replaces the reference converter's simulated annealing
+`total_bits[j]` and a measured error e[j] = 1 − accuracy, and optionally a weight (the block's measured
+sensitivity: KL at the model's output per unit of e²). We choose one candidate per slot with
+Σ cost ≤ budget, minimising Σ weight · loss(e). This replaces the reference converter's simulated annealing
 (docs/exl2-format.md 4.7) with a deterministic, provably near-optimal solver:
 
 1. Drop dominated candidates (another is no more expensive and no worse).
@@ -75,12 +76,15 @@ def allocate(
     budget: int,
     *,
     objective: str | float = "squared_error",
+    weights: Sequence[float] | None = None,
     numel: int | None = None,
     grid: int = 1 << 16,
 ) -> Allocation:
-    """Pick one candidate per slot with Σ cost ≤ budget, minimising Σ block_loss(error).
+    """Pick one candidate per slot with Σ cost ≤ budget, minimising Σ weights[s] · block_loss(error).
 
-    costs[s][j], errors[s][j]: total_bits and 1 − accuracy of candidate j of slot s. numel (optional) is only
+    costs[s][j], errors[s][j]: total_bits and 1 − accuracy of candidate j of slot s. weights[s] ≥ 0 (default
+    1 each) says what a unit of slot s's loss costs; with "squared_error" and measured sensitivities the
+    objective is the predicted KL divergence of the whole model. numel (optional) is only
     used to state bits per weight in the error raised when even the cheapest choice exceeds the budget.
     grid bounds the DP's cells: more cells, a smaller grid_loss_bits, proportionally more time.
     Deterministic: among equally good candidates the lowest index wins.
@@ -88,13 +92,16 @@ def allocate(
     if len(costs) != len(errors) or any(len(c) != len(e) or not c for c, e in zip(costs, errors)):
         raise ValueError("costs and errors must have one non-empty list per slot, of equal lengths")
     n = len(costs)
+    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError("weights must be one finite non-negative number per slot")
     cost_rows = [np.asarray(c, dtype=np.int64) for c in costs]
     loss_rows = []
-    for e in errors:
+    for e, weight in zip(errors, weights):
         e = np.asarray(e, dtype=np.float64)
         if not np.all((e >= 0) & (e <= 1)):
             raise ValueError("errors must lie in [0, 1]")
-        loss_rows.append(block_loss(e, objective))
+        loss_rows.append(weight * block_loss(e, objective))
 
     cheapest = sum(int(c.min()) for c in cost_rows)
     if cheapest > budget:

@@ -92,7 +92,8 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
 class LayerCheckpoint:
     """Resume state of a layer-by-layer pass, in a directory that survives a crash of the pass.
 
-    After layer i the pass saves the hidden states and any JSON-able notes; `load` returns where to go on.
+    After layer i the pass saves its named state tensors (the hidden states "x", and whatever else it carries)
+    and any JSON-able notes; `load` returns where to go on.
     The states file is replaced first and the progress file last (both by rename), so a crash between the
     two only repeats layer i.
 
@@ -105,7 +106,7 @@ class LayerCheckpoint:
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self._host: Tensor | None = None  # reused staging buffer (pinned when the states are on a GPU)
+        self._host: dict[str, Tensor] = {}  # reused staging buffers (pinned when the states are on a GPU)
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -118,29 +119,32 @@ class LayerCheckpoint:
         elif self._writer is not None:  # the pass failed: finish the write, keep the pass's own error
             self._writer.join()
 
-    def load(self) -> tuple[int, Tensor | None, dict[str, Any]]:
-        """(next layer, saved states or None, notes)."""
+    def load(self) -> tuple[int, dict[str, Tensor], dict[str, Any]]:
+        """(next layer, saved state tensors by name ({} when there is no checkpoint), notes)."""
         self.wait()
         progress = self.directory / "progress.json"
         if not progress.is_file():
-            return 0, None, {}
+            return 0, {}, {}
         state = json.loads(progress.read_text())
-        x = load_file(str(self.directory / "states.safetensors"))["x"]
-        return state["next_layer"], x, state["notes"]
+        return state["next_layer"], load_file(str(self.directory / "states.safetensors")), state["notes"]
 
-    def save(self, next_layer: int, x: Tensor, notes: dict[str, Any]) -> None:
-        """Start writing the states `x` and `notes` as the point to resume at `next_layer`; returns before
-        the write is done (see the class docstring)."""
+    def save(self, next_layer: int, states: dict[str, Tensor], notes: dict[str, Any]) -> None:
+        """Start writing the tensors `states` and `notes` as the point to resume at `next_layer`; returns
+        before the write is done (see the class docstring)."""
         self.wait()
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._host is None or self._host.shape != x.shape or self._host.dtype != x.dtype:
-            self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-        self._host.copy_(x, non_blocking=x.is_cuda)
-        copied = torch.cuda.Event() if x.is_cuda else None
+        on_gpu = any(t.is_cuda for t in states.values())
+        for name, t in states.items():
+            host = self._host.get(name)
+            if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                self._host[name] = host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            host.copy_(t, non_blocking=t.is_cuda)
+        self._host = {name: self._host[name] for name in states}  # drop buffers of names no longer saved
+        copied = torch.cuda.Event() if on_gpu else None
         if copied is not None:
             copied.record()
         notes = json.loads(json.dumps(notes))  # a snapshot: the caller goes on changing its dicts
-        self._writer = threading.Thread(target=self._write, args=(next_layer, self._host, notes, copied),
+        self._writer = threading.Thread(target=self._write, args=(next_layer, dict(self._host), notes, copied),
                                         name="exlbuild-checkpoint")
         self._writer.start()
 
@@ -153,12 +157,12 @@ class LayerCheckpoint:
             error, self._error = self._error, None
             raise error
 
-    def _write(self, next_layer: int, host: Tensor, notes: dict[str, Any], copied: Any) -> None:
+    def _write(self, next_layer: int, host: dict[str, Tensor], notes: dict[str, Any], copied: Any) -> None:
         try:
             if copied is not None:
                 copied.synchronize()
             tmp = self.directory / "states.safetensors.tmp"
-            save_file({"x": host}, str(tmp))
+            save_file(host, str(tmp))
             os.replace(tmp, self.directory / "states.safetensors")
             tmp = self.directory / "progress.json.tmp"
             tmp.write_text(json.dumps({"next_layer": next_layer, "notes": notes}))

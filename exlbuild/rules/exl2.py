@@ -20,6 +20,7 @@ from exlbuild.recipe import LoadedRecipe, VariantSpec
 from exlbuild.rules.calibration import CALIBRATION_FILE
 
 MEASUREMENT_FILE = "measurement.json"
+SENSITIVITY_FILE = "sensitivity.json"  # exlbuild's measurements only (quant/exl2/measure.py)
 STRATEGY_FILE = "strategy.json"
 EXL2_FORMAT_VERSION = "0.3.2"  # the exllamav2 release whose file format the output follows
 
@@ -64,18 +65,20 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 2  # 2: float16 states between blocks
+    version = 3  # 2: float16 states between blocks; 3: sensitivity.json
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
-        from exlbuild.quant.exl2.measurement_json import write_measurement
+        from exlbuild.quant.exl2.measurement_json import write_measurement, write_sensitivity
 
         model_dir = ctx.inputs["model"]
         model_config(model_dir)
         measurement = measure_model(model_dir, load_ids(ctx.inputs["calibration"]), state_dir=ctx.state,
                                     rope_scale=ctx.params["rope"]["scale"], rope_alpha=ctx.params["rope"]["alpha"],
-                                    device=compute_device())
+                                    device=compute_device(), probe_tokens=ctx.params["probe_tokens"])
         write_measurement(ctx.out / MEASUREMENT_FILE, measurement)
+        if measurement.sensitivity:
+            write_sensitivity(ctx.out / SENSITIVITY_FILE, measurement)
         worst = min(max(c.accuracy for c in cands) for cands in measurement.modules.values() if cands)
         return {"modules": sum(1 for v in measurement.modules.values() if v), "worst_best_accuracy": worst}
 
@@ -102,14 +105,16 @@ class Allocate(Rule):
     """One candidate per block: the target bits per weight with the least predicted error."""
 
     name = "exl2-allocation"
-    version = 2  # 2: squared-error objective
+    version = 3  # 2: squared-error objective; 3: weighted by the measured sensitivities
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import allocate_strategy
-        from exlbuild.quant.exl2.measurement_json import read_measurement
+        from exlbuild.quant.exl2.measurement_json import read_measurement, read_sensitivity
 
         cfg = model_config(ctx.inputs["model"])
         measurement = read_measurement(ctx.inputs["measurement"] / MEASUREMENT_FILE)
+        if (ctx.inputs["measurement"] / SENSITIVITY_FILE).is_file():  # not for an imported measurement
+            measurement = read_sensitivity(ctx.inputs["measurement"] / SENSITIVITY_FILE, measurement)
         result = allocate_strategy(measurement, cfg, ctx.params["bits"])
         (ctx.out / STRATEGY_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return {k: v for k, v in result.items() if k != "strategy"}
@@ -154,7 +159,8 @@ def measurement_node(recipe: LoadedRecipe, model: Node, calibration: Node) -> No
     if recipe.spec.measurement.file:
         return Node("measurement", "measurement", rule=ImportMeasurement(), deps={"model": model},
                     sources={"measurement": recipe.resolve(recipe.spec.measurement.file)})
-    return Node("measurement", "measurement", rule=Measure(), params={"rope": rope},
+    params = {"rope": rope, "probe_tokens": recipe.spec.measurement.probe_tokens}
+    return Node("measurement", "measurement", rule=Measure(), params=params,
                 deps={"model": model, "calibration": calibration})
 
 

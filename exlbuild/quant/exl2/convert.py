@@ -122,21 +122,28 @@ def block_options(strategy: Strategy, cfg: LlamaConfig) -> dict[str, dict[str, Q
 def allocate_strategy(measurement: Measurement, cfg: LlamaConfig, bits: float) -> dict[str, Any]:
     """The allocation (4.7) of `measurement` at `bits` per weight: one candidate per block, as JSON data
     (budget, achieved bits, objective and its lower bound, and `strategy`: block key → the chosen
-    candidate's entry of measurement.json with its index)."""
+    candidate's entry of measurement.json with its index).
+
+    With the measurement's sensitivities the objective is the predicted KL divergence at the model's output,
+    Σ sensitivity · (1 − accuracy)²; without them (a measurement made by exllamav2) it is Σ (1 − accuracy)²."""
     modules = [k for k, v in measurement.modules.items() if v]
     # The budget counts decoder linears only, output widths padded as stored.
     numel = sum(s.in_features * pad_to_32(s.out_features) for s in decoder_linears(cfg).values())
     budget = int(numel * bits)
     candidates = [measurement.modules[k] for k in modules]
+    weights = [measurement.sensitivity[k].weight for k in modules] if measurement.sensitivity else None
     try:
         solution = allocate([[c.total_bits for c in cands] for cands in candidates],
-                            [[1.0 - c.accuracy for c in cands] for cands in candidates], budget, numel=numel)
+                            [[1.0 - c.accuracy for c in cands] for cands in candidates], budget,
+                            weights=weights, numel=numel)
     except ExlbuildError as e:
         raise ExlbuildError(f"bits {bits}: {e}") from None
     chosen = measurement_to_json(measurement)["measurement"]
     return {"bits": bits, "numel": numel, "budget": budget, "total_bits": solution.cost,
-            "bits_per_weight": solution.cost / numel, "objective": solution.objective,
-            "lower_bound": solution.lower_bound,
+            "bits_per_weight": solution.cost / numel,
+            "objective_kind": "predicted KL (sensitivity-weighted squared error)" if weights
+            else "squared error (no sensitivity measured)",
+            "objective": solution.objective, "lower_bound": solution.lower_bound,
             "strategy": {key: {"candidate": j, **chosen[key][j]} for key, j in zip(modules, solution.choice)}}
 
 
@@ -295,14 +302,14 @@ def quantize_model(
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="exlbuild-exl2-")))
         state_dir = Path(state_dir)
         checkpoint = stack.enter_context(LayerCheckpoint(state_dir))
-        start, x, notes = checkpoint.load()
+        start, saved, notes = checkpoint.load()
         if start and notes.get("fingerprint") != fingerprint:
             raise ExlbuildError(
                 f"{state_dir} holds a quantization pass of other inputs (model config, calibration or strategy); "
                 "delete it to start over"
             )
         embedding = embedding_weight(ckpt, torch.float16, device)
-        x = (embed(ids.to(device), embedding) if x is None else x).to(device, STATE_DTYPE)
+        x = (saved["x"] if saved else embed(ids.to(device), embedding)).to(device, STATE_DTYPE)
         embedding = embedding.cpu()  # only written at the end: 2 GB less on the device for a 128256 × 8192 table
         rfn_error: dict[str, float] = notes.get("rfn_error", {})
         rope = rope_tables(cfg, ids.shape[1], device)
@@ -318,7 +325,7 @@ def quantize_model(
                 tensors.update(packed)
             del w  # free this layer before the next one loads
             _save_atomic(tensors, state_dir / layer_file(i))
-            checkpoint.save(i + 1, x, {"fingerprint": fingerprint, "rfn_error": rfn_error})
+            checkpoint.save(i + 1, {"x": x}, {"fingerprint": fingerprint, "rfn_error": rfn_error})
 
         # The head, from the Hessian of the final norm's output on the quantized states (4.8 step 1).
         norm_w = norm_weight(ckpt, torch.float16, device)

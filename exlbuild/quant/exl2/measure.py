@@ -9,6 +9,15 @@ dequantized options are stacked; a projection of the block's normed input (q/k/v
 candidate shares, is one GEMM over its distinct options whose outputs are then picked per candidate;
 attention, the activation and the output projection (o, down) run batched over candidates. The next block
 reads the reference outputs, never quantized states.
+
+Sensitivity (exlbuild's addition; the reference has none). A block's accuracy says how far its own output moves,
+not what that costs at the model's output, and the two differ by more than an order of magnitude between
+blocks: where the residual stream is large, a small relative error still changes the next-token distribution
+a lot. So the pass also carries a probe to the output: on the first `probe_tokens` calibration tokens (the
+first tokens of the first rows: attention is causal, so they do not depend on the rest), each block's output is replaced by that of one candidate (the one closest to PROBE_BITS bits per weight), and
+that perturbed copy of the states runs through the rest of the unquantized model, beside the reference states.
+At the end, each copy's next-token distribution is compared with the reference's (KL divergence): the block's
+Sensitivity. The allocation weighs each block's squared error by it (exlbuild.quant.allocate).
 """
 
 from __future__ import annotations
@@ -25,12 +34,22 @@ from torch import Tensor
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
-from exlbuild.model.checkpoint import Device, embedding_weight, layer_weights, open_model
+from exlbuild.model.checkpoint import Device, embedding_weight, head_weight, layer_weights, norm_weight, open_model
 from exlbuild.model.config import LlamaConfig
-from exlbuild.model.llama import LINEAR_INPUTS, Rope, attention, embed, gated_activation, rms_norm, rope_tables
+from exlbuild.model.llama import (
+    LINEAR_INPUTS,
+    Rope,
+    attention,
+    embed,
+    final_logits,
+    gated_activation,
+    rms_norm,
+    rope_tables,
+)
 from exlbuild.quant.exl2.measurement_json import (
     MeasuredCandidate,
     Measurement,
+    Sensitivity,
     make_measurement,
     measurement_to_json,
     parse_measurement,
@@ -59,6 +78,11 @@ EVAL_ELEMENTS = 1 << 25
 # fit this in float32 on the device (for small models: all of them, in one pass).
 CANDIDATE_BYTES = 4 << 30
 MIN_BEST_ACCURACY = 0.1
+# The sensitivity probe's default size in tokens (recipe: measurement.probe_tokens), and the bits per weight of
+# the candidate that perturbs each block (KL grows with the square of a small error, so any mid-range candidate
+# gauges the slope; 4 bits keeps the perturbation well above rounding noise and below breakage).
+PROBE_TOKENS = 1024
+PROBE_BITS = 4.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,11 +163,13 @@ def measure_block(
     cfg: LlamaConfig,
     rope: Rope,
     module: str | None = None,
-) -> tuple[list[MeasuredCandidate], Tensor]:
+    probe: tuple[int, int] | None = None,
+) -> tuple[list[MeasuredCandidate], Tensor, Tensor | None]:
     """Measure every candidate of one block (4.5) on reference inputs x (rows, tokens, hidden).
 
-    Returns the candidates in list order and the reference output Y_ref (the next block's input, in x's
-    dtype). `module` names the block in errors (e.g. model.layers.3.mlp).
+    Returns the candidates in list order, the reference output Y_ref (the next block's input, in x's dtype)
+    and, if `probe` = (rows, tokens) is given, the output of the candidate closest to PROBE_BITS on
+    x[:rows, :tokens] (in x's dtype; else None). `module` names the block in errors (e.g. model.layers.3.mlp).
     """
     module = module or BLOCK_MODULES[block]
     table = CANDIDATES[block]
@@ -200,7 +226,28 @@ def measure_block(
         options = dict(zip(table.projections, candidate))
         bits = sum(total_bits(o, shapes[p][1], shapes[p][0], has_bias[p]) for p, o in options.items())
         measured.append(MeasuredCandidate(accuracy, bits, options))
-    return measured, y_ref
+
+    if probe is None:
+        return measured, y_ref, None
+    weights = sum(weight.numel() for weight in weight_of.values())
+    c = min(range(n), key=lambda j: abs(measured[j].total_bits / weights - PROBE_BITS))
+    chosen = {p: linear.select([c], x.device) for p, linear in linears.items()}
+    probe_x = x[: probe[0], : probe[1]].float()
+    return measured, y_ref, candidate_outputs(block, probe_x, w, chosen, cfg, rope)[0].to(x.dtype)
+
+
+@torch.inference_mode()
+def output_divergence(reference: Tensor, perturbed: Tensor, norm_w: Tensor, head_w: Tensor, eps: float) -> Tensor:
+    """Mean KL(p_reference ‖ p_perturbed) per token, in nats, of the next-token distributions that final hidden
+    states give: reference (rows, tokens, hidden), perturbed (copies, rows, tokens, hidden) → (copies,).
+    One row of logits at a time (a row's logits are the largest tensor here)."""
+    kl = torch.zeros(perturbed.shape[0], dtype=torch.float64)
+    for r in range(reference.shape[0]):
+        ref = F.log_softmax(final_logits(reference[r].float(), norm_w, head_w, eps), dim=-1)
+        for c in range(perturbed.shape[0]):
+            out = F.log_softmax(final_logits(perturbed[c, r].float(), norm_w, head_w, eps), dim=-1)
+            kl[c] += F.kl_div(out, ref, log_target=True, reduction="sum").item()
+    return (kl / reference.shape[:2].numel()).clamp(min=0.0)
 
 
 def _notes(modules: dict[str, list[MeasuredCandidate]]) -> dict[str, Any]:
@@ -223,12 +270,15 @@ def measure_model(
     rope_scale: float | None = None,
     rope_alpha: float | None = None,
     device: Device = None,
+    probe_tokens: int = PROBE_TOKENS,
 ) -> Measurement:
-    """Measure every decoder block of a model on calibration token rows `ids` (rows, length); blocks compute in
-    float32, the states between them are held in STATE_DTYPE.
+    """Measure every decoder block of a model on calibration token rows `ids` (rows, length), with each block's
+    Sensitivity (module docstring) from a probe of about `probe_tokens` tokens (0: none, and no sensitivity);
+    blocks compute in float32, the states between them are held in STATE_DTYPE.
 
-    Streams one layer's weights at a time; the hidden states of all rows stay on `device` (None: CPU). With
-    `state_dir`, progress is saved after every layer and a later call with the same directory resumes there.
+    Streams one layer's weights at a time; the hidden states of all rows stay on `device` (None: CPU), and so
+    do the probe's perturbed copies (one per block measured). With `state_dir`, progress is saved after every
+    layer and a later call with the same directory resumes there.
     """
     if ids.dim() != 2:
         raise ExlbuildError(f"calibration ids must be (rows, length), got shape {tuple(ids.shape)}")
@@ -236,27 +286,50 @@ def measure_model(
     device = torch.device(device or "cpu")
     ids = ids.to(device)
     rope = rope_tables(cfg, ids.shape[1], device)
+    # The probe: x[:rows, :tokens]. perturbed[j] is it with block j's output replaced by its probe candidate's.
+    probe = (min(ids.shape[0], -(-probe_tokens // ids.shape[1])), min(ids.shape[1], probe_tokens))
+    perturbed = torch.empty(2 * cfg.num_hidden_layers if probe_tokens else 0, *probe, cfg.hidden_size,
+                            dtype=STATE_DTYPE, device=device)
 
     checkpoint = LayerCheckpoint(Path(state_dir)) if state_dir is not None else None
-    start, x, notes = checkpoint.load() if checkpoint else (0, None, {})
+    start, saved, notes = checkpoint.load() if checkpoint else (0, {}, {})
     modules = _from_notes(notes, f"{state_dir}/progress.json")
+    probe_errors: list[float] = notes.get("probe_errors", [])
     expected_shape = (*ids.shape, cfg.hidden_size)
-    if x is None:
+    if not saved:
         x = embed(ids, embedding_weight(ckpt, torch.float16, device))
-    elif tuple(x.shape) != expected_shape:
+    elif tuple(saved["x"].shape) != expected_shape or saved["perturbed"].shape[1:] != perturbed.shape[1:]:
         raise ExlbuildError(
-            f"{state_dir}: saved states have shape {tuple(x.shape)}, this run needs {expected_shape}; "
+            f"{state_dir}: saved states have shape {tuple(saved['x'].shape)}, this run needs {expected_shape}; "
             f"it belongs to another measurement (delete it to start over)"
         )
+    else:
+        x = saved["x"]
+        perturbed[: len(probe_errors)] = saved["perturbed"]
     x = x.to(device, STATE_DTYPE)
+    del saved
 
     with checkpoint or contextlib.nullcontext():
         for i in progress.track(range(start, cfg.num_hidden_layers), "measuring layers"):
             w = layer_weights(ckpt, cfg, i, torch.float16, device)  # rounded as the reference loads them (4.2)
             for block in ("attention", "mlp"):
                 key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
-                modules[key], x = measure_block(block, x, w, cfg, rope, module=key)
+                if probe_errors:  # the copies perturbed at earlier blocks go on through this one
+                    carried = perturbed[: len(probe_errors)].flatten(0, 1)
+                    run_block(block, carried, w, cfg, rope, out=carried, module=f"{key} (sensitivity probe)")
+                modules[key], x, probe_out = measure_block(block, x, w, cfg, rope, module=key,
+                                                           probe=probe if probe_tokens else None)
+                if probe_tokens:
+                    probe_errors.append(relative_error(probe_out, x[: probe[0], : probe[1]]))
+                    perturbed[len(probe_errors) - 1] = probe_out
             del w  # free this layer before the next one loads
             if checkpoint:
-                checkpoint.save(i + 1, x, _notes(modules))
-    return make_measurement(modules)
+                checkpoint.save(i + 1, {"x": x, "perturbed": perturbed[: len(probe_errors)]},
+                                {**_notes(modules), "probe_errors": probe_errors})
+
+    if not probe_tokens:
+        return make_measurement(modules)
+    kl = output_divergence(x[: probe[0], : probe[1]], perturbed, norm_weight(ckpt, torch.float32, device),
+                           head_weight(ckpt, cfg, torch.float32, device), cfg.rms_norm_eps).tolist()
+    sensitivity = {key: Sensitivity(k, e) for key, k, e in zip(modules, kl, probe_errors)}
+    return make_measurement(modules, sensitivity=sensitivity)

@@ -1,11 +1,12 @@
-"""exllamav2's measurement.json (docs/exl2-format.md 4.6): read, check against a model, write."""
+"""exllamav2's measurement.json (docs/exl2-format.md 4.6): read, check against a model, write; and exlbuild's
+sensitivity.json beside it (what each block's error costs at the model's output; exllamav2 has no such file)."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,30 @@ class MeasuredCandidate:
     options: Mapping[str, QuantOption]  # projection name (q_proj, …) → option, in file order
 
 
+@dataclass(frozen=True)
+class Sensitivity:
+    """What one block's error costs at the model's output, from the probe of the measurement pass: with the
+    probe candidate's output in place of the block's (relative error `error` on the probe rows), the model's
+    next-token distribution moves by `kl` (mean KL divergence from the unquantized model, nats per token)."""
+
+    kl: float
+    error: float
+
+    @property
+    def weight(self) -> float:
+        """KL per unit of squared relative error: predicted KL of any candidate = weight × (1 − accuracy)²."""
+        return self.kl / self.error**2 if self.error > 0 else 0.0
+
+
 @dataclass(frozen=True, eq=False)
 class Measurement:
     """`modules` maps `<module key>.<mode>` (e.g. model.layers.3.self_attn) to its candidates in list
-    order, or None for the unmeasured final norm and head."""
+    order, or None for the unmeasured final norm and head. `sensitivity` maps measured module keys to their
+    Sensitivity; it is empty for a measurement made elsewhere (exllamav2 measures no such thing)."""
 
     modules: Mapping[str, tuple[MeasuredCandidate, ...] | None]
     last_module_idx: int
+    sensitivity: Mapping[str, Sensitivity] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -43,13 +61,14 @@ class LinearShape:
     bias: bool = False
 
 
-def make_measurement(modules: Mapping[str, Sequence[MeasuredCandidate]], prefix: str = "") -> Measurement:
+def make_measurement(modules: Mapping[str, Sequence[MeasuredCandidate]], prefix: str = "",
+                     sensitivity: Mapping[str, Sensitivity] | None = None) -> Measurement:
     """A complete measurement of a model's decoder modules, in module order, as the reference writes it:
     the null entries of the final norm and head appended, and `last_module_idx` the index of the head
     in its module list (embedding, the decoder modules, norm, head), i.e. 2L + 2 for L layers."""
     entries: dict[str, tuple[MeasuredCandidate, ...] | None] = {k: tuple(v) for k, v in modules.items()}
     entries.update({prefix + key: None for key in UNMEASURED_MODULES})
-    return Measurement(entries, last_module_idx=len(modules) + 2)
+    return Measurement(entries, last_module_idx=len(modules) + 2, sensitivity=dict(sensitivity or {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,15 +132,44 @@ def parse_measurement(obj: Any, source: str = "measurement.json") -> Measurement
     return Measurement(modules, last)
 
 
-def read_measurement(path: str | Path) -> Measurement:
-    path = Path(path)
+def _read_json(path: Path, what: str) -> Any:
     try:
-        obj = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as e:
-        raise ExlbuildError(f"{path}: cannot read the measurement ({e.strerror})") from e
+        raise ExlbuildError(f"{path}: cannot read the {what} ({e.strerror})") from e
     except json.JSONDecodeError as e:
         raise ExlbuildError(f"{path}: not valid JSON ({e})") from e
-    return parse_measurement(obj, str(path))
+
+
+def read_measurement(path: str | Path) -> Measurement:
+    """measurement.json alone (no sensitivity: see read_sensitivity)."""
+    return parse_measurement(_read_json(Path(path), "measurement"), str(path))
+
+
+def write_sensitivity(path: str | Path, measurement: Measurement) -> None:
+    obj = {key: {"kl": s.kl, "error": s.error, "weight": s.weight} for key, s in measurement.sensitivity.items()}
+    Path(path).write_text(json.dumps({"sensitivity": obj}, indent=2) + "\n")
+
+
+def read_sensitivity(path: str | Path, measurement: Measurement) -> Measurement:
+    """`measurement` with the sensitivity.json at `path`, which must cover exactly its measured modules."""
+    obj = _read_json(Path(path), "sensitivity")
+    entries = obj.get("sensitivity") if isinstance(obj, Mapping) else None
+    if not isinstance(entries, Mapping):
+        raise ExlbuildError(f"{path}: expected an object with a 'sensitivity' object")
+    measured = {k for k, v in measurement.modules.items() if v is not None}
+    if set(entries) != measured:
+        odd = sorted(set(entries) ^ measured)
+        raise ExlbuildError(f"{path}: does not match its measurement: module {odd[0]!r} is in only one of them")
+    sensitivity = {}
+    for key, value in entries.items():
+        kl, error = (value.get(k) if isinstance(value, Mapping) else None for k in ("kl", "error"))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in (kl, error)):
+            raise ExlbuildError(f"{path}: sensitivity[{key!r}] needs finite non-negative 'kl' and 'error', "
+                                f"got {value!r}")
+        sensitivity[key] = Sensitivity(float(kl), float(error))
+    return replace(measurement, sensitivity=sensitivity)
 
 
 # ---------------------------------------------------------------------------------------------
