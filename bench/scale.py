@@ -10,7 +10,12 @@ GPU memory (torch.cuda.max_memory_allocated) are its own. Calibration rows are r
 
 From one and two layers: per-layer time = T(2) − T(1) and fixed time (embedding, head, files) = T(1) − per
 layer, extrapolated to the real layer counts (32 and 80). Peak memory does not grow with the layer count (one
-layer's weights at a time), which the two runs check. Results: bench/results/scale-<name>.{json,md}.
+layer's weights at a time), which the two runs check, except for the measurement's sensitivity probe: it
+carries one perturbed copy of its tokens per block measured so far through each later layer, so its memory
+grows with the depth and its time with the square of the depth. The `probe` phase measures that part as the
+last layer of the real model meets it: all 2L copies carried through one layer, then compared at the head;
+the whole probe then costs L/2 such carries (Σ over layers of 2i copies = L² ≈ L/2 × 2L) plus the head
+comparison, and the copies add to the measurement's peak memory. Results: bench/results/scale-<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1000, layers=4),
 }
-PHASES = ("measure", "quantize")
+PHASES = ("measure", "quantize")  # run for each layer count; "probe" once per shape, on the 1-layer model
 
 
 def write_model(directory: Path, shape: str, layers: int, device: str) -> None:
@@ -70,6 +75,37 @@ def write_model(directory: Path, shape: str, layers: int, device: str) -> None:
     save_file(tensors, str(directory / "model.safetensors"))
 
 
+def run_probe(model: Path, copies: int, device: str) -> dict:
+    """The sensitivity probe at the last layer of a model of copies / 2 layers: seconds to carry every copy
+    through one layer, seconds to compare them at the head, and the copies' bytes."""
+    import torch
+
+    from exlbuild.model.checkpoint import head_weight, layer_weights, norm_weight, open_model
+    from exlbuild.model.llama import rope_tables
+    from exlbuild.quant.exl2.measure import PROBE_TOKENS, output_divergence
+    from exlbuild.quant.stream import STATE_DTYPE, run_block
+
+    cfg, ckpt = open_model(model)
+    w = layer_weights(ckpt, cfg, 0, torch.float16, device)
+    states = torch.randn(copies, 1, PROBE_TOKENS, cfg.hidden_size, dtype=STATE_DTYPE, device=device)
+    rope = rope_tables(cfg, PROBE_TOKENS, device)
+
+    def timed(step) -> float:
+        torch.cuda.synchronize() if device == "cuda" else None
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize() if device == "cuda" else None
+        return time.perf_counter() - t0
+
+    flat = states.flatten(0, 1)
+    carry = timed(lambda: [run_block(b, flat, w, cfg, rope, out=flat) for b in ("attention", "mlp")])
+    del w
+    norm_w, head_w = norm_weight(ckpt, torch.float32, device), head_weight(ckpt, cfg, torch.float32, device)
+    compare = timed(lambda: output_divergence(states[0], states, norm_w, head_w, cfg.rms_norm_eps))
+    return {"copies": copies, "tokens": PROBE_TOKENS, "carry_seconds": carry, "compare_seconds": compare,
+            "copies_bytes": states.numel() * states.element_size()}
+
+
 def run_phase(phase: str, model: Path, work: Path, rows: int, length: int, device: str) -> dict:
     """One phase in this process: seconds, peak GPU and CPU memory."""
     import torch
@@ -91,7 +127,9 @@ def run_phase(phase: str, model: Path, work: Path, rows: int, length: int, devic
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    if phase == "measure":
+    if phase == "probe":
+        result = run_probe(model, rows, device)
+    elif phase == "measure":
         measurement = measure_model(model, ids, state_dir=work / "measure-state", device=device)
         write_measurement(work / "measurement.json", measurement)
         write_sensitivity(work / "sensitivity.json", measurement)
@@ -119,13 +157,22 @@ def main() -> None:
     ap.add_argument("--rows", nargs=2, type=int, default=[16, 100], metavar=("MEASURE", "QUANTIZE"),
                     help="calibration rows of 2048 tokens for the measurement and the quantization")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: run one phase
+    ap.add_argument("--phase", choices=(*PHASES, "probe"), help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:
-        rows = args.rows[PHASES.index(args.phase)]
+        # probe: --rows carries the number of copies (2 × the real layer count) in its first place
+        rows = args.rows[PHASES.index(args.phase) if args.phase in PHASES else 0]
         print(json.dumps(run_phase(args.phase, args.model, args.work, rows, 2048, args.device)))
         return
+
+    def phase_run(phase: str, shape: str, layers: int, work: Path, rows: list[int]) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--name", args.name, "--phase", phase, "--model",
+                              str(work / "model"), "--work", str(work), "--device", args.device,
+                              "--rows", *map(str, rows)], check=True, stdout=subprocess.PIPE, text=True).stdout
+        run = {"shape": shape, "layers": layers, **json.loads(out.strip().splitlines()[-1])}
+        print(json.dumps(run), flush=True)
+        return run
 
     runs = []
     for shape in args.shapes:
@@ -134,14 +181,10 @@ def main() -> None:
             t0 = time.perf_counter()
             write_model(work / "model", shape, layers, args.device)
             print(f"{shape}, {layers} layer(s): model written in {time.perf_counter() - t0:.1f} s", flush=True)
-            for phase in PHASES:
-                out = subprocess.run([sys.executable, __file__, "--name", args.name, "--phase", phase, "--model",
-                                      str(work / "model"), "--work", str(work), "--device", args.device,
-                                      "--rows", *map(str, args.rows)], check=True, stdout=subprocess.PIPE,
-                                     text=True).stdout
-                run = {"shape": shape, "layers": layers, **json.loads(out.strip().splitlines()[-1])}
-                print(json.dumps(run), flush=True)
-                runs.append(run)
+            runs += [phase_run(phase, shape, layers, work, args.rows) for phase in PHASES]
+        if 1 in args.layers:
+            copies = 2 * SHAPES[shape]["layers"]
+            runs.append(phase_run("probe", shape, 1, args.work / f"{shape}-1", [copies, copies]))
     result = {"device": _device(args.device), "runs": runs, "extrapolated": extrapolate(runs)}
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"scale-{args.name}.json"
@@ -151,19 +194,27 @@ def main() -> None:
 
 
 def extrapolate(runs: list[dict]) -> list[dict]:
-    """Per shape and phase: per-layer and fixed seconds from the 1- and 2-layer runs, the real model's time."""
+    """Per shape and phase: per-layer and fixed seconds from the 1- and 2-layer runs, the real model's time;
+    the measurement with its sensitivity probe at the real depth (module docstring)."""
     out = []
     for shape, s in SHAPES.items():
+        probe = next((r for r in runs if r["shape"] == shape and r["phase"] == "probe"), None)
         for phase in PHASES:
             by_layers = {r["layers"]: r for r in runs if r["shape"] == shape and r["phase"] == phase}
             if 1 not in by_layers or 2 not in by_layers:
                 continue
             per_layer = by_layers[2]["seconds"] - by_layers[1]["seconds"]
             fixed = by_layers[1]["seconds"] - per_layer
-            out.append({"shape": shape, "phase": phase, "layers": s["layers"], "per_layer_seconds": per_layer,
-                        "fixed_seconds": fixed, "seconds": fixed + s["layers"] * per_layer,
-                        "peak_gpu_bytes": max(r["peak_gpu_bytes"] for r in by_layers.values()),
-                        "peak_cpu_bytes": max(r["peak_cpu_bytes"] for r in by_layers.values())})
+            row = {"shape": shape, "phase": phase, "layers": s["layers"], "per_layer_seconds": per_layer,
+                   "fixed_seconds": fixed, "seconds": fixed + s["layers"] * per_layer,
+                   "peak_gpu_bytes": max(r["peak_gpu_bytes"] for r in by_layers.values()),
+                   "peak_cpu_bytes": max(r["peak_cpu_bytes"] for r in by_layers.values())}
+            if phase == "measure" and probe is not None:
+                row["probe_seconds"] = s["layers"] / 2 * probe["carry_seconds"] + probe["compare_seconds"]
+                row["seconds"] += row["probe_seconds"]
+                # the runs held 2 and 4 copies; the real model's last layer holds them all
+                row["peak_gpu_bytes"] += probe["copies_bytes"] * (1 - 4 / probe["copies"])
+            out.append(row)
     return out
 
 
@@ -182,9 +233,19 @@ def markdown(r: dict) -> str:
              "| shape | layers | phase | rows × 2048 | seconds | peak GPU GiB | peak CPU GiB |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for x in r["runs"]:
+        if x["phase"] == "probe":
+            continue
         lines.append(f"| {x['shape']} | {x['layers']} | {x['phase']} | {x['rows']} | {x['seconds']:.1f} | "
                      f"{x['peak_gpu_bytes'] / gib:.2f} | {x['peak_cpu_bytes'] / gib:.2f} |")
-    lines += ["", "Extrapolated to the real layer counts (per layer = T(2) − T(1), fixed = T(1) − per layer):", "",
+    lines += ["", "Sensitivity probe at the last layer of the real depth (all copies of its tokens):", "",
+              "| shape | copies × tokens | carry through one layer s | compare at the head s | copies GiB |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for x in r["runs"]:
+        if x["phase"] == "probe":
+            lines.append(f"| {x['shape']} | {x['copies']} × {x['tokens']} | {x['carry_seconds']:.2f} | "
+                         f"{x['compare_seconds']:.2f} | {x['copies_bytes'] / gib:.2f} |")
+    lines += ["", "Extrapolated to the real layer counts (per layer = T(2) − T(1), fixed = T(1) − per layer; the "
+              "measurement adds the probe: layers/2 carries + the head comparison, and its copies' memory):", "",
               "| shape | phase | layers | per layer s | fixed s | whole model | peak GPU GiB |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for x in r["extrapolated"]:
