@@ -198,7 +198,8 @@ def test_resume_after_interruption(monkeypatch: pytest.MonkeyPatch, model_dir: P
 
 def test_output_divergence_is_the_mean_kl_per_token() -> None:
     g = torch.Generator().manual_seed(3)
-    reference, norm_w, head_w = torch.randn(2, 5, 8, generator=g), 1 + torch.rand(8, generator=g), torch.randn(11, 8, generator=g)
+    reference = torch.randn(2, 5, 8, generator=g)
+    norm_w, head_w = 1 + torch.rand(8, generator=g), torch.randn(11, 8, generator=g)
     perturbed = torch.stack([reference, reference + 0.3 * torch.randn(2, 5, 8, generator=g)])
     kl = measure.output_divergence(reference, perturbed, norm_w, head_w, 1e-5)
     p = torch.distributions.Categorical(logits=final_logits(reference, norm_w, head_w, 1e-5))
@@ -256,3 +257,10 @@ def test_no_probe_no_sensitivity(model_dir: Path, full_run) -> None:
     plain = measure.measure_model(model_dir, _ids(), probe_tokens=0)
     assert plain.sensitivity == {} and len(full_run.sensitivity) == 4
     assert measurement_to_json(plain) == measurement_to_json(full_run)  # the accuracies do not depend on it
+
+
+def test_bad_calibration_ids(model_dir: Path) -> None:
+    with pytest.raises(ExlbuildError, match=r"calibration ids must lie in \[0, 256\), got \[2"):
+        measure.measure_model(model_dir, _ids() + 256)
+    with pytest.raises(ExlbuildError, match=r"integers of shape \(rows, length ≥ 2\), got \(40,\)"):
+        measure.measure_model(model_dir, _ids()[0])

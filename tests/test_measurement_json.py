@@ -191,7 +191,7 @@ def test_sensitivity_round_trip_and_errors(tmp_path):
     entries = json.loads(path.read_text())["sensitivity"]
     entries.pop(modules[0])
     path.write_text(json.dumps({"sensitivity": entries}))
-    with pytest.raises(ExlbuildError, match=rf"sensitivity.json: does not match its measurement: module '{modules[0]}'"):
+    with pytest.raises(ExlbuildError, match=rf"sensitivity.json: does not match its measurement: module '{modules[0]}"):
         read_sensitivity(path, measurement)
     entries[modules[0]] = {"kl": -1.0, "error": 0.1}
     path.write_text(json.dumps({"sensitivity": entries}))

@@ -45,6 +45,16 @@ STATE_DTYPE = torch.float16
 CHUNK_ELEMENTS = 1 << 26
 
 
+def check_calibration_ids(ids: Tensor, cfg: LlamaConfig) -> Tensor:
+    """The calibration token rows of a pass as int64 on the CPU, after checking their shape and range."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 2 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
+        raise ExlbuildError(f"calibration ids must be integers of shape (rows, length ≥ 2), got {tuple(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ExlbuildError(f"calibration ids must lie in [0, {cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
+    return ids.long().cpu()
+
+
 def block_weights(block: Block, w: dict[str, Tensor]) -> dict[str, Tensor]:
     """The block's own weights from a layer's `w`, in float32 (what its pass computes with)."""
     names = [BLOCK_NORMS[block]] + [f"{n}.{s}" for n in BLOCK_LINEARS[block] for s in ("weight", "bias")]

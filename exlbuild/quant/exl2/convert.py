@@ -61,6 +61,7 @@ from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for 
     STATE_DTYPE,
     Block,
     LayerCheckpoint,
+    check_calibration_ids,
     relative_error,
     run_block,
 )
@@ -243,15 +244,6 @@ def calibration_perplexity(states: Tensor, ids: Tensor, norm_w: Tensor, head_w: 
     return math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
-def _check_ids(ids: Tensor, cfg: LlamaConfig) -> Tensor:
-    ids = torch.as_tensor(ids)
-    if ids.dim() != 2 or ids.shape[1] < 2 or ids.dtype.is_floating_point:
-        raise ExlbuildError(f"calibration ids must be integers of shape (rows, length ≥ 2), got {tuple(ids.shape)}")
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise ExlbuildError(f"calibration ids must lie in [0, {cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
-    return ids.long().cpu()
-
-
 def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
@@ -281,7 +273,7 @@ def quantize_model(
     """
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
-    ids = _check_ids(ids, cfg)
+    ids = check_calibration_ids(ids, cfg)
     options = block_options(strategy, cfg)
     bits_per_weight = decoder_bits_per_weight(options, cfg)  # also checks every option against its shape
     head = head_option(head_bits)

@@ -10,14 +10,15 @@ candidate shares, is one GEMM over its distinct options whose outputs are then p
 attention, the activation and the output projection (o, down) run batched over candidates. The next block
 reads the reference outputs, never quantized states.
 
-Sensitivity (exlbuild's addition; the reference has none). A block's accuracy says how far its own output moves,
-not what that costs at the model's output, and the two differ by more than an order of magnitude between
-blocks: where the residual stream is large, a small relative error still changes the next-token distribution
-a lot. So the pass also carries a probe to the output: on the first `probe_tokens` calibration tokens (the
-first tokens of the first rows: attention is causal, so they do not depend on the rest), each block's output is replaced by that of one candidate (the one closest to PROBE_BITS bits per weight), and
-that perturbed copy of the states runs through the rest of the unquantized model, beside the reference states.
-At the end, each copy's next-token distribution is compared with the reference's (KL divergence): the block's
-Sensitivity. The allocation weighs each block's squared error by it (exlbuild.quant.allocate).
+Sensitivity (exlbuild's addition; the reference has none). A block's accuracy says how far its own output
+moves, not what that costs at the model's output, and the two differ by two orders of magnitude between
+blocks: where one token's residual is huge, a change that matters is small relative to the block's output.
+So the pass also carries a probe to the output: on the first `probe_tokens` calibration tokens (the first
+tokens of the first rows: attention is causal, so they do not depend on the rest), each block's output is
+replaced by that of one candidate (the one closest to PROBE_BITS bits per weight), and that perturbed copy of
+the states runs through the rest of the unquantized model, beside the reference states. At the end, each
+copy's next-token distribution is compared with the reference's (KL divergence): the block's Sensitivity.
+The allocation weighs each block's squared error by it (exlbuild.quant.allocate).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from exlbuild.quant.stream import (
     Block,
     LayerCheckpoint,
     block_weights,
+    check_calibration_ids,
     relative_error,
     run_block,
 )
@@ -280,11 +282,9 @@ def measure_model(
     do the probe's perturbed copies (one per block measured). With `state_dir`, progress is saved after every
     layer and a later call with the same directory resumes there.
     """
-    if ids.dim() != 2:
-        raise ExlbuildError(f"calibration ids must be (rows, length), got shape {tuple(ids.shape)}")
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     device = torch.device(device or "cpu")
-    ids = ids.to(device)
+    ids = check_calibration_ids(ids, cfg).to(device)
     rope = rope_tables(cfg, ids.shape[1], device)
     # The probe: x[:rows, :tokens]. perturbed[j] is it with block j's output replaced by its probe candidate's.
     probe = (min(ids.shape[0], -(-probe_tokens // ids.shape[1])), min(ids.shape[1], probe_tokens))
