@@ -97,9 +97,12 @@ def run_probe(model: Path, copies: int, device: str) -> dict:
         torch.cuda.synchronize() if device == "cuda" else None
         return time.perf_counter() - t0
 
-    flat = states.flatten(0, 1)
-    carry = timed(lambda: [run_block(b, flat, w, cfg, rope, out=flat) for b in ("attention", "mlp")])
-    del w
+    def carry_all() -> None:
+        flat = states.flatten(0, 1)
+        for block in ("attention", "mlp"):
+            run_block(block, flat, w, cfg, rope, out=flat)
+
+    carry = timed(carry_all)
     norm_w, head_w = norm_weight(ckpt, torch.float32, device), head_weight(ckpt, cfg, torch.float32, device)
     compare = timed(lambda: output_divergence(states[0], states, norm_w, head_w, cfg.rms_norm_eps))
     return {"copies": copies, "tokens": PROBE_TOKENS, "carry_seconds": carry, "compare_seconds": compare,
