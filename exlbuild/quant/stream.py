@@ -56,7 +56,8 @@ def check_calibration_ids(ids: Tensor, cfg: LlamaConfig) -> Tensor:
 
 
 def block_weights(block: Block, w: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The block's own weights from a layer's `w`, in float32 (what its pass computes with)."""
+    """The block's own weights from a layer's `w`, in float32 (what its pass computes with; weights already
+    in float32 are passed through, not copied)."""
     names = [BLOCK_NORMS[block]] + [f"{n}.{s}" for n in BLOCK_LINEARS[block] for s in ("weight", "bias")]
     return {n: w[n].float() for n in names if n in w}
 

@@ -314,11 +314,13 @@ def measure_model(
             w = layer_weights(ckpt, cfg, i, torch.float16, device)  # rounded as the reference loads them (4.2)
             for block in ("attention", "mlp"):
                 key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
+                w_block = block_weights(block, w)  # float32 once: what run_block and measure_block compute with
                 if probe_errors:  # the copies perturbed at earlier blocks go on through this one
                     carried = perturbed[: len(probe_errors)].flatten(0, 1)
-                    run_block(block, carried, w, cfg, rope, out=carried, module=f"{key} (sensitivity probe)")
-                modules[key], x, probe_out = measure_block(block, x, w, cfg, rope, module=key,
+                    run_block(block, carried, w_block, cfg, rope, out=carried, module=f"{key} (sensitivity probe)")
+                modules[key], x, probe_out = measure_block(block, x, w_block, cfg, rope, module=key,
                                                            probe=probe if probe_tokens else None)
+                del w_block
                 if probe_tokens:
                     probe_errors.append(relative_error(probe_out, x[: probe[0], : probe[1]]))
                     perturbed[len(probe_errors) - 1] = probe_out
