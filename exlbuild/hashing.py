@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+from filelock import FileLock
 
 _SMALL = 1 << 20  # below this a plain read beats setting up a memory map and threads
 _RACY_SECONDS = 2.0  # a file modified this recently may change again within its mtime tick: do not cache
@@ -52,10 +53,13 @@ class HashCache:
         self._memory: dict[tuple, str] = {}
         if db_path is not None:
             db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(db_path), timeout=60, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
-                             "mtime_ns INTEGER, inode INTEGER, hash TEXT)")
+            # Switching a new database to WAL takes a lock that SQLite's busy timeout does not wait for:
+            # two builds opening a fresh store at once saw "database is locked". The file lock serialises it.
+            with FileLock(str(db_path) + ".lock"):
+                self._db = sqlite3.connect(str(db_path), timeout=60, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, "
+                                 "mtime_ns INTEGER, inode INTEGER, hash TEXT)")
 
     def file_hash(self, path: Path) -> str:
         path = path.resolve()

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import engine_graph
 from exlbuild.errors import ExlbuildError
 from exlbuild.graph import explain
+from exlbuild.hashing import HashCache
 from exlbuild.runner import BUILT, REUSED, STALE, UP_TO_DATE, status
 from exlbuild.store import Store
 
@@ -233,6 +235,27 @@ def test_two_concurrent_builds_build_each_artifact_once(env):
         assert BUILT in (sa[name], sb[name])
     store, graph = resolved(store_root, src, **kw)
     assert (store.data_dir("joined", graph["joined"].key) / "joined.txt").read_text().endswith("|4")
+
+
+def test_a_fresh_hash_cache_opened_by_many_at_once(tmp_path):
+    # Two builds starting on a new store both set up its SQLite hash cache; without the setup lock about one
+    # opening in 200 failed with "database is locked" (seen in CI). Threads race like processes here.
+    errors = []
+
+    def open_cache(db: Path) -> None:
+        try:
+            HashCache(db).close()
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    for i in range(30):
+        db = tmp_path / str(i) / "hashes.sqlite"
+        threads = [threading.Thread(target=open_cache, args=(db,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
 
 
 def test_lock_of_a_dead_process_does_not_block(tmp_path):
