@@ -92,12 +92,11 @@ def check_layer(name: str) -> dict:
         reference = quantize_options(weight, prepared, options, name)
     identical = tied = 0
     for o, r in zip(ours, reference):
-        assert same(o.nibbles, r.nibbles), f"{name} {o.option}: nibbles differ"
-        if same(o.scale_max, r.scale_max):
+        if same(o.nibbles, r.nibbles) and same(o.scale_max, r.scale_max):
             assert same(o.codes, r.codes) and same(o.weight, r.weight), f"{name} {o.option}: results differ"
             assert all(same(pack_layer(o)[key], pack_layer(r)[key]) for key in ("q_weight", "q_scale"))
             identical += 1
-        else:  # the scale search picked another multiplier of equal error (to float32 rounding)
+        else:  # the scale search picked another scale of equal error (to float32 rounding)
             tied += 1
     return {"options": len(options), "identical": identical, "tied": tied}
 
@@ -115,7 +114,8 @@ def block_step_inputs(options: int, k: int, n: int) -> tuple:
     factor = prepare_hessian(hessian).inverse_factor
     work = weight.float().T.contiguous().repeat(options, 1, 1)
     bits = torch.full((options, k), 4.0, device="cuda")
-    nibbles, scale_max = find_group_scales(work[:, :BLOCK_ROWS], bits[:, 0].long())
+    row_weights = factor.diagonal()[:BLOCK_ROWS].square().reciprocal()
+    nibbles, scale_max = find_group_scales(work[:, :BLOCK_ROWS], bits[:, 0].long(), row_weights)
     scale = scale_from_nibbles(nibbles, scale_max)
     codes = torch.empty(options, k, n, dtype=torch.uint8, device="cuda")
     values = torch.empty(options, k, n, dtype=torch.float16, device="cuda")
@@ -139,9 +139,10 @@ def time_search() -> list[dict]:
                                   "1 group 32×49152": (1, 32, 49152)}.items():
         group_rows = torch.randn(groups, r, n, device="cuda", generator=g) * 0.02
         bits = torch.tensor(BIT_WIDTHS, device="cuda")[torch.randint(6, (groups,), device="cuda", generator=g)]
-        rows.append({"kernel": "find_group_scales", "case": label,
-                     "host_us": host_us(lambda: find_group_scales(group_rows, bits)),
-                     **{m: median_ms(lambda: find_group_scales(group_rows, bits), m) for m in ("reference", "triton")}})
+        row_weights = torch.rand(r, device="cuda", generator=g) + 0.5
+        search = lambda: find_group_scales(group_rows, bits, row_weights)  # noqa: E731
+        rows.append({"kernel": "find_group_scales", "case": label, "host_us": host_us(search),
+                     **{m: median_ms(search, m) for m in ("reference", "triton")}})
     return rows
 
 

@@ -6,13 +6,8 @@ import torch
 from exlbuild.errors import ExlbuildError
 from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, QuantOption
 from exlbuild.quant.exl2.pack import bits_per_row, dequantize, dequantize_codes, scale_from_nibbles, validate_layer
-from exlbuild.quant.exl2.quantize import (
-    find_group_scales,
-    multiplier_grid,
-    pack_layer,
-    quantize,
-    quantize_options,
-)
+from exlbuild.kernels.scale_search import find_group_scales, multiplier_grid
+from exlbuild.quant.exl2.quantize import pack_layer, quantize, quantize_options
 from exlbuild.quant.gptq import prepare_hessian
 
 K, N = 256, 72
@@ -50,19 +45,28 @@ def same_scale_rtn(weight: torch.Tensor, result) -> torch.Tensor:
     return dequantize_codes(codes, zero, scale)[result.invperm].T
 
 
-GRID = torch.tensor([0.70 * (1 - i / 96) + 1.20 * (i / 96) for i in range(97)], dtype=torch.float32)
+GRID = torch.tensor([0.70 * (1 - i / 16) + 1.20 * (i / 16) for i in range(17)], dtype=torch.float32)
 
 
-def literal_scale_search(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q2–Q4 written out for one group (R, N): the steps t_n and q_scale_max."""
+def literal_scale_search(rows: torch.Tensor, bits: int, row_weights: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """The scale search written out for one group (R, N): each column's nibble and q_scale_max."""
     maxq, z = 2**bits - 1, 2 ** (bits - 1)
-    base = (rows.abs().amax(dim=0) + 1e-12) / (maxq / 2)
-    top = base.max()
-    t = torch.round(16 * torch.sqrt(base / top)).clamp(1, 16)
-    c = (t / 16) ** 2 * top
-    errors = [((torch.round(rows / (c * p)).clamp(-z, maxq - z) * (c * p) - rows).abs() ** 3.5).sum() for p in GRID]
-    best = min(range(len(GRID)), key=lambda i: (errors[i].item(), i))
-    return t, (top * GRID[best]).half()
+    top = (rows.abs().max() + 1e-12) / (maxq / 2)
+    best = None
+    for p in GRID:
+        scale_max = (top * p).half()
+        nibbles, total = [], 0.0
+        for n in range(rows.shape[1]):
+            errors = []
+            for k in range(16):
+                s = ((k + 1) ** 2 * (scale_max.float() / 256).half().float()).half().float()
+                v = (torch.round(rows[:, n] / s) + z).clamp(0, maxq) - z if s > 0 else torch.zeros(len(rows))
+                errors.append((row_weights * (v * s - rows[:, n]) ** 2).sum().item())
+            nibbles.append(min(range(16), key=lambda k: (errors[k], k)))
+            total += errors[nibbles[-1]]
+        if best is None or total < best[0]:
+            best = (total, nibbles, scale_max)
+    return best[1], best[2]
 
 
 def reference_quantize(weight, hessian, option: QuantOption) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +79,9 @@ def reference_quantize(weight, hessian, option: QuantOption) -> tuple[torch.Tens
     values = torch.zeros(w.shape, dtype=torch.float16)
     for group in option.groups(w.shape[0]):
         a, e, maxq, z = group.start, group.end, 2**group.bits - 1, 2 ** (group.bits - 1)
-        t, scale_max = literal_scale_search(w[a:e], group.bits)
-        scale = (t.half() * t.half()) * (scale_max / 256)
+        nibbles, scale_max = literal_scale_search(w[a:e], group.bits, u.diagonal()[a:e] ** -2)
+        t = torch.tensor(nibbles, dtype=torch.float16) + 1
+        scale = (t * t) * (scale_max / 256)
         block = torch.zeros(e - a, w.shape[1])
         for r in range(a, e):
             q = (torch.round(w[r] / scale.float()) + z).clamp(0, maxq)
@@ -93,33 +98,68 @@ def reference_quantize(weight, hessian, option: QuantOption) -> tuple[torch.Tens
 # Scale search (Q2–Q4)
 
 
-def test_scale_search_doc_example():
-    generator = torch.Generator().manual_seed(0)
-    rows = torch.rand(32, 2, generator=generator) * 0.6 - 0.3
-    rows[:, 0] = rows[:, 0].clamp(-0.29, 0.29)
-    rows[:, 1] = rows[:, 1].clamp(-0.07, 0.07)
-    rows[3, 0], rows[9, 1] = 0.30, -0.075
-    nibbles, scale_max = find_group_scales(rows[None], torch.tensor([4]))
-    assert nibbles.tolist() == [[15, 7]]  # square roots 1 and 0.5, times 16, minus one
-    p = scale_max.float() / 0.04
-    assert 0.69 < p.item() < 1.21
-    assert (scale_max == (0.04 * GRID).half()).any()
-
-
 def test_scale_search_matches_literal_search():
     generator = torch.Generator().manual_seed(1)
-    rows = torch.randn(3, 64, 40, generator=generator) * torch.tensor([0.01, 0.02, 0.05])[:, None, None]
+    rows = torch.randn(3, 64, 12, generator=generator) * torch.tensor([0.01, 0.02, 0.05])[:, None, None]
+    rows[1, :, 0] = 0  # a dead column
+    row_weights = torch.rand(64, generator=generator) + 0.1
     bits = torch.tensor([3, 5, 8])
-    nibbles, scale_max = find_group_scales(rows, bits)
+    nibbles, scale_max = find_group_scales(rows, bits, row_weights)
     for i, b in enumerate(bits.tolist()):
-        t, literal_max = literal_scale_search(rows[i], b)
-        assert nibbles[i].tolist() == (t - 1).tolist()
+        literal_nibbles, literal_max = literal_scale_search(rows[i], b, row_weights)
+        assert nibbles[i].tolist() == literal_nibbles
         assert scale_max[i] == literal_max
+
+
+def weighted_error(rows: torch.Tensor, bits: int, row_weights: torch.Tensor, nibbles: torch.Tensor,
+                   scale_max: torch.Tensor) -> float:
+    maxq, z = 2**bits - 1, 2 ** (bits - 1)
+    s = scale_from_nibbles(nibbles[None], scale_max[None])[0].float()
+    v = ((torch.round(rows / s) + z).clamp(0, maxq) - z) * s
+    return (row_weights[:, None] * (v - rows) ** 2).sum().item()
+
+
+def test_scale_search_beats_the_column_maximum_scales():
+    # The reference converter's nibbles (from each column's largest weight) with any multiplier of the
+    # grid are among the choices searched, so none of them can do better.
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(4, 32, 24, generator=generator) * 0.02
+    rows[:, 3] *= 6  # an outlier row
+    row_weights = torch.rand(32, generator=generator) * 4
+    bits = torch.tensor([2, 3, 4, 6])
+    nibbles, scale_max = find_group_scales(rows, bits, row_weights)
+    for g, b in enumerate(bits.tolist()):
+        top = (rows[g].abs().max() + 1e-12) / ((2**b - 1) / 2)
+        column = (rows[g].abs().amax(dim=0) + 1e-12) / ((2**b - 1) / 2)
+        steps = torch.round(16 * torch.sqrt(column / top)).clamp(1, 16)
+        by_column_maximum = min(
+            weighted_error(rows[g], b, row_weights, (steps - 1).to(torch.uint8), (top * p).half()) for p in GRID
+        )
+        assert weighted_error(rows[g], b, row_weights, nibbles[g], scale_max[g]) <= by_column_maximum
+
+
+def test_scale_search_weighs_rows():
+    # One outlier among small weights: in a row GPTQ weighs heavily, its scale must reach it; in a row it
+    # barely weighs, the scale fits the many small weights and clips it.
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(64, 8, generator=generator) * 0.01
+    rows[5] = 0.2
+    heavy, light = torch.ones(64), torch.ones(64)
+    heavy[5], light[5] = 1000.0, 1e-6
+    bits = torch.tensor([3])
+
+    def largest_decoded(row_weights: torch.Tensor) -> torch.Tensor:
+        nibbles, scale_max = find_group_scales(rows[None], bits, row_weights)
+        s = scale_from_nibbles(nibbles, scale_max)[0].float()
+        return s * 3  # the largest positive code of 3 bits
+
+    assert (largest_decoded(heavy) >= 0.19).all()
+    assert (largest_decoded(light) < 0.1).all()
 
 
 def test_multiplier_grid():
     assert torch.equal(multiplier_grid(), GRID)
-    assert GRID[0] == pytest.approx(0.70) and GRID[48] == pytest.approx(0.95) and GRID[-1] == pytest.approx(1.20)
+    assert GRID[0] == pytest.approx(0.70) and GRID[8] == pytest.approx(0.95) and GRID[-1] == pytest.approx(1.20)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 3  # 2: float16 states between blocks; 3: sensitivity.json
+    version = 4  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -124,7 +124,7 @@ class Quantize(Rule):
     """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
 
     name = "exl2-quantized"
-    version = 2  # 2: float16 states between blocks; rfn_error on metric rows
+    version = 3  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json

@@ -15,7 +15,9 @@ The measurement quantizes every distinct option of a layer from the same weight 
   are chosen from its rows as they stand then, i.e. after absorbing the error of every earlier row:
   exactly the doc's algorithm, whose lazy block is the group (only float summation order differs).
   Per row, each option has its own bit width, zero point and scales, held as (B, …) tensors.
-- Scale searches of options whose groups start at the same row with the same length run batched.
+- Scale searches of options whose groups start at the same row with the same length run batched. The
+  search weighs each row by 1 / U_rr², what an error left in that row costs GPTQ's loss
+  (exlbuild.kernels.scale_search).
 - On CUDA the block's row loop and the scale search run as Triton kernels (exlbuild.kernels), on
   other devices as their PyTorch references; the block step is bit-exact either way.
 
@@ -34,12 +36,7 @@ from torch import Tensor
 
 from exlbuild.errors import ExlbuildError
 from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step
-from exlbuild.kernels.scale_search import (  # noqa: F401 (re-exported: part of this module's API)
-    MULTIPLIER_POINTS,
-    MULTIPLIER_RANGE,
-    find_group_scales,
-    multiplier_grid,
-)
+from exlbuild.kernels.scale_search import find_group_scales
 from exlbuild.quant.exl2.options import Group, QuantOption, pad_to_32
 from exlbuild.quant.exl2.pack import (
     bits_per_row,
@@ -107,11 +104,14 @@ def quantize_options(
     block_errors = torch.empty(n_options, BLOCK_ROWS, out_features, device=device)
 
     step = BlockStep(work, factor, scale, row_zero, row_maxq, codes, values, block_errors)
+    row_weights = factor.diagonal().square().reciprocal()
     for a in range(0, in_features, BLOCK_ROWS):
         e = a + BLOCK_ROWS
         for rows, members in starts[a].items():
             chosen = [o for o, _ in members]
-            group_nibbles, group_max = find_group_scales(work[chosen, a : a + rows], row_bits[chosen, a])
+            group_nibbles, group_max = find_group_scales(
+                work[chosen, a : a + rows], row_bits[chosen, a], row_weights[a : a + rows]
+            )
             scale[chosen] = scale_from_nibbles(group_nibbles, group_max)
             for (o, g), n, m in zip(members, group_nibbles, group_max):
                 nibbles[o][g] = n
