@@ -116,12 +116,7 @@ def run_phase(phase: str, model: Path, work: Path, rows: int, length: int, devic
     from exlbuild.model.config import LlamaConfig
     from exlbuild.quant.exl2.convert import allocate_strategy, quantize_model, strategy_from_json
     from exlbuild.quant.exl2.measure import measure_model
-    from exlbuild.quant.exl2.measurement_json import (
-        read_measurement,
-        read_sensitivity,
-        write_measurement,
-        write_sensitivity,
-    )
+    from exlbuild.quant.exl2.measurement_json import read_measurement_dir, write_measurement_dir
 
     cfg = LlamaConfig.from_dir(model)
     ids = torch.randint(0, cfg.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
@@ -134,12 +129,10 @@ def run_phase(phase: str, model: Path, work: Path, rows: int, length: int, devic
         result = run_probe(model, rows, device)
     elif phase == "measure":
         measurement = measure_model(model, ids, state_dir=work / "measure-state", device=device)
-        write_measurement(work / "measurement.json", measurement)
-        write_sensitivity(work / "sensitivity.json", measurement)
+        write_measurement_dir(work, measurement)
         result = {}
     else:
-        measurement = read_sensitivity(work / "sensitivity.json", read_measurement(work / "measurement.json"))
-        allocation = allocate_strategy(measurement, cfg, 4.0)
+        allocation = allocate_strategy(read_measurement_dir(work), cfg, 4.0)
         metrics = quantize_model(model, ids, strategy_from_json(allocation["strategy"]), 6, work / "quantized",
                                  state_dir=work / "quantize-state", device=device)
         result = {"bits_per_weight": metrics["bits_per_weight"]}

@@ -84,21 +84,23 @@ def column_errors_reference(rows: Tensor, bits: Tensor, row_weights: Tensor, gro
     """err(p, k, n) for every group: (B, P, 16, N) float32."""
     groups, height, columns = rows.shape
     scales = candidate_scales(group_max)
-    maxq = (2**bits - 1).to(torch.float32).tolist()
-    zero = (2 ** (bits - 1)).to(torch.float32).tolist()
-    h = row_weights[:, None]
+    low = (-(2 ** (bits - 1))).to(torch.float32).tolist()
+    high = (2 ** (bits - 1) - 1).to(torch.float32).tolist()
     width = max(1, _SEARCH_CHUNK_ELEMENTS // (NIBBLES * height))
     errors = torch.empty(groups, MULTIPLIER_POINTS, NIBBLES, columns, device=rows.device)
     for b in range(groups):
+        # A zero scale (a group of near-zero weights whose q_scale_max/256 underflows fp16) decodes every code
+        # to zero, as gptq_block_step takes the zero point there.
+        zero_scales = bool((scales[b] == 0).any())
         for p in range(MULTIPLIER_POINTS):
             s = scales[b, p, :, None, None]  # (16, 1, 1)
             for c in range(0, columns, width):
                 w = rows[b, :, c : c + width]
-                # A zero scale (a group of near-zero weights whose q_scale_max/256 underflows fp16) decodes
-                # every code to zero, as gptq_block_step takes the zero point there.
-                ratio = torch.where(s > 0, w / s, 0.0)
-                v = (ratio.round_().add_(zero[b]).clamp_(0, maxq[b]).sub_(zero[b])).mul_(s)
-                errors[b, p, :, c : c + width] = v.sub_(w).square_().mul_(h).sum(dim=1)
+                # rint(w/S) clamped to [−z, maxq − z]: the same values as clamp(rint(w/S) + z, 0, maxq) − z.
+                v = torch.div(w, s).round_().clamp_(low[b], high[b]).mul_(s)
+                if zero_scales:
+                    v = torch.where(s > 0, v, 0.0)
+                errors[b, p, :, c : c + width] = torch.matmul(row_weights, v.sub_(w).square_())
     return errors
 
 

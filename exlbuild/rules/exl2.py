@@ -19,8 +19,6 @@ from exlbuild.graph import BuildContext, Node, Rule
 from exlbuild.recipe import LoadedRecipe, VariantSpec
 from exlbuild.rules.calibration import CALIBRATION_FILE
 
-MEASUREMENT_FILE = "measurement.json"
-SENSITIVITY_FILE = "sensitivity.json"  # exlbuild's measurements only (quant/exl2/measure.py)
 STRATEGY_FILE = "strategy.json"
 EXL2_FORMAT_VERSION = "0.3.2"  # the exllamav2 release whose file format the output follows
 
@@ -69,16 +67,14 @@ class Measure(Rule):
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
-        from exlbuild.quant.exl2.measurement_json import write_measurement, write_sensitivity
+        from exlbuild.quant.exl2.measurement_json import write_measurement_dir
 
         model_dir = ctx.inputs["model"]
         model_config(model_dir)
         measurement = measure_model(model_dir, load_ids(ctx.inputs["calibration"]), state_dir=ctx.state,
                                     rope_scale=ctx.params["rope"]["scale"], rope_alpha=ctx.params["rope"]["alpha"],
                                     device=compute_device(), probe_tokens=ctx.params["probe_tokens"])
-        write_measurement(ctx.out / MEASUREMENT_FILE, measurement)
-        if measurement.sensitivity:
-            write_sensitivity(ctx.out / SENSITIVITY_FILE, measurement)
+        write_measurement_dir(ctx.out, measurement)
         worst = min(max(c.accuracy for c in cands) for cands in measurement.modules.values() if cands)
         return {"modules": sum(1 for v in measurement.modules.values() if v), "worst_best_accuracy": worst}
 
@@ -91,13 +87,13 @@ class ImportMeasurement(Rule):
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import decoder_linears
-        from exlbuild.quant.exl2.measurement_json import read_measurement, validate_measurement, write_measurement
+        from exlbuild.quant.exl2.measurement_json import read_measurement, validate_measurement, write_measurement_dir
 
         cfg = model_config(ctx.inputs["model"])
         source = ctx.sources["measurement"]
         measurement = read_measurement(source)
         validate_measurement(measurement, decoder_linears(cfg), str(source))
-        write_measurement(ctx.out / MEASUREMENT_FILE, measurement)
+        write_measurement_dir(ctx.out, measurement)
         return {"source": str(source)}
 
 
@@ -109,13 +105,10 @@ class Allocate(Rule):
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import allocate_strategy
-        from exlbuild.quant.exl2.measurement_json import read_measurement, read_sensitivity
+        from exlbuild.quant.exl2.measurement_json import read_measurement_dir
 
         cfg = model_config(ctx.inputs["model"])
-        measurement = read_measurement(ctx.inputs["measurement"] / MEASUREMENT_FILE)
-        if (ctx.inputs["measurement"] / SENSITIVITY_FILE).is_file():  # not for an imported measurement
-            measurement = read_sensitivity(ctx.inputs["measurement"] / SENSITIVITY_FILE, measurement)
-        result = allocate_strategy(measurement, cfg, ctx.params["bits"])
+        result = allocate_strategy(read_measurement_dir(ctx.inputs["measurement"]), cfg, ctx.params["bits"])
         (ctx.out / STRATEGY_FILE).write_text(json.dumps(result, indent=2) + "\n")
         return {k: v for k, v in result.items() if k != "strategy"}
 

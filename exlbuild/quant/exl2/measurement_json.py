@@ -172,6 +172,26 @@ def read_sensitivity(path: str | Path, measurement: Measurement) -> Measurement:
     return replace(measurement, sensitivity=sensitivity)
 
 
+MEASUREMENT_FILE = "measurement.json"
+SENSITIVITY_FILE = "sensitivity.json"  # exlbuild's measurements only (quant/exl2/measure.py)
+
+
+def write_measurement_dir(directory: Path, measurement: Measurement) -> None:
+    """measurement.json, and sensitivity.json beside it where the measurement has sensitivities."""
+    write_measurement(directory / MEASUREMENT_FILE, measurement)
+    if measurement.sensitivity:
+        write_sensitivity(directory / SENSITIVITY_FILE, measurement)
+
+
+def read_measurement_dir(directory: Path) -> Measurement:
+    """What write_measurement_dir wrote: without a sensitivity.json (an imported exllamav2 measurement) the
+    measurement has no sensitivities."""
+    measurement = read_measurement(directory / MEASUREMENT_FILE)
+    if (directory / SENSITIVITY_FILE).is_file():
+        measurement = read_sensitivity(directory / SENSITIVITY_FILE, measurement)
+    return measurement
+
+
 # ---------------------------------------------------------------------------------------------
 # Matching a measurement to a model
 
