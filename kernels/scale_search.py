@@ -16,8 +16,8 @@ nibbles rather than sharing one multiplier, and the rows the Hessian weighs most
 SmolLM2's layers: 3–14 % less output error per linear than the reference's search at every bit width
 (bench/NOTES.md §10); a grid of 97 points chose as well as 17.
 
-The Triton kernel computes the same scales (IEEE division, round half to even, the same fp16 roundings)
-and quantized values, but sums each column's error in its own order: its errors agree with the
+The Triton kernel computes the same scales (the same fp16 roundings) and quantized values (IEEE division,
+round half to even), but sums each column's error in its own order: its errors agree with the
 reference's to float32 rounding, and its choices are the reference's except where two score within it.
 """
 
