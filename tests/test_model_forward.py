@@ -11,7 +11,17 @@ import torch.nn.functional as F
 
 from exlbuild.model.checkpoint import layer_weights, open_model
 from exlbuild.model.config import LlamaConfig
-from exlbuild.model.llama import LINEAR_INPUTS, decoder_layer, embed, forward_hidden, forward_logits, rope_tables
+import exlbuild.model.llama as llama
+from exlbuild.model.llama import (
+    LINEAR_INPUTS,
+    attention_received,
+    decoder_layer,
+    embed,
+    forward_hidden,
+    forward_logits,
+    rms_norm,
+    rope_tables,
+)
 from model_fixtures import edit_config, hf_logits, tiny_model
 
 SEQ = 48
@@ -115,6 +125,50 @@ def test_capture_gives_every_linear_input(tmp_path: Path) -> None:
     mlp_hidden = F.silu(F.linear(seen["mlp_input"], w["mlp.gate_proj.weight"])) * F.linear(seen["mlp_input"], w["mlp.up_proj.weight"])
     torch.testing.assert_close(seen["mlp_hidden"], mlp_hidden)
     torch.testing.assert_close(y, h + F.linear(mlp_hidden, w["mlp.down_proj.weight"]))
+
+
+@pytest.mark.parametrize("layout", ["llama-gqa-untied", "llama-rope-llama3", "mistral-sliding-window", "qwen2-qkv-bias-tied"])
+def test_attention_received_sums_transformers_probabilities(tmp_path: Path, layout: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per key position: transformers' attention probabilities of layer 0 summed over heads and queries, / heads."""
+    import transformers
+
+    kind, overrides = LAYOUTS[layout]
+    model_dir = tiny_model(tmp_path, kind, **overrides)
+    cfg, ckpt = open_model(model_dir)
+    ids = _ids(rows=3)
+    model = getattr(transformers, cfg.architecture).from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions[0]  # (rows, heads, queries, keys)
+    expected = probs.sum(dim=(1, 2)) / cfg.num_attention_heads
+
+    w = layer_weights(ckpt, cfg, 0)
+    h = rms_norm(embed(ids, ckpt.get("model.embed_tokens.weight")), w["input_layernorm.weight"], cfg.rms_norm_eps)
+    q, k = (F.linear(h, w[f"self_attn.{p}_proj.weight"], w.get(f"self_attn.{p}_proj.bias")) for p in "qk")
+    rope = rope_tables(cfg, SEQ)
+    received = attention_received(q, k, cfg, rope)
+    torch.testing.assert_close(received, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(received.sum(-1), torch.full((3,), float(SEQ)))
+    # Slices of one row and one KV head at a time give the same weights.
+    monkeypatch.setattr(llama, "PROBABILITY_ELEMENTS", 1)
+    torch.testing.assert_close(attention_received(q, k, cfg, rope), received)
+
+
+def test_key_value_input_is_weighted_by_received_attention(tmp_path: Path) -> None:
+    cfg, ckpt = open_model(tiny_model(tmp_path))
+    ids = _ids()
+    w = layer_weights(ckpt, cfg, 0)
+    seen: dict[str, torch.Tensor] = {}
+    decoder_layer(embed(ids, ckpt.get("model.embed_tokens.weight")), w, cfg, rope_tables(cfg, SEQ),
+                  capture=lambda point, t: seen.setdefault(point, t))
+    h = seen["attn_input"]
+    q, k = (F.linear(h, w[f"self_attn.{p}_proj.weight"]) for p in "qk")
+    weight = attention_received(q, k, cfg, rope_tables(cfg, SEQ))
+    torch.testing.assert_close(seen["attn_kv_input"], h * weight.sqrt().unsqueeze(-1))
+    # Causal attention: the first position is read by every query, the last only by itself.
+    assert (weight[:, 0] > weight[:, 1:].max(dim=1).values).all()
+    assert (weight[:, -1] < 1).all()
 
 
 def test_row_batching_does_not_change_states(tmp_path: Path) -> None:

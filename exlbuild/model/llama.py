@@ -3,7 +3,7 @@
 Everything is a function of tensors: a layer's weights are a dict keyed by the Hugging Face names relative to the
 layer (see `checkpoint.layer_weights`), so quantization code can pass modified weights. `capture(point, tensor)`
 receives the input of every linear layer as it is computed (see `LINEAR_INPUTS`), which is what GPTQ needs for its
-Hessians. Streaming (`iter_layers`, `forward_hidden`) keeps one layer's weights in memory at a time, plus the
+Hessians; k_proj's and v_proj's input comes weighted by the attention each token receives (`attention_received`). Streaming (`iter_layers`, `forward_hidden`) keeps one layer's weights in memory at a time, plus the
 hidden states of all rows.
 """
 
@@ -31,16 +31,21 @@ from exlbuild.model.config import LlamaConfig
 
 Capture = Callable[[str, torch.Tensor], None]
 
-# Which captured tensor is the input of each linear layer (q/k/v share one input, as do gate/up).
+# Which captured tensor is the input of each linear layer (k/v share one input, as do gate/up). attn_kv_input is
+# attn_input with every token scaled by the square root of the attention it receives: an error in the key or value
+# of a token that many queries read (the first token, an attention sink) costs that many times more.
 LINEAR_INPUTS = {
     "self_attn.q_proj": "attn_input",
-    "self_attn.k_proj": "attn_input",
-    "self_attn.v_proj": "attn_input",
+    "self_attn.k_proj": "attn_kv_input",
+    "self_attn.v_proj": "attn_kv_input",
     "self_attn.o_proj": "attn_output",
     "mlp.gate_proj": "mlp_input",
     "mlp.up_proj": "mlp_input",
     "mlp.down_proj": "mlp_hidden",
 }
+# attention_received forms attention probabilities explicitly, for a slice of rows and one KV head's query heads
+# at a time, each slice under this many elements.
+PROBABILITY_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -105,18 +110,20 @@ def _attention_mask(cfg: LlamaConfig, seq_len: int, device: torch.device) -> tor
     return (distance >= 0) & (distance < cfg.sliding_window)
 
 
+def _split_heads(y: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    """(..., seq, heads·head_dim) → (batch, heads, seq, head_dim), the leading dims flattened into one batch dim
+    (scaled_dot_product_attention takes a slow path for more than one)."""
+    t = y.shape[-2]
+    return y.reshape(-1, t, y.shape[-1] // cfg.head_dim, cfg.head_dim).transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfig, rope: Rope) -> torch.Tensor:
     """Causal self-attention of projected q (..., seq, heads·head_dim) and k, v (..., seq, kv_heads·head_dim).
 
     Leading dims are batch dims (rows, or candidates × rows in the measurement); returns (..., seq, heads·head_dim).
     """
     *lead, t, _ = q.shape
-
-    def split_heads(y: torch.Tensor) -> torch.Tensor:
-        # One flat batch dim: scaled_dot_product_attention takes a slow path for more than one.
-        return y.reshape(-1, t, y.shape[-1] // cfg.head_dim, cfg.head_dim).transpose(1, 2)
-
-    q, k, v = split_heads(q), split_heads(k), split_heads(v)
+    q, k, v = _split_heads(q, cfg), _split_heads(k, cfg), _split_heads(v, cfg)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if cfg.num_kv_groups > 1:
         # Each KV head serves num_kv_groups consecutive query heads.
@@ -125,6 +132,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
     mask = _attention_mask(cfg, t, q.device)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, cfg: LlamaConfig, rope: Rope) -> torch.Tensor:
+    """How much attention each position receives as a key, (..., seq), for projected q (..., seq, heads·head_dim)
+    and k (..., seq, kv_heads·head_dim): the attention probabilities summed over query heads and query positions,
+    divided by the number of query heads (so that a row's weights sum to seq). In float32."""
+    *lead, t, _ = q.shape
+    q, k = apply_rope(_split_heads(q, cfg), rope), apply_rope(_split_heads(k, cfg), rope)
+    allowed = _attention_mask(cfg, t, q.device)
+    if allowed is None:
+        allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    group = cfg.num_kv_groups
+    received = torch.zeros(q.shape[0], t, dtype=torch.float32, device=q.device)
+    rows = max(1, PROBABILITY_ELEMENTS // (group * t * t))
+    for kv in range(k.shape[1]):
+        for r in range(0, q.shape[0], rows):
+            scores = q[r : r + rows, kv * group : (kv + 1) * group].float() @ k[r : r + rows, kv : kv + 1].float().mT
+            scores = (scores / math.sqrt(cfg.head_dim)).masked_fill(~allowed, float("-inf"))
+            received[r : r + rows] += scores.softmax(-1).sum(dim=(1, 2))
+    return (received / cfg.num_attention_heads).reshape(*lead, t)
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -137,9 +164,10 @@ def attention_block(
 ) -> torch.Tensor:
     """x + attention(norm(x)) for x of shape (batch, seq, hidden)."""
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+    q, k, v = (_linear(h, w, f"self_attn.{p}_proj") for p in "qkv")
     if capture:
         capture("attn_input", h)
-    q, k, v = (_linear(h, w, f"self_attn.{p}_proj") for p in "qkv")
+        capture("attn_kv_input", h * attention_received(q, k, cfg, rope).sqrt().unsqueeze(-1))
     a = attention(q, k, v, cfg, rope)
     if capture:
         capture("attn_output", a)

@@ -24,9 +24,6 @@ from exlbuild.quant.gptq import HessianAccumulator
 
 Block = Literal["attention", "mlp"]
 
-# The capture points (exlbuild.model.llama.LINEAR_INPUTS) whose Hessians each block needs.
-BLOCK_INPUTS: dict[Block, tuple[str, ...]] = {"attention": ("attn_input", "attn_output"),
-                                               "mlp": ("mlp_input", "mlp_hidden")}
 # The block's name in module keys (model.layers.3.self_attn) and in its linears' names (self_attn.q_proj).
 BLOCK_MODULES: dict[Block, str] = {"attention": "self_attn", "mlp": "mlp"}
 BLOCK_LINEARS: dict[Block, tuple[str, ...]] = {

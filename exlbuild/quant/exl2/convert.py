@@ -214,7 +214,7 @@ def quantize_block(
     packed: dict[str, Tensor] = {}
     for name in BLOCK_LINEARS[block]:
         point, key = LINEAR_INPUTS[name], prefix + name
-        if point not in prepared:  # q/k/v share one Hessian, as do gate/up
+        if point not in prepared:  # k/v share one Hessian, as do gate/up
             prepared[point] = prepare_hessian(hessians.pop(point), key)
         tensors, decoded = quantize_linear(
             w[f"{name}.weight"], prepared[point], options[name], key, w.get(f"{name}.bias")

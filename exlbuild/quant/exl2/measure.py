@@ -184,7 +184,7 @@ def measure_block(
     stored_bytes = sum(2 * weight_of[p].numel() * len(distinct_layouts(weight_of[p].shape, columns[p]))
                        for p in table.projections)
     storage = x.device if stored_bytes <= CANDIDATE_BYTES else torch.device("cpu")
-    prepared: dict[str, PreparedHessian] = {}  # q/k/v share attn_input's, gate/up mlp_input's
+    prepared: dict[str, PreparedHessian] = {}  # k/v share attn_kv_input's, gate/up mlp_input's
     linears: dict[str, CandidateLinear] = {}
     for projection in table.projections:
         name = f"{BLOCK_MODULES[block]}.{projection}"
