@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import exlbuild.quant.stream as stream
-from exlbuild.quant.stream import LayerCheckpoint
+from exlbuild.quant.stream import LayerCheckpoint, tf32_matmuls
 
 
 def test_save_then_load_round_trip(tmp_path: Path) -> None:
@@ -45,3 +45,13 @@ def test_the_pass_keeps_its_own_error(tmp_path: Path, monkeypatch: pytest.Monkey
         with LayerCheckpoint(tmp_path) as checkpoint:
             checkpoint.save(1, {"x": torch.zeros(2, 2)}, {})
             raise KeyboardInterrupt
+
+
+def test_tf32_matmuls_only_on_cuda_and_restored() -> None:
+    before = torch.get_float32_matmul_precision()
+    with tf32_matmuls(torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(RuntimeError), tf32_matmuls(torch.device("cuda")):  # setting it needs no GPU
+        assert torch.get_float32_matmul_precision() == "high"
+        raise RuntimeError("the block failed")
+    assert torch.get_float32_matmul_precision() == before

@@ -139,18 +139,22 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, cfg: LlamaConfig, rope:
     and k (..., seq, kv_heads·head_dim): the attention probabilities summed over query heads and query positions,
     divided by the number of query heads (so that a row's weights sum to seq). In float32."""
     *lead, t, _ = q.shape
-    q, k = apply_rope(_split_heads(q, cfg), rope), apply_rope(_split_heads(k, cfg), rope)
+    q = apply_rope(_split_heads(q.float(), cfg), rope) / math.sqrt(cfg.head_dim)
+    k = apply_rope(_split_heads(k.float(), cfg), rope)
     allowed = _attention_mask(cfg, t, q.device)
     if allowed is None:
         allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    bias = torch.zeros(t, t, device=q.device).masked_fill_(~allowed, float("-inf"))
     group = cfg.num_kv_groups
     received = torch.zeros(q.shape[0], t, dtype=torch.float32, device=q.device)
     rows = max(1, PROBABILITY_ELEMENTS // (group * t * t))
     for kv in range(k.shape[1]):
         for r in range(0, q.shape[0], rows):
-            scores = q[r : r + rows, kv * group : (kv + 1) * group].float() @ k[r : r + rows, kv : kv + 1].float().mT
-            scores = (scores / math.sqrt(cfg.head_dim)).masked_fill(~allowed, float("-inf"))
-            received[r : r + rows] += scores.softmax(-1).sum(dim=(1, 2))
+            # The query heads of KV head kv, each against that key: one batched product with the mask added.
+            queries = q[r : r + rows, kv * group : (kv + 1) * group].reshape(-1, t, cfg.head_dim)
+            keys = k[r : r + rows, kv : kv + 1].expand(-1, group, -1, -1).reshape(-1, t, cfg.head_dim)
+            probs = torch.baddbmm(bias, queries, keys.mT).softmax(-1)
+            received[r : r + rows] += probs.sum(1).view(-1, group, t).sum(1)
     return (received / cfg.num_attention_heads).reshape(*lead, t)
 
 

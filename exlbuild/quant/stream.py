@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +67,23 @@ def chunk_rows(x: Tensor, cfg: LlamaConfig) -> int:
     return max(1, CHUNK_ELEMENTS // (x.shape[1] * widest))
 
 
+@contextmanager
+def tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """Float32 matrix products in TF32 on CUDA within the block (the calibration forward, the Hessians, the
+    measurement's candidate outputs): several times faster on tensor cores, and inputs rounded to TF32's 10
+    mantissa bits are as fine as the float16 the states are held in. GPTQ itself (prepare_hessian,
+    quantize_options) runs outside, in full float32. No effect on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, rope: Rope,
               out: Tensor | None = None, hessians: bool = False, module: str = "block") -> dict[str, Tensor]:
     """Run the block on every row of x (rows, tokens, hidden), a chunk of rows at a time in float32.
@@ -86,7 +105,8 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
     rows = x.shape[0] if hessians or out is None else out.shape[0]  # rows past `out` matter only for Hessians
     for start in range(0, rows, step):
         chunk = x[start:start + step].float()
-        y = attention_block(chunk, w32, cfg, rope, hook) if block == "attention" else mlp_block(chunk, w32, cfg, hook)
+        with tf32_matmuls(x.device):
+            y = attention_block(chunk, w32, cfg, rope, hook) if block == "attention" else mlp_block(chunk, w32, cfg, hook)
         if out is not None and start < out.shape[0]:
             kept = y[:out.shape[0] - start].to(out.dtype)
             if not torch.isfinite(kept).all():

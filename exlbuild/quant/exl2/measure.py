@@ -67,6 +67,7 @@ from exlbuild.quant.stream import (
     check_calibration_ids,
     relative_error,
     run_block,
+    tf32_matmuls,
 )
 
 CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": MLP_CANDIDATES}
@@ -206,7 +207,8 @@ def measure_block(
         chosen = {p: linear.select(candidates, x.device) for p, linear in linears.items()}
         chunk = max(1, EVAL_ELEMENTS // (len(candidates) * tokens * width))
         for start in range(0, rows, chunk):
-            y = candidate_outputs(block, x[start : start + chunk].float(), w, chosen, cfg, rope)
+            with tf32_matmuls(x.device):
+                y = candidate_outputs(block, x[start : start + chunk].float(), w, chosen, cfg, rope)
             ref = y_ref[start : start + chunk]
             # relative_error is the row mean of a chunk; weigh it by the chunk's rows for the mean over all rows.
             error_sums[first : first + len(candidates)] += torch.tensor(
@@ -235,7 +237,8 @@ def measure_block(
     c = min(range(n), key=lambda j: abs(measured[j].total_bits / weights - PROBE_BITS))
     chosen = {p: linear.select([c], x.device) for p, linear in linears.items()}
     probe_x = x[: probe[0], : probe[1]].float()
-    return measured, y_ref, candidate_outputs(block, probe_x, w, chosen, cfg, rope)[0].to(x.dtype)
+    with tf32_matmuls(x.device):
+        return measured, y_ref, candidate_outputs(block, probe_x, w, chosen, cfg, rope)[0].to(x.dtype)
 
 
 @torch.inference_mode()
