@@ -63,8 +63,8 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 5  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
-    # 5: k/v Hessians weighted by the attention each token receives
+    version = 6  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
+    # 5: k/v Hessians weighted by the attention each token receives; 6: TF32 block passes on CUDA
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -118,8 +118,8 @@ class Quantize(Rule):
     """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
 
     name = "exl2-quantized"
-    version = 4  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
-    # 4: k/v Hessians weighted by received attention
+    version = 5  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
+    # 4: k/v Hessians weighted by received attention; 5: TF32 block passes on CUDA
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json
