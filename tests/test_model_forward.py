@@ -127,7 +127,8 @@ def test_capture_gives_every_linear_input(tmp_path: Path) -> None:
     torch.testing.assert_close(y, h + F.linear(mlp_hidden, w["mlp.down_proj.weight"]))
 
 
-@pytest.mark.parametrize("layout", ["llama-gqa-untied", "llama-rope-llama3", "mistral-sliding-window", "qwen2-qkv-bias-tied"])
+@pytest.mark.parametrize(
+    "layout", ["llama-gqa-untied", "llama-rope-llama3", "mistral-sliding-window", "qwen2-qkv-bias-tied"])
 def test_attention_received_sums_transformers_probabilities(tmp_path: Path, layout: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Per key position: transformers' attention probabilities of layer 0 summed over heads and queries, / heads."""

@@ -3,8 +3,8 @@
 Everything is a function of tensors: a layer's weights are a dict keyed by the Hugging Face names relative to the
 layer (see `checkpoint.layer_weights`), so quantization code can pass modified weights. `capture(point, tensor)`
 receives the input of every linear layer as it is computed (see `LINEAR_INPUTS`), which is what GPTQ needs for its
-Hessians; k_proj's and v_proj's input comes weighted by the attention each token receives (`attention_received`). Streaming (`iter_layers`, `forward_hidden`) keeps one layer's weights in memory at a time, plus the
-hidden states of all rows.
+Hessians (k_proj's and v_proj's weighted by the attention each token receives: `attention_received`). Streaming
+(`iter_layers`, `forward_hidden`) keeps one layer's weights in memory at a time, plus the hidden states of all rows.
 """
 
 from __future__ import annotations

@@ -106,7 +106,10 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
     for start in range(0, rows, step):
         chunk = x[start:start + step].float()
         with tf32_matmuls(x.device):
-            y = attention_block(chunk, w32, cfg, rope, hook) if block == "attention" else mlp_block(chunk, w32, cfg, hook)
+            if block == "attention":
+                y = attention_block(chunk, w32, cfg, rope, hook)
+            else:
+                y = mlp_block(chunk, w32, cfg, hook)
         if out is not None and start < out.shape[0]:
             kept = y[:out.shape[0] - start].to(out.dtype)
             if not torch.isfinite(kept).all():
