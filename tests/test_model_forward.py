@@ -151,9 +151,11 @@ def test_attention_received_sums_transformers_probabilities(tmp_path: Path, layo
     received = attention_received(q, k, cfg, rope)
     torch.testing.assert_close(received, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(received.sum(-1), torch.full((3,), float(SEQ)))
-    # Slices of one row and one KV head at a time give the same weights.
-    monkeypatch.setattr(llama, "PROBABILITY_ELEMENTS", 1)
-    torch.testing.assert_close(attention_received(q, k, cfg, rope), received)
+    # Slices of two rows, of 5 query positions, of one query position give the same weights.
+    group = cfg.num_kv_groups
+    for elements in (2 * group * SEQ * SEQ, 5 * group * SEQ, 1):
+        monkeypatch.setattr(llama, "PROBABILITY_ELEMENTS", elements)
+        torch.testing.assert_close(attention_received(q, k, cfg, rope), received)
 
 
 def test_key_value_input_is_weighted_by_received_attention(tmp_path: Path) -> None:

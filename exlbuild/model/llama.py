@@ -43,8 +43,8 @@ LINEAR_INPUTS = {
     "mlp.up_proj": "mlp_input",
     "mlp.down_proj": "mlp_hidden",
 }
-# attention_received forms attention probabilities explicitly, for a slice of rows and one KV head's query heads
-# at a time, each slice under this many elements.
+# attention_received forms attention probabilities explicitly, one KV head's query heads for a slice of rows (or of
+# query positions, for long rows) at a time, each slice under this many elements.
 PROBABILITY_ELEMENTS = 1 << 26
 
 
@@ -101,13 +101,22 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Ten
     return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
+def _allowed_keys(cfg: LlamaConfig, queries: range, seq_len: int, device: torch.device) -> torch.Tensor:
+    """(len(queries), seq_len) booleans: the keys each query position attends to (itself and earlier positions,
+    within the sliding window if there is one)."""
+    i = torch.arange(queries.start, queries.stop, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    allowed = j <= i
+    if cfg.sliding_window is not None:
+        allowed &= i - j < cfg.sliding_window
+    return allowed
+
+
 def _attention_mask(cfg: LlamaConfig, seq_len: int, device: torch.device) -> torch.Tensor | None:
     """None for plain causal attention; a boolean mask when a sliding window cuts into the sequence."""
     if cfg.sliding_window is None or seq_len <= cfg.sliding_window:
         return None
-    i = torch.arange(seq_len, device=device)
-    distance = i[:, None] - i[None, :]
-    return (distance >= 0) & (distance < cfg.sliding_window)
+    return _allowed_keys(cfg, range(seq_len), seq_len, device)
 
 
 def _split_heads(y: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
@@ -141,20 +150,23 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, cfg: LlamaConfig, rope:
     *lead, t, _ = q.shape
     q = apply_rope(_split_heads(q.float(), cfg), rope) / math.sqrt(cfg.head_dim)
     k = apply_rope(_split_heads(k.float(), cfg), rope)
-    allowed = _attention_mask(cfg, t, q.device)
-    if allowed is None:
-        allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    bias = torch.zeros(t, t, device=q.device).masked_fill_(~allowed, float("-inf"))
     group = cfg.num_kv_groups
+    # Slices of whole rows while one row's probabilities fit under PROBABILITY_ELEMENTS, else of query positions
+    # (each query's probabilities are a softmax of their own, so the sum over queries can be taken in parts).
+    queries = max(1, min(t, PROBABILITY_ELEMENTS // (group * t)))
+    rows = max(1, PROBABILITY_ELEMENTS // (group * t * t)) if queries == t else 1
     received = torch.zeros(q.shape[0], t, dtype=torch.float32, device=q.device)
-    rows = max(1, PROBABILITY_ELEMENTS // (group * t * t))
-    for kv in range(k.shape[1]):
-        for r in range(0, q.shape[0], rows):
-            # The query heads of KV head kv, each against that key: one batched product with the mask added.
-            queries = q[r : r + rows, kv * group : (kv + 1) * group].reshape(-1, t, cfg.head_dim)
-            keys = k[r : r + rows, kv : kv + 1].expand(-1, group, -1, -1).reshape(-1, t, cfg.head_dim)
-            probs = torch.baddbmm(bias, queries, keys.mT).softmax(-1)
-            received[r : r + rows] += probs.sum(1).view(-1, group, t).sum(1)
+    for start in range(0, t, queries):
+        positions = range(start, min(start + queries, t))
+        bias = torch.zeros(len(positions), t, device=q.device)
+        bias.masked_fill_(~_allowed_keys(cfg, positions, t, q.device), float("-inf"))
+        for kv in range(k.shape[1]):
+            for r in range(0, q.shape[0], rows):
+                # The query heads of KV head kv against that key: one batched product with the mask added.
+                heads = q[r : r + rows, kv * group : (kv + 1) * group, positions.start : positions.stop]
+                keys = k[r : r + rows, kv : kv + 1].expand(-1, group, -1, -1).reshape(-1, t, cfg.head_dim)
+                probs = torch.baddbmm(bias, heads.reshape(-1, len(positions), cfg.head_dim), keys.mT).softmax(-1)
+                received[r : r + rows] += probs.sum(1).view(-1, group, t).sum(1)
     return (received / cfg.num_attention_heads).reshape(*lead, t)
 
 

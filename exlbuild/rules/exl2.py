@@ -63,8 +63,9 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 6  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
-    # 5: k/v Hessians weighted by the attention each token receives; 6: TF32 block passes on CUDA
+    version = 7  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
+    # 5: k/v Hessians weighted by the attention each token receives; 6: TF32 block passes on CUDA;
+    # 7: received attention summed over slices of query positions in rows of more than ~4,000 tokens
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -118,8 +119,8 @@ class Quantize(Rule):
     """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
 
     name = "exl2-quantized"
-    version = 5  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
-    # 4: k/v Hessians weighted by received attention; 5: TF32 block passes on CUDA
+    version = 6  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
+    # 4: k/v Hessians weighted by received attention; 5: TF32 block passes on CUDA; 6: as measurement 7
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json
