@@ -111,17 +111,15 @@ def unpack_bitstream_reference(words: Tensor, bits: int) -> Tensor:
     return ((low | high) & mask).reshape(-1, columns).to(torch.uint8)
 
 
-# The bit width and sizes of pack and unpack are plain arguments, not specialised on: a build packs every width
-# at many sizes, and each specialisation is a compile (seconds on a fresh machine) for kernels this light.
-@jit(do_not_specialize=["R", "Q", "N", "BITS"])
-def _pack_kernel(codes_ptr, words_ptr, R, Q, N, BITS, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+@jit
+def _pack_kernel(codes_ptr, words_ptr, R, Q, N, BITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program: BLOCK_Q words × BLOCK_N columns. Word w gathers every code whose bits touch
     # [32·w, 32·w + 32): codes j0 = ⌊32·w / BITS⌋ onwards, at most 32 // BITS + 2 of them.
     qrows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     first = (qrows * 32) // BITS
     word = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.uint32)
-    for k in range(32 // BITS + 2):
+    for k in tl.static_range(32 // BITS + 2):
         j = first + k
         shift = j * BITS - qrows * 32  # where code j starts, relative to bit 0 of word w
         touches = (j < R) & (shift < 32)
@@ -136,8 +134,8 @@ def _pack_kernel(codes_ptr, words_ptr, R, Q, N, BITS, BLOCK_Q: tl.constexpr, BLO
     tl.store(out, word.to(tl.int32, bitcast=True), mask=(qrows < Q)[:, None] & (cols < N)[None, :])
 
 
-@jit(do_not_specialize=["R", "N", "BITS"])
-def _unpack_kernel(words_ptr, codes_ptr, R, N, BITS, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+@jit
+def _unpack_kernel(words_ptr, codes_ptr, R, N, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program: BLOCK_R codes × BLOCK_N columns. Code j starts at bit s = BITS·j mod 32 of word
     # ⌊BITS·j / 32⌋; if it runs past bit 31 its high bits are at the bottom of the next word.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
