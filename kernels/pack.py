@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from exlbuild.kernels.runtime import jit, launch, tl, use_triton
-from exlbuild.quant.exl2.options import Group
+from exlbuild.quant.exl2.options import BIT_WIDTHS, Group
 
 _WORD_MASK = 0xFFFFFFFF
 
@@ -48,6 +48,8 @@ def dequantize_codes(codes: Tensor, zero: Tensor, scale: Tensor) -> Tensor:
 def pack_bitstream(codes: Tensor, bits: int) -> Tensor:
     """Pack (R, N) codes of `bits` bits into (R·bits/32, N) int32 words, column by column."""
     rows, _ = codes.shape
+    if bits not in BIT_WIDTHS:
+        raise ValueError(f"{bits}-bit codes: EXL2 stores widths {', '.join(map(str, BIT_WIDTHS))}")
     per_block = 32 // math.gcd(bits, 32)
     if rows % per_block:
         raise ValueError(f"{rows} rows of {bits}-bit codes do not fill whole 32-bit words")
@@ -111,15 +113,19 @@ def unpack_bitstream_reference(words: Tensor, bits: int) -> Tensor:
     return ((low | high) & mask).reshape(-1, columns).to(torch.uint8)
 
 
-@jit
-def _pack_kernel(codes_ptr, words_ptr, R, Q, N, BITS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+# The bit width and sizes of pack and unpack are plain arguments, not specialised on: a build packs every width
+# at many sizes, and each specialisation is a compile (seconds on a fresh machine) for kernels this light.
+@jit(do_not_specialize=["R", "Q", "N", "BITS"])
+def _pack_kernel(codes_ptr, words_ptr, R, Q, N, BITS, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MAX_CODES: tl.constexpr):
     # One program: BLOCK_Q words × BLOCK_N columns. Word w gathers every code whose bits touch
-    # [32·w, 32·w + 32): codes j0 = ⌊32·w / BITS⌋ onwards, at most 32 // BITS + 2 of them.
+    # [32·w, 32·w + 32): codes j0 = ⌊32·w / BITS⌋ onwards, at most 32 // BITS + 2 ≤ MAX_CODES of them (a
+    # constant bound: the extra codes start past the word and are masked).
     qrows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     first = (qrows * 32) // BITS
     word = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.uint32)
-    for k in tl.static_range(32 // BITS + 2):
+    for k in tl.static_range(MAX_CODES):
         j = first + k
         shift = j * BITS - qrows * 32  # where code j starts, relative to bit 0 of word w
         touches = (j < R) & (shift < 32)
@@ -127,15 +133,15 @@ def _pack_kernel(codes_ptr, words_ptr, R, Q, N, BITS: tl.constexpr, BLOCK_Q: tl.
         code = tl.load(codes_ptr + j.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0).to(tl.uint32)
         # A code that starts in the previous word (shift < 0) contributes its high bits; shifting a
         # uint32 left drops what belongs to the next word. Shift amounts stay in 0..31.
-        left = tl.maximum(shift, 0).to(tl.uint32)[:, None]
+        left = tl.minimum(tl.maximum(shift, 0), 31).to(tl.uint32)[:, None]  # masked codes may start past 31
         right = tl.maximum(-shift, 0).to(tl.uint32)[:, None]
         word = word | tl.where(mask, (code << left) >> right, 0)
     out = words_ptr + qrows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out, word.to(tl.int32, bitcast=True), mask=(qrows < Q)[:, None] & (cols < N)[None, :])
 
 
-@jit
-def _unpack_kernel(words_ptr, codes_ptr, R, N, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+@jit(do_not_specialize=["R", "N", "BITS"])
+def _unpack_kernel(words_ptr, codes_ptr, R, N, BITS, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program: BLOCK_R codes × BLOCK_N columns. Code j starts at bit s = BITS·j mod 32 of word
     # ⌊BITS·j / 32⌋; if it runs past bit 31 its high bits are at the bottom of the next word.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -167,7 +173,7 @@ def pack_bitstream_triton(codes: Tensor, bits: int) -> Tensor:
     words = torch.empty(qrows, columns, dtype=torch.int32, device=codes.device)
     grid = (-(-qrows // _PACK_WORDS), -(-columns // _BLOCK_COLUMNS))
     launch(_pack_kernel, grid, codes.device, codes, words, rows, qrows, columns,
-           BITS=bits, BLOCK_Q=_PACK_WORDS, BLOCK_N=_BLOCK_COLUMNS, num_warps=4)
+           BITS=bits, BLOCK_Q=_PACK_WORDS, BLOCK_N=_BLOCK_COLUMNS, MAX_CODES=32 // min(BIT_WIDTHS) + 2, num_warps=4)
     return words
 
 

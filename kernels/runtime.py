@@ -31,9 +31,12 @@ except ImportError:  # Triton is a dependency on Linux x86-64 only (pyproject.to
 __all__ = ["interpreting", "jit", "launch", "tl", "use_triton"]
 
 
-def jit(fn: Callable) -> Any:
-    """`triton.jit`, or the plain function where Triton is missing (the kernel is then never launched)."""
-    return fn if triton is None else triton.jit(fn)
+def jit(fn: Callable | None = None, **options: Any) -> Any:
+    """`triton.jit` (also as `@jit(do_not_specialize=...)`), or the plain function where Triton is missing (the
+    kernel is then never launched)."""
+    if fn is None:
+        return lambda f: jit(f, **options)
+    return fn if triton is None else triton.jit(fn, **options)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
