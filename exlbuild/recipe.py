@@ -59,6 +59,15 @@ class MeasurementSpec:
 
 
 @dataclass
+class TuneSpec:
+    # After GPTQ, each variant's free fp16 parameters (group scale maxima, norm weights) are fitted to the
+    # unquantized model's outputs on the calibration rows (docs/exl2.md "Tuning"); steps: 0 turns it off.
+    steps: int = 100
+    lr: float = 1e-3
+    rows_per_step: int = 4
+
+
+@dataclass
 class VariantSpec:
     bits: float = 4.0
     format: str = "exl2"
@@ -92,6 +101,7 @@ class Recipe:
     rope: RopeSpec = field(default_factory=RopeSpec)
     store: StoreSpec = field(default_factory=StoreSpec)
     measurement: MeasurementSpec = field(default_factory=MeasurementSpec)
+    tune: TuneSpec = field(default_factory=TuneSpec)
     # Free-form in the schema so that `+variants.NAME.bits=3.0` works from the command line; each value
     # is checked against VariantSpec in `_typed_variants`.
     variants: Dict[str, Any] = field(default_factory=dict)
@@ -357,6 +367,11 @@ def validate(recipe: LoadedRecipe) -> None:
         p = recipe.resolve(spec.measurement.file)
         if not p.is_file():
             raise ExlbuildError(f"{where}: measurement.file: file not found: {p}")
+
+    _at_least(where, "tune.steps", spec.tune.steps, 0)
+    _at_least(where, "tune.rows_per_step", spec.tune.rows_per_step, 1)
+    if not 0 < spec.tune.lr <= 1:
+        raise ExlbuildError(f"{where}: tune.lr: {spec.tune.lr} is out of range; it must be in (0, 1] (default 1e-3)")
 
     _check_variant_fields(where, "sweep", spec.sweep.format, None, spec.sweep.head_bits, spec.sweep.shard_size)
     for b in spec.sweep.bits:

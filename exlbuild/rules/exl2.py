@@ -1,9 +1,11 @@
 """EXL2 rules: measurement, allocation, quantized tensors, compiled output directory.
 
-    model ──────────────┬────────────────┬───────────────────────────┐
-    calibration-measurement ─► measurement                            │
-                               └─► <variant>/allocation (bits) ─┐     │
-    calibration ─────────────────────────────────────────────────┴─► <variant>/quantized ─► <variant> (compiled)
+    model ──────────────┬────────────────┬───────────────────────────┬──────────────────┐
+    calibration-measurement ─► measurement                            │                  │
+                               └─► <variant>/allocation (bits) ─┐     │                  │
+    calibration ─────────────────────────────────────────────────┴─► <variant>/quantized ─┴─► <variant>/tuned
+                                                                                       ─► <variant> (compiled)
+(<variant>/tuned only with tune.steps > 0; else the compiled directory is made from the quantized tensors.)
 
 Rules only move data between the store and the algorithms in exlbuild.quant.exl2.
 """
@@ -135,6 +137,22 @@ class Quantize(Rule):
         return {**metrics, "target_bits": allocation["bits"]}
 
 
+class Tune(Rule):
+    """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
+
+    name = "exl2-tuned"
+    version = 1
+
+    def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.exl2.tune import tune_model
+
+        model_config(ctx.inputs["model"])
+        p = ctx.params
+        return tune_model(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_ids(ctx.inputs["calibration"]),
+                          p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"],
+                          rope_alpha=p["rope"]["alpha"], device=compute_device())
+
+
 class Compile(Rule):
     """The directory exllamav2 loads: shards, config.json with quantization_config, the model's other files."""
 
@@ -169,11 +187,17 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
     quantized = Node(f"{name}/quantized", "quantized", rule=Quantize(),
                      params={"head_bits": variant.head_bits, "rope": rope},
                      deps={"model": model, "calibration": calibration, "allocation": allocation}, info=info)
+    made = [allocation, quantized]
+    t = recipe.spec.tune
+    if t.steps:
+        made.append(Node(f"{name}/tuned", "tuned", rule=Tune(),
+                         params={"steps": t.steps, "lr": t.lr, "rows_per_step": t.rows_per_step, "rope": rope},
+                         deps={"model": model, "calibration": calibration, "quantized": quantized}, info=info))
     c = recipe.spec.calibration
     dataset = "(default)" if c.dataset == "default" else Path(c.dataset).name
     compiled = Node(name, "compiled", rule=Compile(),
                     params={"bits": variant.bits, "head_bits": variant.head_bits, "shard_size": variant.shard_size,
                             "calibration": {"rows": c.rows, "length": c.length, "dataset": dataset}},
-                    deps={"quantized": quantized, "model": model}, export_dir=recipe.out_dir(name, variant),
+                    deps={"quantized": made[-1], "model": model}, export_dir=recipe.out_dir(name, variant),
                     info=info)
-    return [allocation, quantized, compiled]
+    return [*made, compiled]

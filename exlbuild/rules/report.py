@@ -42,6 +42,7 @@ class Report(Rule):
         rows = []
         for name in variants:
             quantized = ctx.manifests[f"{name}/quantized"]
+            tuned = ctx.manifests.get(f"{name}/tuned")
             compiled = ctx.manifests[name]
             metrics = quantized["metrics"]
             row = {
@@ -50,8 +51,9 @@ class Report(Rule):
                 "decoder_bpw": metrics.get("bits_per_weight"),
                 "head_bpw": metrics.get("head_bits_per_weight"),
                 "size_bytes": sum(f["size"] for f in compiled["files"].values()),
-                "calibration_perplexity": metrics.get("calibration_perplexity"),
-                "quantize_seconds": quantized["seconds"],
+                # of the tensors compiled: after tuning, where the variant is tuned
+                "calibration_perplexity": (tuned or quantized)["metrics"].get("calibration_perplexity"),
+                "quantize_seconds": quantized["seconds"] + (tuned["seconds"] if tuned else 0.0),
             }
             if f"{name}/eval" in ctx.inputs:
                 row["perplexity"] = _read_json(ctx.inputs[f"{name}/eval"] / EVAL_FILE)["perplexity"]
@@ -78,7 +80,7 @@ def markdown(report: dict[str, Any]) -> str:
     if report["eval_text"]:
         fp16 = report["fp16_perplexity"]
         lines.append(f"Evaluation text: {report['eval_text']}; FP16 perplexity {num(fp16, '.3f')}\n")
-    lines += ["| variant | target bpw | decoder bpw | head bpw | size (MB) | calibration ppl | eval ppl | vs FP16 | quantize (s) |",
+    lines += ["| variant | target bpw | decoder bpw | head bpw | size (MB) | calibration ppl | eval ppl | vs FP16 | quantize + tune (s) |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["variants"]:
         lines.append(f"| {r['variant']} | {num(r['bits'], '.2f')} | {num(r['decoder_bpw'], '.3f')} | "
@@ -143,6 +145,8 @@ def report_node(recipe: LoadedRecipe, model: Node, variants: dict[str, dict[str,
     for name, nodes in variants.items():
         deps[name] = nodes["compiled"]
         deps[f"{name}/quantized"] = nodes["quantized"]
+        if "tuned" in nodes:
+            deps[f"{name}/tuned"] = nodes["tuned"]
         if recipe.spec.eval.text:
             evals.append(eval_node(recipe, name, nodes["compiled"]))
             deps[f"{name}/eval"] = evals[-1]

@@ -183,3 +183,11 @@ def dequantize(tensors: Mapping[str, Tensor], out_features: int | None = None, l
     scale = scale_from_nibbles(unpack_scale_nibbles(tensors["q_scale"]), tensors["q_scale_max"])
     dense = decode_layer(q_weight, scale, groups, tensors["q_invperm"])
     return dense if out_features is None else dense[:out_features].contiguous()
+
+
+def input_feature_groups(tensors: Mapping[str, Tensor], layer: str = "layer") -> Tensor:
+    """(in_features,) int64: the group (index into q_scale_max) that quantized each input feature. Groups are runs
+    of stored rows; q_invperm[i] is the stored row of input feature i (2.2)."""
+    groups = _layer_structure(tensors, layer)
+    of_row = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([g.rows for g in groups]))
+    return of_row.to(tensors["q_invperm"].device)[tensors["q_invperm"].long()]

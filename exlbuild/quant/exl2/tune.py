@@ -1,0 +1,213 @@
+"""Tuning what an EXL2 model keeps in fp16 (docs/exl2.md "Tuning"): after GPTQ has fixed every code and scale
+nibble, each group's q_scale_max and every RMSNorm weight are still free. They are fitted to the unquantized
+model by minimising the KL divergence of its next-token distributions on the calibration rows, with Adam on
+log-multipliers (initially 0: the GPTQ result), so that the later layers compensate the earlier layers' errors,
+which GPTQ, one linear at a time, cannot do.
+
+A group's q_scale_max multiplies every scale of its group (2.6), so a multiplier on it scales the input features
+that the group quantized; a norm weight scales one input feature of the linears after it. The rule reads and
+writes the quantization pass's layout (exlbuild.quant.exl2.convert: layers/, head, globals), changing only
+those tensors. The pass holds both models on the device (no layer streaming): it is for models that fit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from exlbuild import progress
+from exlbuild.errors import ExlbuildError
+from exlbuild.model.checkpoint import (
+    Device,
+    head_weight,
+    layer_prefix,
+    layer_tensor_shapes,
+    layer_weights,
+    norm_weight,
+    open_model,
+)
+from exlbuild.model.llama import decoder_layer, embed, final_logits, rope_tables
+from exlbuild.quant.exl2.convert import (
+    EMBEDDING_KEY,
+    FINAL_NORM_KEY,
+    GLOBALS_FILE,
+    HEAD_FILE,
+    HEAD_KEY,
+    LAYERS_DIR,
+    calibration_perplexity,
+    layer_file,
+)
+from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, input_feature_groups
+from exlbuild.quant.stream import BLOCK_LINEARS, BLOCK_NORMS, check_calibration_ids, tf32_matmuls
+
+LINEARS = [name for names in BLOCK_LINEARS.values() for name in names]
+NORMS = list(BLOCK_NORMS.values())
+
+
+class ScaledLinear:
+    """A decoded EXL2 linear whose groups' q_scale_max are multiplied by exp(log_scale)."""
+
+    def __init__(self, tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device) -> None:
+        self.tensors = tensors
+        self.key = key
+        self.weight = dequantize(tensors, out_features, key).to(device, torch.float32)
+        self.bias = tensors["bias"].to(device, torch.float32) if "bias" in tensors else None
+        self.group = input_feature_groups(tensors, key).to(device)
+        self.log_scale = torch.zeros(tensors["q_scale_max"].shape[0], device=device, requires_grad=True)
+
+    def effective(self) -> Tensor:
+        return self.weight * self.log_scale.exp()[self.group]
+
+    def tuned(self) -> dict[str, Tensor]:
+        """The EXL2 tensors with the tuned q_scale_max (fp16, as stored)."""
+        scale_max = (self.tensors["q_scale_max"].float() * self.log_scale.detach().cpu().exp()).half()
+        if not torch.isfinite(scale_max).all():
+            raise ExlbuildError(f"{self.key}: tuning drove q_scale_max beyond the range of float16; "
+                                "lower tune.lr or tune.steps")
+        return {**self.tensors, "q_scale_max": scale_max}
+
+
+class ScaledNorm:
+    """An RMSNorm weight multiplied by exp(log_gain)."""
+
+    def __init__(self, weight: Tensor, device: torch.device) -> None:
+        self.stored = weight
+        self.weight = weight.to(device, torch.float32)
+        self.log_gain = torch.zeros_like(self.weight, requires_grad=True)
+
+    def effective(self) -> Tensor:
+        return self.weight * self.log_gain.exp()
+
+    def tuned(self) -> Tensor:
+        return (self.stored.float() * self.log_gain.detach().cpu().exp()).half()
+
+
+def _split(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
+    """The tensors of one linear (q_weight, …) from a file's dict of full names."""
+    return {s: tensors[f"{key}.{s}"] for s in (*REQUIRED_KEYS, "bias") if f"{key}.{s}" in tensors}
+
+
+def tune_model(
+    model_dir: Path,
+    quantized_dir: Path,
+    out_dir: Path,
+    ids: Tensor,
+    steps: int,
+    lr: float,
+    rows_per_step: int,
+    rope_scale: float | None = None,
+    rope_alpha: float | None = None,
+    device: Device = None,
+    metric_rows: int = 16,
+) -> dict[str, Any]:
+    """Tune the quantization pass in `quantized_dir` towards the model in `model_dir` (module docstring) for
+    `steps` Adam steps of `rows_per_step` calibration rows each (rows taken in order, cycling); write the result
+    to `out_dir` in the same layout. Returns metrics: the mean KL per token (nats) of the first and the last pass
+    over the rows, calibration_perplexity on the first `metric_rows` rows, seconds."""
+    started = time.perf_counter()
+    cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
+    ids = check_calibration_ids(ids, cfg)
+    device = torch.device(device or "cpu")
+    quantized_dir, out_dir = Path(quantized_dir), Path(out_dir)
+    layers = [load_file(str(quantized_dir / layer_file(i))) for i in range(cfg.num_hidden_layers)]
+    head_tensors = load_file(str(quantized_dir / HEAD_FILE))
+    global_tensors = load_file(str(quantized_dir / GLOBALS_FILE))
+
+    out_features = {name: layer_tensor_shapes(cfg)[f"{name}.weight"][0] for name in LINEARS}
+    linears = [{name: ScaledLinear(_split(layer, layer_prefix(i) + name), layer_prefix(i) + name,
+                                   out_features[name], device) for name in LINEARS}
+               for i, layer in enumerate(layers)]
+    norms = [{name: ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS}
+             for i, layer in enumerate(layers)]
+    head = ScaledLinear(_split(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device)
+    final_norm = ScaledNorm(global_tensors[FINAL_NORM_KEY], device)
+    embedding = global_tensors[EMBEDDING_KEY].to(device, torch.float32)
+    teacher = [{k: v.float() for k, v in layer_weights(ckpt, cfg, i, torch.float16, device).items()}
+               for i in range(cfg.num_hidden_layers)]
+    teacher_norm = norm_weight(ckpt, torch.float16, device).float()
+    teacher_head = head_weight(ckpt, cfg, torch.float16, device).float()
+    rope = rope_tables(cfg, ids.shape[1], device)
+
+    def student_layer(i: int) -> dict[str, Tensor]:
+        w = {f"{name}.weight": linear.effective() for name, linear in linears[i].items()}
+        w.update({f"{name}.bias": linear.bias for name, linear in linears[i].items() if linear.bias is not None})
+        w.update({name: norm.effective() for name, norm in norms[i].items()})
+        return w
+
+    def hidden(x: Tensor, weights) -> Tensor:
+        for i in range(cfg.num_hidden_layers):
+            x = decoder_layer(x, weights(i), cfg, rope)
+        return x
+
+    params = [p for layer in linears for linear in layer.values() for p in [linear.log_scale]]
+    params += [norm.log_gain for layer in norms for norm in layer.values()]
+    params += [head.log_scale, final_norm.log_gain]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    rows = ids.shape[0]
+    step_rows = min(rows_per_step, rows)
+    kl_per_step = []
+    with tf32_matmuls(device):
+        for step in progress.track(range(steps), "tuning"):
+            batch = ids[(torch.arange(step_rows) + step * step_rows) % rows].to(device)
+            x = embed(batch, embedding)
+            with torch.no_grad():
+                target = F.log_softmax(final_logits(hidden(x, lambda i: teacher[i]), teacher_norm, teacher_head,
+                                                   cfg.rms_norm_eps), dim=-1)
+            logits = final_logits(hidden(x, student_layer), final_norm.effective(), head.effective(),
+                                  cfg.rms_norm_eps)
+            kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum") / batch.numel()
+            optimizer.zero_grad()
+            kl.backward()
+            optimizer.step()
+            kl_per_step.append(kl.item())
+            del x, target, logits, kl
+    if not all(math.isfinite(k) for k in kl_per_step):
+        raise ExlbuildError("tuning diverged (the KL divergence became NaN or infinite); lower tune.lr")
+
+    out_layers = []
+    for i, layer in enumerate(layers):
+        tuned = dict(layer)
+        for linear in linears[i].values():
+            tuned.update({f"{linear.key}.{s}": t for s, t in linear.tuned().items()})
+        for name, norm in norms[i].items():
+            tuned[layer_prefix(i) + name] = norm.tuned()
+        out_layers.append(tuned)
+    head_out = {f"{HEAD_KEY}.{s}": t for s, t in head.tuned().items()}
+    globals_out = {**global_tensors, FINAL_NORM_KEY: final_norm.tuned()}
+
+    # The calibration perplexity of what is written (its fp16 scales decoded as the loader does).
+    with torch.no_grad():
+        metric_ids = ids[: min(metric_rows, rows)].to(device)
+        x = embed(metric_ids, embedding)
+        for i, layer in enumerate(out_layers):
+            w = {n: layer[layer_prefix(i) + n].to(device, torch.float32) for n in NORMS}
+            for n in LINEARS:
+                tensors = _split(layer, layer_prefix(i) + n)
+                w[f"{n}.weight"] = dequantize(tensors, out_features[n]).to(device, torch.float32)
+                if "bias" in tensors:
+                    w[f"{n}.bias"] = tensors["bias"].to(device, torch.float32)
+            x = decoder_layer(x, w, cfg, rope)
+        ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(),
+                                     dequantize(_split(head_out, HEAD_KEY), cfg.vocab_size).to(device).float(),
+                                     cfg.rms_norm_eps)
+
+    (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
+    for i, layer in enumerate(out_layers):
+        save_file({k: v.contiguous() for k, v in layer.items()}, str(out_dir / layer_file(i)))
+    save_file(head_out, str(out_dir / HEAD_FILE))
+    save_file(globals_out, str(out_dir / GLOBALS_FILE))
+    per_pass = max(1, -(-rows // step_rows))
+    return {
+        "kl_first_pass": sum(kl_per_step[:per_pass]) / len(kl_per_step[:per_pass]) if kl_per_step else None,
+        "kl_last_pass": sum(kl_per_step[-per_pass:]) / len(kl_per_step[-per_pass:]) if kl_per_step else None,
+        "calibration_perplexity": ppl,
+        "seconds": time.perf_counter() - started,
+    }
+

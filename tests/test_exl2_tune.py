@@ -1,0 +1,78 @@
+"""Tuning of the fp16 parameters an EXL2 model keeps (exlbuild.quant.exl2.tune) on a tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from exlbuild.model.llama import forward_logits
+from exlbuild.quant.exl2.compile import compile_model
+from exlbuild.quant.exl2.convert import quantize_model
+from exlbuild.quant.exl2.pack import dequantize, input_feature_groups
+from exlbuild.quant.exl2.tune import tune_model
+from model_fixtures import tiny_model
+from test_exl2_convert import QUANT_CONFIG, SHAPE, file_bytes, random_ids, strategy
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-layer model quantized at about 2.5 bits (candidate 1 everywhere, head 4 bits)."""
+    tmp = tmp_path_factory.mktemp("tune")
+    model = tiny_model(tmp / "model", vocab_size=256, **SHAPE)
+    ids = random_ids(256)
+    quantize_model(model, ids, strategy(2, 1, 1), 4, tmp / "quantized")
+    return {"model": model, "ids": ids, "tmp": tmp}
+
+
+def kl_to_model(model: Path, tensors: Path, ids: torch.Tensor, out: Path) -> float:
+    """Mean KL per token from the model to the compiled `tensors` on `ids`."""
+    compile_model(tensors, model, out, 0, QUANT_CONFIG)
+    reference = F.log_softmax(forward_logits(model, ids), dim=-1)
+    quantized = F.log_softmax(forward_logits(out, ids), dim=-1)
+    return F.kl_div(quantized, reference, log_target=True, reduction="sum").item() / ids.numel()
+
+
+def test_tuning_lowers_the_divergence_and_changes_only_fp16_parameters(quantized: dict) -> None:
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    metrics = tune_model(model, tmp / "quantized", tmp / "tuned", ids, steps=80, lr=2e-2, rows_per_step=4)
+    assert metrics["kl_last_pass"] < 0.85 * metrics["kl_first_pass"], metrics
+    before = kl_to_model(model, tmp / "quantized", ids, tmp / "compiled-quantized")
+    after = kl_to_model(model, tmp / "tuned", ids, tmp / "compiled-tuned")
+    assert after < 0.85 * before, (before, after)  # what is written (fp16 scales, decoded as the loader does) keeps the gain
+
+    old, new = file_bytes(tmp / "quantized"), file_bytes(tmp / "tuned")
+    assert old.keys() == new.keys()
+    changed = set()
+    for name in old:
+        a, b = load_file(str(tmp / "quantized" / name)), load_file(str(tmp / "tuned" / name))
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+        changed |= {k for k in a if not torch.equal(a[k], b[k])}
+    tunable = ("q_scale_max", "layernorm.weight", "model.norm.weight")
+    assert changed and all(k.endswith(tunable) for k in changed)
+    assert any(k.endswith("q_scale_max") for k in changed) and any(k.endswith("layernorm.weight") for k in changed)
+
+
+def test_tuning_is_deterministic(quantized: dict, tmp_path: Path) -> None:
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    for out in ("a", "b"):
+        tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=3, lr=1e-2, rows_per_step=3)
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+
+
+def test_input_feature_groups_follow_the_scale_of_each_group(quantized: dict) -> None:
+    """Doubling one group's q_scale_max doubles exactly the weights of the input features that group holds."""
+    layer = load_file(str(quantized["tmp"] / "quantized" / "layers" / "00000.safetensors"))
+    key = "model.layers.0.mlp.down_proj"
+    tensors = {s: layer[f"{key}.{s}"] for s in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")}
+    groups = input_feature_groups(tensors)
+    assert groups.shape == (SHAPE["intermediate_size"],) and int(groups.max()) + 1 == len(tensors["q_scale_max"])
+    base = dequantize(tensors).float()
+    for g in range(len(tensors["q_scale_max"])):
+        scaled = dict(tensors, q_scale_max=tensors["q_scale_max"].clone())
+        scaled["q_scale_max"][g] *= 2
+        changed = (dequantize(scaled).float() != base).any(dim=0)
+        assert torch.equal(changed, (groups == g) & (base != 0).any(dim=0))
