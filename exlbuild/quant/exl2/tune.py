@@ -12,6 +12,7 @@ those tensors. The pass holds both models on the device (no layer streaming): it
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -153,15 +154,18 @@ def tune_model(
     rows = ids.shape[0]
     step_rows = min(rows_per_step, rows)
     kl_per_step = []
-    with tf32_matmuls(device):
+    # On CUDA both models run in bfloat16 (the parameters and their updates stay float32): a step is a forward
+    # of each model and a backward of one, on rows_per_step whole rows.
+    low_precision = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with tf32_matmuls(device), low_precision:
         for step in progress.track(range(steps), "tuning"):
             batch = ids[(torch.arange(step_rows) + step * step_rows) % rows].to(device)
             x = embed(batch, embedding)
             with torch.no_grad():
                 target = F.log_softmax(final_logits(hidden(x, lambda i: teacher[i]), teacher_norm, teacher_head,
-                                                   cfg.rms_norm_eps), dim=-1)
+                                                   cfg.rms_norm_eps).float(), dim=-1)
             logits = final_logits(hidden(x, student_layer), final_norm.effective(), head.effective(),
-                                  cfg.rms_norm_eps)
+                                  cfg.rms_norm_eps).float()
             kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum") / batch.numel()
             optimizer.zero_grad()
             kl.backward()
