@@ -61,7 +61,7 @@ class MeasurementSpec:
 @dataclass
 class TuneSpec:
     # After GPTQ, each variant's free fp16 parameters (group scale maxima, norm weights) are fitted to the
-    # unquantized model's outputs on the calibration rows (docs/exl2.md "Tuning"); steps: 0 turns it off.
+    # unquantized model's outputs on the calibration rows (docs/exl2.md, "tuned"); steps: 0 turns it off.
     steps: int = 100
     lr: float = 1e-3
     rows_per_step: int = 4

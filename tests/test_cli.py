@@ -212,6 +212,8 @@ BAD_RECIPES = {
     "missing parquet": (RECIPE.replace("cal.parquet", "none.parquet"), [], "calibration.dataset: file not found"),
     "missing column": (RECIPE, ["calibration.text_column=txt"], "txt"),
     "negative probe": (RECIPE, ["measurement.probe_tokens=-1"], "measurement.probe_tokens: -1 is out of range"),
+    "negative tuning steps": (RECIPE, ["tune.steps=-1"], "tune.steps: -1 is out of range"),
+    "tuning rate of zero": (RECIPE, ["tune.lr=0"], "tune.lr: 0.0 is out of range; it must be in (0, 1]"),
 }
 
 

@@ -1,11 +1,13 @@
-"""EXL2 rules: measurement, allocation, quantized tensors, compiled output directory.
+"""EXL2 rules: measurement, allocation, quantized tensors, their tuning, compiled output directory.
 
-    model ──────────────┬────────────────┬───────────────────────────┬──────────────────┐
-    calibration-measurement ─► measurement                            │                  │
-                               └─► <variant>/allocation (bits) ─┐     │                  │
-    calibration ─────────────────────────────────────────────────┴─► <variant>/quantized ─┴─► <variant>/tuned
-                                                                                       ─► <variant> (compiled)
-(<variant>/tuned only with tune.steps > 0; else the compiled directory is made from the quantized tensors.)
+    model ──────────────┬────────────────┬───────────────────────────┐
+    calibration-measurement ─► measurement                            │
+                               └─► <variant>/allocation (bits) ─┐     │
+    calibration ─────────────────────────────────────────────────┴─► <variant>/quantized ─► <variant>/tuned
+                                                                           ─► <variant> (compiled)
+
+<variant>/tuned (from model, calibration and quantized) exists only with tune.steps > 0; without it the
+compiled directory is made from the quantized tensors.
 
 Rules only move data between the store and the algorithms in exlbuild.quant.exl2.
 """

@@ -1,4 +1,4 @@
-"""Tuning what an EXL2 model keeps in fp16 (docs/exl2.md "Tuning"): after GPTQ has fixed every code and scale
+"""Tuning what an EXL2 model keeps in fp16 (docs/exl2.md, "tuned"): after GPTQ has fixed every code and scale
 nibble, each group's q_scale_max and every RMSNorm weight are still free. They are fitted to the unquantized
 model by minimising the KL divergence of its next-token distributions on the calibration rows, with Adam on
 log-multipliers (initially 0: the GPTQ result), so that the later layers compensate the earlier layers' errors,
@@ -147,7 +147,7 @@ def tune_model(
             x = decoder_layer(x, weights(i), cfg, rope)
         return x
 
-    params = [p for layer in linears for linear in layer.values() for p in [linear.log_scale]]
+    params = [linear.log_scale for layer in linears for linear in layer.values()]
     params += [norm.log_gain for layer in norms for norm in layer.values()]
     params += [head.log_scale, final_norm.log_gain]
     optimizer = torch.optim.Adam(params, lr=lr)
