@@ -58,9 +58,10 @@ class ScaledLinear:
     def __init__(self, tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device) -> None:
         self.tensors = tensors
         self.key = key
-        self.weight = dequantize(tensors, out_features, key).to(device, torch.float32)
-        self.bias = tensors["bias"].to(device, torch.float32) if "bias" in tensors else None
-        self.group = input_feature_groups(tensors, key).to(device)
+        on_device = {k: t.to(device) for k, t in tensors.items()}  # decoded where the kernels are
+        self.weight = dequantize(on_device, out_features, key).float()
+        self.bias = on_device["bias"].float() if "bias" in on_device else None
+        self.group = input_feature_groups(on_device, key)
         self.log_scale = torch.zeros(tensors["q_scale_max"].shape[0], device=device, requires_grad=True)
 
     def effective(self) -> Tensor:
@@ -193,14 +194,14 @@ def tune_model(
         for i, layer in enumerate(out_layers):
             w = {n: layer[layer_prefix(i) + n].to(device, torch.float32) for n in NORMS}
             for n in LINEARS:
-                tensors = _split(layer, layer_prefix(i) + n)
-                w[f"{n}.weight"] = dequantize(tensors, out_features[n]).to(device, torch.float32)
+                tensors = {k: t.to(device) for k, t in _split(layer, layer_prefix(i) + n).items()}
+                w[f"{n}.weight"] = dequantize(tensors, out_features[n]).float()
                 if "bias" in tensors:
-                    w[f"{n}.bias"] = tensors["bias"].to(device, torch.float32)
+                    w[f"{n}.bias"] = tensors["bias"].float()
             x = decoder_layer(x, w, cfg, rope)
+        head_decoded = dequantize({k: t.to(device) for k, t in _split(head_out, HEAD_KEY).items()}, cfg.vocab_size)
         ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(),
-                                     dequantize(_split(head_out, HEAD_KEY), cfg.vocab_size).to(device).float(),
-                                     cfg.rms_norm_eps)
+                                     head_decoded.float(), cfg.rms_norm_eps)
 
     (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
     for i, layer in enumerate(out_layers):
