@@ -76,3 +76,16 @@ def test_input_feature_groups_follow_the_scale_of_each_group(quantized: dict) ->
         scaled["q_scale_max"][g] *= 2
         changed = (dequantize(scaled).float() != base).any(dim=0)
         assert torch.equal(changed, (groups == g) & (base != 0).any(dim=0))
+
+
+def test_tuning_a_model_with_biases_and_padded_outputs(tmp_path: Path) -> None:
+    """Qwen2's attention biases, k_proj/v_proj 16 wide (stored padded to 32): tuned like the rest, biases kept."""
+    model = tiny_model(tmp_path / "model", kind="qwen2", vocab_size=256, **dict(SHAPE, num_key_value_heads=1))
+    ids = random_ids(256)
+    quantize_model(model, ids, strategy(2, 1, 1), 4, tmp_path / "quantized")
+    metrics = tune_model(model, tmp_path / "quantized", tmp_path / "tuned", ids, steps=20, lr=2e-2, rows_per_step=4)
+    assert metrics["kl_last_pass"] < metrics["kl_first_pass"]
+    before = load_file(str(tmp_path / "quantized" / "layers" / "00000.safetensors"))
+    after = load_file(str(tmp_path / "tuned" / "layers" / "00000.safetensors"))
+    assert before["model.layers.0.self_attn.k_proj.bias"].shape == (32,)
+    assert torch.equal(before["model.layers.0.self_attn.k_proj.bias"], after["model.layers.0.self_attn.k_proj.bias"])

@@ -29,7 +29,6 @@ from exlbuild.model.checkpoint import (
     Device,
     head_weight,
     layer_prefix,
-    layer_tensor_shapes,
     layer_weights,
     norm_weight,
     open_model,
@@ -44,6 +43,7 @@ from exlbuild.quant.exl2.convert import (
     LAYERS_DIR,
     calibration_perplexity,
     layer_file,
+    linear_shapes,
 )
 from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, input_feature_groups
 from exlbuild.quant.stream import BLOCK_LINEARS, BLOCK_NORMS, check_calibration_ids, tf32_matmuls
@@ -60,7 +60,7 @@ class ScaledLinear:
         self.key = key
         on_device = {k: t.to(device) for k, t in tensors.items()}  # decoded where the kernels are
         self.weight = dequantize(on_device, out_features, key).float()
-        self.bias = on_device["bias"].float() if "bias" in on_device else None
+        self.bias = on_device["bias"][:out_features].float() if "bias" in on_device else None  # stored padded
         self.group = input_feature_groups(on_device, key)
         self.log_scale = torch.zeros(tensors["q_scale_max"].shape[0], device=device, requires_grad=True)
 
@@ -122,7 +122,7 @@ def tune_model(
     head_tensors = load_file(str(quantized_dir / HEAD_FILE))
     global_tensors = load_file(str(quantized_dir / GLOBALS_FILE))
 
-    out_features = {name: layer_tensor_shapes(cfg)[f"{name}.weight"][0] for name in LINEARS}
+    out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
     linears = [{name: ScaledLinear(_split(layer, layer_prefix(i) + name), layer_prefix(i) + name,
                                    out_features[name], device) for name in LINEARS}
                for i, layer in enumerate(layers)]
@@ -197,7 +197,7 @@ def tune_model(
                 tensors = {k: t.to(device) for k, t in _split(layer, layer_prefix(i) + n).items()}
                 w[f"{n}.weight"] = dequantize(tensors, out_features[n]).float()
                 if "bias" in tensors:
-                    w[f"{n}.bias"] = tensors["bias"].float()
+                    w[f"{n}.bias"] = tensors["bias"][: out_features[n]].float()
             x = decoder_layer(x, w, cfg, rope)
         head_decoded = dequantize({k: t.to(device) for k, t in _split(head_out, HEAD_KEY).items()}, cfg.vocab_size)
         ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(),
