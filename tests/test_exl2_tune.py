@@ -63,6 +63,19 @@ def test_tuning_is_deterministic(quantized: dict, tmp_path: Path) -> None:
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tuning_is_deterministic_on_cuda(quantized: dict, tmp_path: Path) -> None:
+    """Two tunings on the GPU write the same bytes (deterministic backward kernels), and they tune."""
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    for out in ("a", "b"):
+        metrics = tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=20, lr=2e-2, rows_per_step=4,
+                             device="cuda")
+    assert metrics["kl_last_pass"] < metrics["kl_first_pass"]
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+    assert file_bytes(tmp_path / "a") != file_bytes(tmp / "quantized")
+
+
 def test_input_feature_groups_follow_the_scale_of_each_group(quantized: dict) -> None:
     """Doubling one group's q_scale_max doubles exactly the weights of the input features that group holds."""
     layer = load_file(str(quantized["tmp"] / "quantized" / "layers" / "00000.safetensors"))

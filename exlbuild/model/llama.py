@@ -1,7 +1,8 @@
 """Llama-family forward pass in plain PyTorch, one decoder layer at a time.
 
 Everything is a function of tensors: a layer's weights are a dict keyed by the Hugging Face names relative to the
-layer (see `checkpoint.layer_weights`), so quantization code can pass modified weights. `capture(point, tensor)`
+layer (see `checkpoint.layer_weights`), so quantization code can pass modified weights (and, optionally,
+`NAME.input_scale`: a factor on each input feature of linear NAME). `capture(point, tensor)`
 receives the input of every linear layer as it is computed (see `LINEAR_INPUTS`), which is what GPTQ needs for its
 Hessians (k_proj's and v_proj's weighted by the attention each token receives: `attention_received`). Streaming
 (`iter_layers`, `forward_hidden`) keeps one layer's weights in memory at a time, plus the hidden states of all rows.
@@ -98,7 +99,8 @@ def embed(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+    scale = w.get(name + ".input_scale")  # per input feature (EXL2 tuning): cheaper than scaling the weight
+    return F.linear(x if scale is None else x * scale, w[name + ".weight"], w.get(name + ".bias"))
 
 
 def _allowed_keys(cfg: LlamaConfig, queries: range, seq_len: int, device: torch.device) -> torch.Tensor:

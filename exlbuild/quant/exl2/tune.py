@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,23 +54,22 @@ NORMS = list(BLOCK_NORMS.values())
 
 
 class ScaledLinear:
-    """A decoded EXL2 linear whose groups' q_scale_max are multiplied by exp(log_scale)."""
+    """A decoded EXL2 linear whose groups' q_scale_max are tuned: one multiplier per group, applied to the input
+    features the group quantized (the same as scaling its weights, and far cheaper to differentiate)."""
 
-    def __init__(self, tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device) -> None:
+    def __init__(self, tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
         self.tensors = tensors
         self.key = key
         on_device = {k: t.to(device) for k, t in tensors.items()}  # decoded where the kernels are
-        self.weight = dequantize(on_device, out_features, key).float()
-        self.bias = on_device["bias"][:out_features].float() if "bias" in on_device else None  # stored padded
-        self.group = input_feature_groups(on_device, key)
-        self.log_scale = torch.zeros(tensors["q_scale_max"].shape[0], device=device, requires_grad=True)
+        self.weight = dequantize(on_device, out_features, key).to(dtype)
+        self.bias = on_device["bias"][:out_features].to(dtype) if "bias" in on_device else None  # stored padded
+        self.feature_multiplier = input_feature_groups(on_device, key)
+        self.multipliers = tensors["q_scale_max"].shape[0]
 
-    def effective(self) -> Tensor:
-        return self.weight * self.log_scale.exp()[self.group]
-
-    def tuned(self) -> dict[str, Tensor]:
+    def tuned(self, log_multiplier: Tensor) -> dict[str, Tensor]:
         """The EXL2 tensors with the tuned q_scale_max (fp16, as stored)."""
-        scale_max = (self.tensors["q_scale_max"].float() * self.log_scale.detach().cpu().exp()).half()
+        scale_max = (self.tensors["q_scale_max"].float() * log_multiplier.cpu().exp()).half()
         if not torch.isfinite(scale_max).all():
             raise ExlbuildError(f"{self.key}: tuning drove q_scale_max beyond the range of float16; "
                                 "lower tune.lr or tune.steps")
@@ -77,18 +77,52 @@ class ScaledLinear:
 
 
 class ScaledNorm:
-    """An RMSNorm weight multiplied by exp(log_gain)."""
+    """An RMSNorm weight with one tuned multiplier per feature."""
 
     def __init__(self, weight: Tensor, device: torch.device) -> None:
         self.stored = weight
         self.weight = weight.to(device, torch.float32)
-        self.log_gain = torch.zeros_like(self.weight, requires_grad=True)
+        self.feature_multiplier = torch.arange(weight.numel(), device=device)
+        self.multipliers = weight.numel()
 
-    def effective(self) -> Tensor:
-        return self.weight * self.log_gain.exp()
+    def tuned(self, log_multiplier: Tensor) -> Tensor:
+        return (self.stored.float() * log_multiplier.cpu().exp()).half()
 
-    def tuned(self) -> Tensor:
-        return (self.stored.float() * self.log_gain.detach().cpu().exp()).half()
+
+class Multipliers:
+    """The log-multipliers of every tuned tensor in one vector (one tensor for the optimizer), initially 0 (the
+    GPTQ result), and their expansion to one factor per scaled feature. The expansion's backward sums over each
+    group's features, deterministically under `deterministic_algorithms`."""
+
+    def __init__(self, owners: list[ScaledLinear | ScaledNorm], device: torch.device) -> None:
+        counts = [owner.multipliers for owner in owners]
+        self.starts = [sum(counts[:k]) for k in range(len(counts) + 1)]
+        self.index = torch.cat([owner.feature_multiplier.to(device) + start
+                                for owner, start in zip(owners, self.starts)])
+        self.features = [owner.feature_multiplier.numel() for owner in owners]
+        self.log = torch.zeros(self.starts[-1], device=device, requires_grad=True)
+
+    def expand(self) -> tuple[Tensor, ...]:
+        """One factor per feature for each owner, in the owners' order."""
+        return torch.index_select(self.log.exp(), 0, self.index).split(self.features)
+
+    def of(self, k: int) -> Tensor:
+        """Owner k's log-multipliers (detached)."""
+        return self.log.detach()[self.starts[k]:self.starts[k + 1]]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """PyTorch's deterministic kernels for the tuning loop, so that a rebuild on CUDA is byte-identical too (the
+    fused attention's and the feature expansion's backward otherwise add atomically, in varying order). PyTorch
+    allows cuBLAS in this mode only with a fixed workspace configuration; set it unless the user has."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def _split(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
@@ -122,51 +156,71 @@ def tune_model(
     head_tensors = load_file(str(quantized_dir / HEAD_FILE))
     global_tensors = load_file(str(quantized_dir / GLOBALS_FILE))
 
+    # On CUDA both models run in bfloat16 (the multipliers and their updates stay float32).
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
-    linears = [{name: ScaledLinear(_split(layer, layer_prefix(i) + name), layer_prefix(i) + name,
-                                   out_features[name], device) for name in LINEARS}
-               for i, layer in enumerate(layers)]
-    norms = [{name: ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS}
-             for i, layer in enumerate(layers)]
-    head = ScaledLinear(_split(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device)
+    owners: list[ScaledLinear | ScaledNorm] = []
+    fixed: list[dict[str, Tensor]] = []  # each student layer's decoded weights and biases
+    scaled: list[list[tuple[str, int]]] = []  # each student layer's tuned entries: (weights key, owner index)
+    for i, layer in enumerate(layers):
+        fixed.append({})
+        scaled.append([])
+        for name in LINEARS:
+            linear = ScaledLinear(_split(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
+                                  device, dtype)
+            fixed[i][f"{name}.weight"] = linear.weight
+            if linear.bias is not None:
+                fixed[i][f"{name}.bias"] = linear.bias
+            scaled[i].append((f"{name}.input_scale", len(owners)))
+            owners.append(linear)
+        for name in NORMS:
+            scaled[i].append((name, len(owners)))
+            owners.append(ScaledNorm(layer[layer_prefix(i) + name], device))
+    head = ScaledLinear(_split(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, dtype)
     final_norm = ScaledNorm(global_tensors[FINAL_NORM_KEY], device)
+    owners += [head, final_norm]
+    multipliers = Multipliers(owners, device)
     embedding = global_tensors[EMBEDDING_KEY].to(device, torch.float32)
-    teacher = [{k: v.float() for k, v in layer_weights(ckpt, cfg, i, torch.float16, device).items()}
+    teacher = [{k: v.to(dtype) if v.dim() == 2 else v.float()
+                for k, v in layer_weights(ckpt, cfg, i, torch.float16, device).items()}
                for i in range(cfg.num_hidden_layers)]
     teacher_norm = norm_weight(ckpt, torch.float16, device).float()
-    teacher_head = head_weight(ckpt, cfg, torch.float16, device).float()
+    teacher_head = head_weight(ckpt, cfg, torch.float16, device).to(dtype)
     rope = rope_tables(cfg, ids.shape[1], device)
-
-    def student_layer(i: int) -> dict[str, Tensor]:
-        w = {f"{name}.weight": linear.effective() for name, linear in linears[i].items()}
-        w.update({f"{name}.bias": linear.bias for name, linear in linears[i].items() if linear.bias is not None})
-        w.update({name: norm.effective() for name, norm in norms[i].items()})
-        return w
 
     def hidden(x: Tensor, weights) -> Tensor:
         for i in range(cfg.num_hidden_layers):
             x = decoder_layer(x, weights(i), cfg, rope)
         return x
 
-    params = [linear.log_scale for layer in linears for linear in layer.values()]
-    params += [norm.log_gain for layer in norms for norm in layer.values()]
-    params += [head.log_scale, final_norm.log_gain]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    def student_logits(x: Tensor) -> Tensor:
+        factors = multipliers.expand()
+
+        def layer(i: int) -> dict[str, Tensor]:
+            w = dict(fixed[i])
+            for key, k in scaled[i]:
+                owner = owners[k]
+                w[key] = owner.weight * factors[k] if isinstance(owner, ScaledNorm) else factors[k]
+            return w
+
+        # The head's multipliers scale its input features, as the final norm's do.
+        norm = final_norm.weight * factors[-1] * factors[-2]
+        return final_logits(hidden(x, layer), norm, head.weight, cfg.rms_norm_eps)
+
+    optimizer = torch.optim.Adam([multipliers.log], lr=lr, fused=device.type == "cuda")
     rows = ids.shape[0]
     step_rows = min(rows_per_step, rows)
     kl_per_step = []
-    # On CUDA both models run in bfloat16 (the parameters and their updates stay float32): a step is a forward
-    # of each model and a backward of one, on rows_per_step whole rows.
+    # A step is a forward of each model and a backward of one, on rows_per_step whole rows.
     low_precision = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with tf32_matmuls(device), low_precision:
+    with tf32_matmuls(device), low_precision, deterministic_algorithms():
         for step in progress.track(range(steps), "tuning"):
             batch = ids[(torch.arange(step_rows) + step * step_rows) % rows].to(device)
             x = embed(batch, embedding)
             with torch.no_grad():
                 target = F.log_softmax(final_logits(hidden(x, lambda i: teacher[i]), teacher_norm, teacher_head,
                                                    cfg.rms_norm_eps).float(), dim=-1)
-            logits = final_logits(hidden(x, student_layer), final_norm.effective(), head.effective(),
-                                  cfg.rms_norm_eps).float()
+            logits = student_logits(x).float()
             kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum") / batch.numel()
             optimizer.zero_grad()
             kl.backward()
@@ -179,13 +233,15 @@ def tune_model(
     out_layers = []
     for i, layer in enumerate(layers):
         tuned = dict(layer)
-        for linear in linears[i].values():
-            tuned.update({f"{linear.key}.{s}": t for s, t in linear.tuned().items()})
-        for name, norm in norms[i].items():
-            tuned[layer_prefix(i) + name] = norm.tuned()
+        for key, k in scaled[i]:
+            owner = owners[k]
+            if isinstance(owner, ScaledNorm):
+                tuned[layer_prefix(i) + key] = owner.tuned(multipliers.of(k))
+            else:
+                tuned.update({f"{owner.key}.{s}": t for s, t in owner.tuned(multipliers.of(k)).items()})
         out_layers.append(tuned)
-    head_out = {f"{HEAD_KEY}.{s}": t for s, t in head.tuned().items()}
-    globals_out = {**global_tensors, FINAL_NORM_KEY: final_norm.tuned()}
+    head_out = {f"{HEAD_KEY}.{s}": t for s, t in head.tuned(multipliers.of(len(owners) - 2)).items()}
+    globals_out = {**global_tensors, FINAL_NORM_KEY: final_norm.tuned(multipliers.of(len(owners) - 1))}
 
     # The calibration perplexity of what is written (its fp16 scales decoded as the loader does).
     with torch.no_grad():
