@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from exlbuild.model.llama import forward_logits
 from exlbuild.quant.exl2.compile import compile_model
 from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, input_feature_groups
-from exlbuild.quant.exl2.tune import tune_model
+from exlbuild.quant.exl2.tune import Multipliers, tune_model
 from model_fixtures import tiny_model
 from test_exl2_convert import QUANT_CONFIG, SHAPE, file_bytes, random_ids, strategy
 
@@ -102,3 +103,29 @@ def test_tuning_a_model_with_biases_and_padded_outputs(tmp_path: Path) -> None:
     after = load_file(str(tmp_path / "tuned" / "layers" / "00000.safetensors"))
     assert before["model.layers.0.self_attn.k_proj.bias"].shape == (32,)
     assert torch.equal(before["model.layers.0.self_attn.k_proj.bias"], after["model.layers.0.self_attn.k_proj.bias"])
+
+
+def test_multipliers_expand_like_indexing() -> None:
+    """Each linear's input features take their group's factor, each norm's features their own, and the fixed-order
+    backward of the group expansion gives index_select's gradient (groups of uneven sizes, in any order)."""
+    groups = [torch.tensor([3, 0, 0, 2, 3, 3, 1, 0, 3, 2]), torch.tensor([1, 0, 1, 1])]
+    linears = [SimpleNamespace(feature_group=g, groups=int(g.max()) + 1) for g in groups]
+    norms = [SimpleNamespace(weight=torch.ones(3)), SimpleNamespace(weight=torch.ones(2))]
+    multipliers = Multipliers(linears, norms, torch.device("cpu"))
+    assert multipliers.log.shape == (4 + 2 + 3 + 2,)
+    with torch.no_grad():
+        multipliers.log.copy_(torch.randn(11))
+    log = multipliers.log.detach()
+    linear_factors, norm_factors = multipliers.expand()
+    assert torch.equal(linear_factors[0], log.exp()[groups[0]]) and torch.equal(linear_factors[1], log.exp()[4 + groups[1]])
+    assert torch.equal(norm_factors[0], log.exp()[6:9]) and torch.equal(norm_factors[1], log.exp()[9:])
+    assert torch.equal(multipliers.of_linear(1), log[4:6]) and torch.equal(multipliers.of_norm(1), log[9:])
+
+    weights = [torch.randn(t.numel()) for t in (*linear_factors, *norm_factors)]
+    loss = sum((w * f).sum() for w, f in zip(weights, (*linear_factors, *norm_factors)))
+    (ours,) = torch.autograd.grad(loss, multipliers.log)
+    reference_log = log.clone().requires_grad_()
+    index = torch.cat([groups[0], 4 + groups[1], torch.arange(6, 11)])
+    reference_loss = (torch.cat(weights) * torch.index_select(reference_log.exp(), 0, index)).sum()
+    (reference,) = torch.autograd.grad(reference_loss, reference_log)
+    torch.testing.assert_close(ours, reference)

@@ -137,9 +137,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
     q, k, v = _split_heads(q, cfg), _split_heads(k, cfg), _split_heads(v, cfg)
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if cfg.num_kv_groups > 1:
-        # Each KV head serves num_kv_groups consecutive query heads.
-        k = k.repeat_interleave(cfg.num_kv_groups, dim=1)
-        v = v.repeat_interleave(cfg.num_kv_groups, dim=1)
+        # Each KV head serves num_kv_groups consecutive query heads. (An expanded view copied once: on CUDA,
+        # repeat_interleave waits for the GPU to size its output.)
+        b, kv_heads, _, d = k.shape
+        k, v = (y[:, :, None].expand(b, kv_heads, cfg.num_kv_groups, t, d).reshape(b, -1, t, d) for y in (k, v))
     mask = _attention_mask(cfg, t, q.device)
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from exlbuild.model.checkpoint import (
     norm_weight,
     open_model,
 )
-from exlbuild.model.llama import decoder_layer, embed, final_logits, rope_tables
+from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, rope_tables
 from exlbuild.quant.exl2.convert import (
     EMBEDDING_KEY,
     FINAL_NORM_KEY,
@@ -47,10 +47,11 @@ from exlbuild.quant.exl2.convert import (
     linear_shapes,
 )
 from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, input_feature_groups
-from exlbuild.quant.stream import BLOCK_LINEARS, BLOCK_NORMS, check_calibration_ids, tf32_matmuls
+from exlbuild.quant.stream import BLOCK_LINEARS, BLOCK_NORMS, check_calibration_ids
 
 LINEARS = [name for names in BLOCK_LINEARS.values() for name in names]
 NORMS = list(BLOCK_NORMS.values())
+EAGER_STEPS = 3  # ordinary steps on CUDA before the step is captured as a graph
 
 
 class ScaledLinear:
@@ -64,8 +65,8 @@ class ScaledLinear:
         on_device = {k: t.to(device) for k, t in tensors.items()}  # decoded where the kernels are
         self.weight = dequantize(on_device, out_features, key).to(dtype)
         self.bias = on_device["bias"][:out_features].to(dtype) if "bias" in on_device else None  # stored padded
-        self.feature_multiplier = input_feature_groups(on_device, key)
-        self.multipliers = tensors["q_scale_max"].shape[0]
+        self.feature_group = input_feature_groups(on_device, key)
+        self.groups = tensors["q_scale_max"].shape[0]
 
     def tuned(self, log_multiplier: Tensor) -> dict[str, Tensor]:
         """The EXL2 tensors with the tuned q_scale_max (fp16, as stored)."""
@@ -82,33 +83,60 @@ class ScaledNorm:
     def __init__(self, weight: Tensor, device: torch.device) -> None:
         self.stored = weight
         self.weight = weight.to(device, torch.float32)
-        self.feature_multiplier = torch.arange(weight.numel(), device=device)
-        self.multipliers = weight.numel()
 
     def tuned(self, log_multiplier: Tensor) -> Tensor:
         return (self.stored.float() * log_multiplier.cpu().exp()).half()
 
 
+class _ExpandGroups(torch.autograd.Function):
+    """values[index] with a backward that sums each value's features in a fixed order (gathered into a padded
+    (values, members) table, then summed along rows): index_select's backward adds atomically on CUDA."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, index: Tensor, members: Tensor) -> Tensor:
+        ctx.save_for_backward(members)
+        return values[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (members,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros(1)])[members].sum(1), None, None
+
+
 class Multipliers:
     """The log-multipliers of every tuned tensor in one vector (one tensor for the optimizer), initially 0 (the
-    GPTQ result), and their expansion to one factor per scaled feature. The expansion's backward sums over each
-    group's features, deterministically under `deterministic_algorithms`."""
+    GPTQ result): first the linears' groups, then the norms' features. `expand` gives the factor of every input
+    feature of each linear and of every feature of each norm."""
 
-    def __init__(self, owners: list[ScaledLinear | ScaledNorm], device: torch.device) -> None:
-        counts = [owner.multipliers for owner in owners]
-        self.starts = [sum(counts[:k]) for k in range(len(counts) + 1)]
-        self.index = torch.cat([owner.feature_multiplier.to(device) + start
-                                for owner, start in zip(owners, self.starts)])
-        self.features = [owner.feature_multiplier.numel() for owner in owners]
-        self.log = torch.zeros(self.starts[-1], device=device, requires_grad=True)
+    def __init__(self, linears: list[ScaledLinear], norms: list[ScaledNorm], device: torch.device) -> None:
+        group_counts = [linear.groups for linear in linears]
+        self.group_starts = [sum(group_counts[:k]) for k in range(len(linears) + 1)]
+        index = torch.cat([linear.feature_group.cpu() + start for linear, start in zip(linears, self.group_starts)])
+        # members[g] lists the features of group g, padded with len(index) (a zero appended to the gradient).
+        order = torch.argsort(index, stable=True)
+        counts = torch.bincount(index, minlength=self.group_starts[-1])
+        first = torch.cumsum(counts, 0) - counts
+        members = torch.full((len(counts), int(counts.max())), len(index), dtype=torch.long)
+        members[index[order], torch.arange(len(index)) - first[index[order]]] = order
+        self.index, self.members = index.to(device), members.to(device)
+        self.features = [linear.feature_group.numel() for linear in linears]
+        norm_sizes = [norm.weight.numel() for norm in norms]
+        self.norm_starts = [self.group_starts[-1] + sum(norm_sizes[:k]) for k in range(len(norms) + 1)]
+        self.log = torch.zeros(self.norm_starts[-1], device=device, requires_grad=True)
 
-    def expand(self) -> tuple[Tensor, ...]:
-        """One factor per feature for each owner, in the owners' order."""
-        return torch.index_select(self.log.exp(), 0, self.index).split(self.features)
+    def expand(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """(each linear's factor per input feature, each norm's factor per feature), in the given orders."""
+        factor = self.log.exp()
+        groups = self.group_starts[-1]
+        per_feature = _ExpandGroups.apply(factor[:groups], self.index, self.members)
+        norm_sizes = [b - a for a, b in zip(self.norm_starts, self.norm_starts[1:])]
+        return per_feature.split(self.features), factor[groups:].split(norm_sizes)
 
-    def of(self, k: int) -> Tensor:
-        """Owner k's log-multipliers (detached)."""
-        return self.log.detach()[self.starts[k]:self.starts[k + 1]]
+    def of_linear(self, k: int) -> Tensor:
+        return self.log.detach()[self.group_starts[k]:self.group_starts[k + 1]]
+
+    def of_norm(self, k: int) -> Tensor:
+        return self.log.detach()[self.norm_starts[k]:self.norm_starts[k + 1]]
 
 
 @contextlib.contextmanager
@@ -156,97 +184,114 @@ def tune_model(
     head_tensors = load_file(str(quantized_dir / HEAD_FILE))
     global_tensors = load_file(str(quantized_dir / GLOBALS_FILE))
 
-    # On CUDA both models run in bfloat16 (the multipliers and their updates stay float32).
+    # On CUDA both models run in bfloat16, weights and activations (the multipliers and their updates stay float32).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
-    owners: list[ScaledLinear | ScaledNorm] = []
-    fixed: list[dict[str, Tensor]] = []  # each student layer's decoded weights and biases
-    scaled: list[list[tuple[str, int]]] = []  # each student layer's tuned entries: (weights key, owner index)
-    for i, layer in enumerate(layers):
-        fixed.append({})
-        scaled.append([])
-        for name in LINEARS:
-            linear = ScaledLinear(_split(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
-                                  device, dtype)
-            fixed[i][f"{name}.weight"] = linear.weight
-            if linear.bias is not None:
-                fixed[i][f"{name}.bias"] = linear.bias
-            scaled[i].append((f"{name}.input_scale", len(owners)))
-            owners.append(linear)
-        for name in NORMS:
-            scaled[i].append((name, len(owners)))
-            owners.append(ScaledNorm(layer[layer_prefix(i) + name], device))
+    linears = [[ScaledLinear(_split(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
+                             device, dtype) for name in LINEARS] for i, layer in enumerate(layers)]
+    norms = [[ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS] for i, layer in enumerate(layers)]
     head = ScaledLinear(_split(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, dtype)
     final_norm = ScaledNorm(global_tensors[FINAL_NORM_KEY], device)
-    owners += [head, final_norm]
-    multipliers = Multipliers(owners, device)
-    embedding = global_tensors[EMBEDDING_KEY].to(device, torch.float32)
-    teacher = [{k: v.to(dtype) if v.dim() == 2 else v.float()
-                for k, v in layer_weights(ckpt, cfg, i, torch.float16, device).items()}
+    all_linears = [linear for layer in linears for linear in layer] + [head]
+    all_norms = [norm for layer in norms for norm in layer] + [final_norm]
+    multipliers = Multipliers(all_linears, all_norms, device)
+    fixed = [{f"{name}.weight": linear.weight for name, linear in zip(LINEARS, layer)} for layer in linears]
+    for layer, weights in zip(linears, fixed):
+        weights.update({f"{name}.bias": linear.bias for name, linear in zip(LINEARS, layer) if linear.bias is not None})
+    embedding = global_tensors[EMBEDDING_KEY].to(device, dtype)
+    teacher = [{k: v.to(dtype) for k, v in layer_weights(ckpt, cfg, i, torch.float16, device).items()}
                for i in range(cfg.num_hidden_layers)]
-    teacher_norm = norm_weight(ckpt, torch.float16, device).float()
+    teacher_norm = norm_weight(ckpt, torch.float16, device).to(dtype)
     teacher_head = head_weight(ckpt, cfg, torch.float16, device).to(dtype)
     rope = rope_tables(cfg, ids.shape[1], device)
+    rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
 
-    def hidden(x: Tensor, weights) -> Tensor:
+    def hidden(x: Tensor, weights: Callable[[int], dict[str, Tensor]]) -> Tensor:
         for i in range(cfg.num_hidden_layers):
             x = decoder_layer(x, weights(i), cfg, rope)
         return x
 
     def student_logits(x: Tensor) -> Tensor:
-        factors = multipliers.expand()
+        linear_factors, norm_factors = multipliers.expand()
+        per_layer = len(LINEARS), len(NORMS)
 
         def layer(i: int) -> dict[str, Tensor]:
             w = dict(fixed[i])
-            for key, k in scaled[i]:
-                owner = owners[k]
-                w[key] = owner.weight * factors[k] if isinstance(owner, ScaledNorm) else factors[k]
+            for j, name in enumerate(LINEARS):
+                w[f"{name}.input_scale"] = linear_factors[i * per_layer[0] + j].to(dtype)
+            for j, (name, norm) in enumerate(zip(NORMS, norms[i])):
+                w[name] = (norm.weight * norm_factors[i * per_layer[1] + j]).to(dtype)
             return w
 
         # The head's multipliers scale its input features, as the final norm's do.
-        norm = final_norm.weight * factors[-1] * factors[-2]
+        norm = (final_norm.weight * norm_factors[-1] * linear_factors[-1]).to(dtype)
         return final_logits(hidden(x, layer), norm, head.weight, cfg.rms_norm_eps)
 
-    optimizer = torch.optim.Adam([multipliers.log], lr=lr, fused=device.type == "cuda")
+    def train_step(batch: Tensor) -> Tensor:
+        """One Adam step on the KL divergence over the rows `batch`; returns the KL (per token, nats)."""
+        x = embed(batch, embedding)
+        with torch.no_grad():
+            target = F.log_softmax(final_logits(hidden(x, teacher.__getitem__), teacher_norm, teacher_head,
+                                               cfg.rms_norm_eps).float(), dim=-1)
+        logits = student_logits(x).float()
+        kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum") / batch.numel()
+        kl.backward()
+        optimizer.step()
+        return kl.detach()
+
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.Adam([multipliers.log], lr=lr, fused=cuda, capturable=cuda)
     rows = ids.shape[0]
+    device_ids = ids.to(device)
     step_rows = min(rows_per_step, rows)
-    kl_per_step = []
-    # A step is a forward of each model and a backward of one, on rows_per_step whole rows.
-    low_precision = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with tf32_matmuls(device), low_precision, deterministic_algorithms():
+    kl_values = torch.zeros(steps, device=device)  # read at the end: no wait for the GPU within the loop
+    # On CUDA the step is replayed as one CUDA graph after EAGER_STEPS ordinary ones (which must run on a side
+    # stream before a capture): a step is thousands of small kernels, and launching them one by one from Python
+    # took longer than running them.
+    graph, static_batch, static_kl = None, device_ids[:step_rows].clone(), None
+    side = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        side.wait_stream(torch.cuda.current_stream(device))
+    with deterministic_algorithms():
         for step in progress.track(range(steps), "tuning"):
-            batch = ids[(torch.arange(step_rows) + step * step_rows) % rows].to(device)
-            x = embed(batch, embedding)
-            with torch.no_grad():
-                target = F.log_softmax(final_logits(hidden(x, lambda i: teacher[i]), teacher_norm, teacher_head,
-                                                   cfg.rms_norm_eps).float(), dim=-1)
-            logits = student_logits(x).float()
-            kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum") / batch.numel()
-            optimizer.zero_grad()
-            kl.backward()
-            optimizer.step()
-            kl_per_step.append(kl.item())
-            del x, target, logits, kl
+            batch = (torch.arange(step_rows, device=device) + step * step_rows) % rows
+            if cuda and step >= EAGER_STEPS:
+                if graph is None:
+                    torch.cuda.current_stream(device).wait_stream(side)
+                    optimizer.zero_grad(set_to_none=True)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_kl = train_step(static_batch)
+                static_batch.copy_(device_ids[batch])
+                graph.replay()
+                kl_values[step] = static_kl
+            else:
+                with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                    static_batch.copy_(device_ids[batch])
+                    optimizer.zero_grad(set_to_none=True)
+                    kl_values[step] = train_step(static_batch)
+    if cuda:
+        torch.cuda.current_stream(device).wait_stream(side)
+    kl_per_step = kl_values.tolist()
     if not all(math.isfinite(k) for k in kl_per_step):
         raise ExlbuildError("tuning diverged (the KL divergence became NaN or infinite); lower tune.lr")
 
     out_layers = []
     for i, layer in enumerate(layers):
         tuned = dict(layer)
-        for key, k in scaled[i]:
-            owner = owners[k]
-            if isinstance(owner, ScaledNorm):
-                tuned[layer_prefix(i) + key] = owner.tuned(multipliers.of(k))
-            else:
-                tuned.update({f"{owner.key}.{s}": t for s, t in owner.tuned(multipliers.of(k)).items()})
+        for j, linear in enumerate(linears[i]):
+            tuned.update({f"{linear.key}.{s}": t
+                          for s, t in linear.tuned(multipliers.of_linear(i * len(LINEARS) + j)).items()})
+        for j, (name, norm) in enumerate(zip(NORMS, norms[i])):
+            tuned[layer_prefix(i) + name] = norm.tuned(multipliers.of_norm(i * len(NORMS) + j))
         out_layers.append(tuned)
-    head_out = {f"{HEAD_KEY}.{s}": t for s, t in head.tuned(multipliers.of(len(owners) - 2)).items()}
-    globals_out = {**global_tensors, FINAL_NORM_KEY: final_norm.tuned(multipliers.of(len(owners) - 1))}
+    head_out = {f"{HEAD_KEY}.{s}": t for s, t in head.tuned(multipliers.of_linear(len(all_linears) - 1)).items()}
+    globals_out = {**global_tensors, FINAL_NORM_KEY: final_norm.tuned(multipliers.of_norm(len(all_norms) - 1))}
 
     # The calibration perplexity of what is written (its fp16 scales decoded as the loader does).
     with torch.no_grad():
         metric_ids = ids[: min(metric_rows, rows)].to(device)
-        x = embed(metric_ids, embedding)
+        x = embed(metric_ids, global_tensors[EMBEDDING_KEY].to(device, torch.float32))
         for i, layer in enumerate(out_layers):
             w = {n: layer[layer_prefix(i) + n].to(device, torch.float32) for n in NORMS}
             for n in LINEARS:
