@@ -81,8 +81,9 @@ def rope_tables(cfg: LlamaConfig, seq_len: int, device: Device = None) -> Rope:
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate (batch, heads, seq, head_dim) by position; pairs are (i, i + head_dim/2)."""
-    cos, sin = rope.cos[: x.shape[-2]].to(x.dtype), rope.sin[: x.shape[-2]].to(x.dtype)
+    """Rotate (batch, seq, heads, head_dim) by position; pairs are (i, i + head_dim/2). (In this layout, that of the
+    projections, the elementwise work runs on contiguous memory.)"""
+    cos, sin = rope.cos[: x.shape[1], None].to(x.dtype), rope.sin[: x.shape[1], None].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -122,10 +123,10 @@ def _attention_mask(cfg: LlamaConfig, seq_len: int, device: torch.device) -> tor
 
 
 def _split_heads(y: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
-    """(..., seq, heads·head_dim) → (batch, heads, seq, head_dim), the leading dims flattened into one batch dim
+    """(..., seq, heads·head_dim) → (batch, seq, heads, head_dim), the leading dims flattened into one batch dim
     (scaled_dot_product_attention takes a slow path for more than one)."""
     t = y.shape[-2]
-    return y.reshape(-1, t, y.shape[-1] // cfg.head_dim, cfg.head_dim).transpose(1, 2)
+    return y.reshape(-1, t, y.shape[-1] // cfg.head_dim, cfg.head_dim)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfig, rope: Rope) -> torch.Tensor:
@@ -134,8 +135,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
     Leading dims are batch dims (rows, or candidates × rows in the measurement); returns (..., seq, heads·head_dim).
     """
     *lead, t, _ = q.shape
-    q, k, v = _split_heads(q, cfg), _split_heads(k, cfg), _split_heads(v, cfg)
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q, k = apply_rope(_split_heads(q, cfg), rope), apply_rope(_split_heads(k, cfg), rope)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), _split_heads(v, cfg).transpose(1, 2)  # (batch, heads, seq, dim)
     if cfg.num_kv_groups > 1:
         # Each KV head serves num_kv_groups consecutive query heads. (An expanded view copied once: on CUDA,
         # repeat_interleave waits for the GPU to size its output.)
@@ -151,8 +152,8 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, cfg: LlamaConfig, rope:
     and k (..., seq, kv_heads·head_dim): the attention probabilities summed over query heads and query positions,
     divided by the number of query heads (so that a row's weights sum to seq). In float32."""
     *lead, t, _ = q.shape
-    q = apply_rope(_split_heads(q.float(), cfg), rope) / math.sqrt(cfg.head_dim)
-    k = apply_rope(_split_heads(k.float(), cfg), rope)
+    q = apply_rope(_split_heads(q.float(), cfg), rope).transpose(1, 2) / math.sqrt(cfg.head_dim)
+    k = apply_rope(_split_heads(k.float(), cfg), rope).transpose(1, 2)
     group = cfg.num_kv_groups
     # Slices of whole rows while one row's probabilities fit under PROBABILITY_ELEMENTS, else of query positions
     # (each query's probabilities are a softmax of their own, so the sum over queries can be taken in parts).

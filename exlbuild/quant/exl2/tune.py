@@ -145,12 +145,15 @@ def deterministic_algorithms() -> Iterator[None]:
     fused attention's and the feature expansion's backward otherwise add atomically, in varying order). PyTorch
     allows cuBLAS in this mode only with a fixed workspace configuration; set it unless the user has."""
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid the mode turns on; costly here
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _split(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
