@@ -64,7 +64,7 @@ class TuneSpec:
     # unquantized model's outputs on the calibration rows (docs/exl2.md, "tuned"); steps: 0 turns it off.
     steps: int = 100
     lr: float = 1e-3
-    rows_per_step: int = 4
+    rows_per_step: int = 2
 
 
 @dataclass

@@ -143,7 +143,7 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 1
+    version = 2  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model

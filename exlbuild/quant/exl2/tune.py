@@ -260,11 +260,16 @@ def tune_model(
             batch = (torch.arange(step_rows, device=device) + step * step_rows) % rows
             if cuda and step >= EAGER_STEPS:
                 if graph is None:
-                    torch.cuda.current_stream(device).wait_stream(side)
+                    # Captured on the side stream, once its steps are done (torch.cuda.graph would also empty
+                    # the allocator's cache, a second lost here).
+                    side.synchronize()
                     optimizer.zero_grad(set_to_none=True)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
+                    with torch.cuda.stream(side):
+                        graph.capture_begin()
                         static_kl = train_step(static_batch)
+                        graph.capture_end()
+                    torch.cuda.current_stream(device).wait_stream(side)
                 static_batch.copy_(device_ids[batch])
                 graph.replay()
                 kl_values[step] = static_kl
