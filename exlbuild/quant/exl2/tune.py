@@ -54,6 +54,15 @@ NORMS = list(BLOCK_NORMS.values())
 EAGER_STEPS = 3  # ordinary steps on CUDA before the step is captured as a graph
 
 
+def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The (out, in) weight and the bias (or None) of one EXL2 linear, decoded on `device` (where the kernels
+    are) and cast to `dtype`; the bias is stored padded to 32 outputs and cut to `out_features`."""
+    on_device = {k: t.to(device) for k, t in tensors.items()}
+    weight = dequantize(on_device, out_features, key).to(dtype)
+    return weight, on_device["bias"][:out_features].to(dtype) if "bias" in on_device else None
+
+
 class ScaledLinear:
     """A decoded EXL2 linear whose groups' q_scale_max are tuned: one multiplier per group, applied to the input
     features the group quantized (the same as scaling its weights, and far cheaper to differentiate)."""
@@ -62,10 +71,8 @@ class ScaledLinear:
                  dtype: torch.dtype) -> None:
         self.tensors = tensors
         self.key = key
-        on_device = {k: t.to(device) for k, t in tensors.items()}  # decoded where the kernels are
-        self.weight = dequantize(on_device, out_features, key).to(dtype)
-        self.bias = on_device["bias"][:out_features].to(dtype) if "bias" in on_device else None  # stored padded
-        self.feature_group = input_feature_groups(on_device, key)
+        self.weight, self.bias = decode_linear(tensors, key, out_features, device, dtype)
+        self.feature_group = input_feature_groups(tensors, key)
         self.groups = tensors["q_scale_max"].shape[0]
 
     def tuned(self, log_multiplier: Tensor) -> dict[str, Tensor]:
@@ -122,6 +129,7 @@ class Multipliers:
         self.features = [linear.feature_group.numel() for linear in linears]
         norm_sizes = [norm.weight.numel() for norm in norms]
         self.norm_starts = [self.group_starts[-1] + sum(norm_sizes[:k]) for k in range(len(norms) + 1)]
+        self.norm_features = norm_sizes
         self.log = torch.zeros(self.norm_starts[-1], device=device, requires_grad=True)
 
     def expand(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -129,8 +137,7 @@ class Multipliers:
         factor = self.log.exp()
         groups = self.group_starts[-1]
         per_feature = _ExpandGroups.apply(factor[:groups], self.index, self.members)
-        norm_sizes = [b - a for a, b in zip(self.norm_starts, self.norm_starts[1:])]
-        return per_feature.split(self.features), factor[groups:].split(norm_sizes)
+        return per_feature.split(self.features), factor[groups:].split(self.norm_features)
 
     def of_linear(self, k: int) -> Tensor:
         return self.log.detach()[self.group_starts[k]:self.group_starts[k + 1]]
@@ -303,14 +310,15 @@ def tune_model(
         for i, layer in enumerate(out_layers):
             w = {n: layer[layer_prefix(i) + n].to(device, torch.float32) for n in NORMS}
             for n in LINEARS:
-                tensors = {k: t.to(device) for k, t in _split(layer, layer_prefix(i) + n).items()}
-                w[f"{n}.weight"] = dequantize(tensors, out_features[n]).float()
-                if "bias" in tensors:
-                    w[f"{n}.bias"] = tensors["bias"][: out_features[n]].float()
+                key = layer_prefix(i) + n
+                weight, bias = decode_linear(_split(layer, key), key, out_features[n], device, torch.float32)
+                w[f"{n}.weight"] = weight
+                if bias is not None:
+                    w[f"{n}.bias"] = bias
             x = decoder_layer(x, w, cfg, rope)
-        head_decoded = dequantize({k: t.to(device) for k, t in _split(head_out, HEAD_KEY).items()}, cfg.vocab_size)
-        ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(),
-                                     head_decoded.float(), cfg.rms_norm_eps)
+        head_decoded, _ = decode_linear(_split(head_out, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, torch.float32)
+        ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(), head_decoded,
+                                     cfg.rms_norm_eps)
 
     (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
     for i, layer in enumerate(out_layers):
