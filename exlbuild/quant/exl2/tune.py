@@ -213,12 +213,12 @@ def tune_model(
                for i in range(cfg.num_hidden_layers)]
     teacher_norm = norm_weight(ckpt, torch.float16, device).to(dtype)
     teacher_head = head_weight(ckpt, cfg, torch.float16, device).to(dtype)
-    rope = rope_tables(cfg, ids.shape[1], device)
-    rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
+    rope = rope_tables(cfg, ids.shape[1], device)  # float32, for the perplexity of what is written
+    compute_rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
 
     def hidden(x: Tensor, weights: Callable[[int], dict[str, Tensor]]) -> Tensor:
         for i in range(cfg.num_hidden_layers):
-            x = decoder_layer(x, weights(i), cfg, rope)
+            x = decoder_layer(x, weights(i), cfg, compute_rope)
         return x
 
     def student_logits(x: Tensor) -> Tensor:
