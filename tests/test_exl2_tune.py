@@ -14,7 +14,7 @@ from exlbuild.model.llama import forward_logits
 from exlbuild.quant.exl2.compile import compile_model
 from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, input_feature_groups
-from exlbuild.quant.exl2.tune import Multipliers, tune_model
+from exlbuild.quant.exl2.tune import Adam, Multipliers, tune_model
 from model_fixtures import tiny_model
 from test_exl2_convert import QUANT_CONFIG, SHAPE, file_bytes, random_ids, strategy
 
@@ -129,3 +129,16 @@ def test_multipliers_expand_like_indexing() -> None:
     reference_loss = (torch.cat(weights) * torch.index_select(reference_log.exp(), 0, index)).sum()
     (reference,) = torch.autograd.grad(reference_loss, reference_log)
     torch.testing.assert_close(ours, reference)
+
+
+def test_adam_takes_torch_optims_steps() -> None:
+    target = torch.randn(50, dtype=torch.float64)
+    ours, theirs = torch.zeros(50, dtype=torch.float64), torch.zeros(50, dtype=torch.float64, requires_grad=True)
+    adam, reference = Adam(ours, lr=0.05), torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(30):
+        adam.step(4 * (ours - target) ** 3 + (ours - target))
+        reference.zero_grad()
+        ((theirs - target) ** 4 + (theirs - target) ** 2 / 2).sum().backward()
+        reference.step()
+    torch.testing.assert_close(ours, theirs.detach())
+    assert not torch.equal(ours, torch.zeros(50, dtype=torch.float64))

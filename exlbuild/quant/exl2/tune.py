@@ -146,6 +146,27 @@ class Multipliers:
         return self.log.detach()[self.norm_starts[k]:self.norm_starts[k + 1]]
 
 
+class Adam:
+    """Adam (Kingma & Ba, default betas) on one tensor, in place, with its state and step count on the tensor's
+    device so that a step can be captured in a CUDA graph. (Not torch.optim: it imports PyTorch's compiler stack
+    on first use, 1–4 s of a variant's time.)"""
+
+    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.mean, self.square = torch.zeros_like(param), torch.zeros_like(param)
+        self.count = torch.zeros((), dtype=torch.float64, device=param.device)  # 1 − 0.999ᵗ needs the digits
+
+    @torch.no_grad()
+    def step(self, grad: Tensor) -> None:
+        b1, b2 = self.betas
+        self.count += 1
+        self.mean.lerp_(grad, 1 - b1)
+        self.square.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        unbiased_mean = self.mean / (1 - b1 ** self.count).to(self.param.dtype)
+        unbiased_square = self.square / (1 - b2 ** self.count).to(self.param.dtype)
+        self.param.sub_(self.lr * unbiased_mean / (unbiased_square.sqrt() + self.eps))
+
+
 @contextlib.contextmanager
 def deterministic_algorithms() -> Iterator[None]:
     """PyTorch's deterministic kernels for the tuning loop, so that a rebuild on CUDA is byte-identical too (the
@@ -245,12 +266,12 @@ def tune_model(
                                                cfg.rms_norm_eps).float(), dim=-1)
         logits = student_logits(x).float()
         kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum") / batch.numel()
-        kl.backward()
-        optimizer.step()
+        (grad,) = torch.autograd.grad(kl, multipliers.log)
+        optimizer.step(grad)
         return kl.detach()
 
     cuda = device.type == "cuda"
-    optimizer = torch.optim.Adam([multipliers.log], lr=lr, fused=cuda, capturable=cuda)
+    optimizer = Adam(multipliers.log, lr)
     rows = ids.shape[0]
     device_ids = ids.to(device)
     step_rows = min(rows_per_step, rows)
@@ -270,7 +291,6 @@ def tune_model(
                     # Captured on the side stream, once its steps are done (torch.cuda.graph would also empty
                     # the allocator's cache, a second lost here).
                     side.synchronize()
-                    optimizer.zero_grad(set_to_none=True)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.stream(side):
                         graph.capture_begin()
@@ -283,7 +303,6 @@ def tune_model(
             else:
                 with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
                     static_batch.copy_(device_ids[batch])
-                    optimizer.zero_grad(set_to_none=True)
                     kl_values[step] = train_step(static_batch)
     if cuda:
         torch.cuda.current_stream(device).wait_stream(side)
