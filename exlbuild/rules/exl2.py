@@ -143,8 +143,9 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 3  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 4  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
+    # 4: a plain Adam (torch.optim's fused one rounds differently)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model

@@ -148,8 +148,8 @@ class Multipliers:
 
 class Adam:
     """Adam (Kingma & Ba, default betas) on one tensor, in place, with its state and step count on the tensor's
-    device so that a step can be captured in a CUDA graph. (Not torch.optim: it imports PyTorch's compiler stack
-    on first use, 1–4 s of a variant's time.)"""
+    device so that a step can be captured in a CUDA graph. (Not torch.optim: constructing one imports PyTorch's
+    compiler stack, ~900 modules, seconds of the first tuned variant where they are not byte-compiled.)"""
 
     def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
@@ -171,16 +171,20 @@ class Adam:
 def deterministic_algorithms() -> Iterator[None]:
     """PyTorch's deterministic kernels for the tuning loop, so that a rebuild on CUDA is byte-identical too (the
     fused attention's and the feature expansion's backward otherwise add atomically, in varying order). PyTorch
-    allows cuBLAS in this mode only with a fixed workspace configuration; set it unless the user has."""
+    allows cuBLAS in this mode only with a fixed workspace configuration; set it unless the user has.
+
+    The switch is torch._C's: `torch.use_deterministic_algorithms` sets the same flag but first imports
+    torch._inductor.config for its compiler's copy of it (the same ~900 modules as torch.optim, above), and
+    nothing here is compiled."""
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    torch._C._set_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # a debugging aid the mode turns on; costly here
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch._C._set_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
