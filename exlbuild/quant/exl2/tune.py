@@ -311,6 +311,13 @@ def tune_model(
     if cuda:
         torch.cuda.current_stream(device).wait_stream(side)
     kl_per_step = kl_values.tolist()
+    if graph is not None:
+        # Give the graph's memory pool back. cuBLAS keeps a workspace per (handle, stream) for the process's life;
+        # one first taken inside the capture lies in the graph's pool and would keep all of it (GBs) reserved, one
+        # pool per tuned variant of a build, so the workspaces go too (as PyTorch's own graph trees do).
+        del static_kl
+        graph.reset()
+        torch._C._cuda_clearCublasWorkspaces()
     if not all(math.isfinite(k) for k in kl_per_step):
         raise ExlbuildError("tuning diverged (the KL divergence became NaN or infinite); lower tune.lr")
 
