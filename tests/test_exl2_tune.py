@@ -80,18 +80,18 @@ def test_tuning_is_deterministic_on_cuda(quantized: dict, tmp_path: Path) -> Non
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tuning_gives_its_cuda_graph_memory_back(quantized: dict, tmp_path: Path) -> None:
-    """Tunings one after another hold no memory of the ones before (a cuBLAS workspace taken in a capture kept each
-    graph's pool alive: a build of five tuned variants ran out of memory on an 80 GB GPU)."""
+    """Tunings one after another hold no memory of the ones before (each graph's pool stayed reserved, and a cuBLAS
+    workspace taken in the capture kept it allocated: a build of five tuned variants ran out of memory on the H100)."""
     tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
-    allocated = []
+    allocated, reserved = [], []
     for out in ("a", "b", "c"):
         tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=EAGER_STEPS + 2, lr=2e-2, rows_per_step=4,
                    device="cuda")
         torch.cuda.synchronize()
         allocated.append(torch.cuda.memory_allocated())
+        reserved.append(torch.cuda.memory_reserved())
     assert allocated[0] == allocated[1] == allocated[2], allocated
-    torch.cuda.empty_cache()
-    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 2**26
+    assert reserved[2] <= reserved[0], reserved
 
 
 def test_input_feature_groups_follow_the_scale_of_each_group(quantized: dict) -> None:

@@ -313,11 +313,13 @@ def tune_model(
     kl_per_step = kl_values.tolist()
     if graph is not None:
         # Give the graph's memory pool back. cuBLAS keeps a workspace per (handle, stream) for the process's life;
-        # one first taken inside the capture lies in the graph's pool and would keep all of it (GBs) reserved, one
-        # pool per tuned variant of a build, so the workspaces go too (as PyTorch's own graph trees do).
+        # one first taken inside the capture lies in the graph's pool and would keep all of it (GBs) allocated, so
+        # the workspaces go too (as PyTorch's own graph trees do). Even empty, the pool stays reserved until the
+        # cache is emptied: one pool per tuned variant filled the H100 at the fifth.
         del static_kl
         graph.reset()
         torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
     if not all(math.isfinite(k) for k in kl_per_step):
         raise ExlbuildError("tuning diverged (the KL divergence became NaN or infinite); lower tune.lr")
 
