@@ -99,9 +99,9 @@ def _gptq_block_kernel(
     # A zero scale decodes every code to zero (see the reference); divide by 1 there instead of 0.
     has_scale = s > 0
     divisor = tl.where(has_scale, s, 1.0)
-    # A loop, not tl.static_range: unrolled, the 32 rows made one straight-line body that took Triton ~10 s to
-    # compile (every fresh machine's first build paid it), against 0.5 s; the loop's row pick is a few more
-    # selects per row in registers.
+    # A loop, not tl.static_range: unrolled, the 32 rows made one straight-line body that Triton compiled in
+    # 12–25 s (every fresh machine's first build paid it), the loop in 0.5 s; picking row r out of the tile is
+    # then a select per row in registers (bench/results/kernels-h100.md).
     for r in range(ROWS):
         u_row = factor_ptr + (start + r) * factor_stride_row + start * factor_stride_col  # U[a + r, a:]
         # Row r with the errors of rows 0..r-1 applied. Picking it out by a masked sum is exact: the
