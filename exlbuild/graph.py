@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from exlbuild.errors import ExlbuildError
 from exlbuild.hashing import HashCache, hash_json, tree_files
 
-KINDS = ("model", "calibration", "measurement", "allocation", "quantized", "tuned", "compiled", "report")
+KINDS = ("model", "calibration", "measurement", "allocation", "quantized", "refined", "tuned", "compiled", "report")
 
 
 @dataclass

@@ -59,6 +59,15 @@ class MeasurementSpec:
 
 
 @dataclass
+class RefineSpec:
+    # After GPTQ, each decoder layer's codes (and fp16 scales, norms) are fitted together to the unquantized
+    # layer's output (docs/exl2.md, "refined"); steps per layer, lr in units of one code; steps: 0 turns it off.
+    steps: int = 200
+    lr: float = 1e-2
+    rows_per_step: int = 4
+
+
+@dataclass
 class TuneSpec:
     # After GPTQ, each variant's free fp16 parameters (group scale maxima, norm weights) are fitted to the
     # unquantized model's outputs on the calibration rows (docs/exl2.md, "tuned"); steps: 0 turns it off.
@@ -101,6 +110,7 @@ class Recipe:
     rope: RopeSpec = field(default_factory=RopeSpec)
     store: StoreSpec = field(default_factory=StoreSpec)
     measurement: MeasurementSpec = field(default_factory=MeasurementSpec)
+    refine: RefineSpec = field(default_factory=RefineSpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
     # Free-form in the schema so that `+variants.NAME.bits=3.0` works from the command line; each value
     # is checked against VariantSpec in `_typed_variants`.
@@ -368,10 +378,12 @@ def validate(recipe: LoadedRecipe) -> None:
         if not p.is_file():
             raise ExlbuildError(f"{where}: measurement.file: file not found: {p}")
 
-    _at_least(where, "tune.steps", spec.tune.steps, 0)
-    _at_least(where, "tune.rows_per_step", spec.tune.rows_per_step, 1)
-    if not 0 < spec.tune.lr <= 1:
-        raise ExlbuildError(f"{where}: tune.lr: {spec.tune.lr} is out of range; it must be in (0, 1] (default 1e-3)")
+    for key, fit in (("refine", spec.refine), ("tune", spec.tune)):
+        _at_least(where, f"{key}.steps", fit.steps, 0)
+        _at_least(where, f"{key}.rows_per_step", fit.rows_per_step, 1)
+        if not 0 < fit.lr <= 1:
+            default = type(fit)().lr
+            raise ExlbuildError(f"{where}: {key}.lr: {fit.lr} is out of range; it must be in (0, 1] (default {default:g})")
 
     _check_variant_fields(where, "sweep", spec.sweep.format, None, spec.sweep.head_bits, spec.sweep.shard_size)
     for b in spec.sweep.bits:

@@ -213,6 +213,8 @@ BAD_RECIPES = {
     "missing column": (RECIPE, ["calibration.text_column=txt"], "txt"),
     "negative probe": (RECIPE, ["measurement.probe_tokens=-1"], "measurement.probe_tokens: -1 is out of range"),
     "negative tuning steps": (RECIPE, ["tune.steps=-1"], "tune.steps: -1 is out of range"),
+    "negative refining steps": (RECIPE, ["refine.steps=-1"], "refine.steps: -1 is out of range"),
+    "refining rate above 1": (RECIPE, ["refine.lr=2"], "refine.lr: 2.0 is out of range; it must be in (0, 1]"),
     "tuning rate of zero": (RECIPE, ["tune.lr=0"], "tune.lr: 0.0 is out of range; it must be in (0, 1]"),
 }
 

@@ -34,8 +34,10 @@ calibration:
 sweep:
   bits: [3.0, 4.0]
   shard_size: 0
+refine:
+  steps: 0  # refined and tuned in test_sweep_builds_loadable_directories_and_a_report's last step
 tune:
-  steps: 0  # tuned in test_sweep_builds_loadable_directories_and_a_report's last step
+  steps: 0
 eval:
   text: eval.txt
   window: 64
@@ -103,14 +105,15 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     built = sorted(line.split()[1] for line in err.splitlines() if line.startswith("building "))
     assert built == ["exl2-5.0bpw", "exl2-5.0bpw/allocation", "exl2-5.0bpw/eval", "exl2-5.0bpw/quantized", "report"]
 
-    # With tuning, each variant's quantized tensors are tuned and compiled again; nothing before them is rebuilt.
-    # (On this random model tuning towards FP16's distributions can also flatten them, and a random model's
-    # perplexity, far above its vocabulary's size, then falls: no perplexity checks here.)
-    code, out, err = run_cli(capsys, recipe, "tune.steps=5", "eval.text=null")
+    # With refinement and tuning, each variant's quantized tensors are refined, tuned and compiled again; nothing
+    # before them is rebuilt. (On this random model tuning towards FP16's distributions can also flatten them, and
+    # a random model's perplexity, far above its vocabulary's size, then falls: no perplexity checks here.)
+    code, out, err = run_cli(capsys, recipe, "refine.steps=3", "tune.steps=5", "eval.text=null")
     assert code == 0, err
     built = sorted(line.split()[1] for line in err.splitlines() if line.startswith("building "))
-    assert built == ["exl2-3.0bpw", "exl2-3.0bpw/tuned", "exl2-4.0bpw", "exl2-4.0bpw/tuned", "report"]
-    code, out, err = run_cli(capsys, recipe)  # back to the untuned recipe: nothing to build
+    assert built == ["exl2-3.0bpw", "exl2-3.0bpw/refined", "exl2-3.0bpw/tuned",
+                     "exl2-4.0bpw", "exl2-4.0bpw/refined", "exl2-4.0bpw/tuned", "report"]
+    code, out, err = run_cli(capsys, recipe)  # back to the recipe without them: nothing to build
     assert code == 0 and "building" not in err
 
     # eval of a compiled directory through exlbuild's own EXL2 reader

@@ -1,13 +1,13 @@
-"""EXL2 rules: measurement, allocation, quantized tensors, their tuning, compiled output directory.
+"""EXL2 rules: measurement, allocation, quantized tensors, their refinement and tuning, compiled output directory.
 
     model ──────────────┬────────────────┬───────────────────────────┐
     calibration-measurement ─► measurement                            │
                                └─► <variant>/allocation (bits) ─┐     │
-    calibration ─────────────────────────────────────────────────┴─► <variant>/quantized ─► <variant>/tuned
-                                                                           ─► <variant> (compiled)
+    calibration ─────────────────────────────────────────────────┴─► <variant>/quantized ─► <variant>/refined
+                                                     ─► <variant>/tuned ─► <variant> (compiled)
 
-<variant>/tuned (from model, calibration and quantized) exists only with tune.steps > 0; without it the
-compiled directory is made from the quantized tensors.
+<variant>/refined and <variant>/tuned (each from model, calibration and the tensors before it) exist only with
+refine.steps > 0 and tune.steps > 0; without them the next step takes the tensors before.
 
 Rules only move data between the store and the algorithms in exlbuild.quant.exl2.
 """
@@ -139,6 +139,23 @@ class Quantize(Rule):
         return {**metrics, "target_bits": allocation["bits"]}
 
 
+class Refine(Rule):
+    """The quantized tensors with each layer's codes, group scale maxima and norm weights fitted to the unquantized
+    layer's output."""
+
+    name = "exl2-refined"
+    version = 1
+
+    def run(self, ctx: BuildContext) -> dict[str, Any]:
+        from exlbuild.quant.exl2.refine import refine_model
+
+        model_config(ctx.inputs["model"])
+        p = ctx.params
+        return refine_model(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_ids(ctx.inputs["calibration"]),
+                            p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"],
+                            rope_alpha=p["rope"]["alpha"], device=compute_device())
+
+
 class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
@@ -192,11 +209,11 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
                      params={"head_bits": variant.head_bits, "rope": rope},
                      deps={"model": model, "calibration": calibration, "allocation": allocation}, info=info)
     made = [allocation, quantized]
-    t = recipe.spec.tune
-    if t.steps:
-        made.append(Node(f"{name}/tuned", "tuned", rule=Tune(),
-                         params={"steps": t.steps, "lr": t.lr, "rows_per_step": t.rows_per_step, "rope": rope},
-                         deps={"model": model, "calibration": calibration, "quantized": quantized}, info=info))
+    for step, rule, fit in (("refined", Refine(), recipe.spec.refine), ("tuned", Tune(), recipe.spec.tune)):
+        if fit.steps:
+            made.append(Node(f"{name}/{step}", step, rule=rule,
+                             params={"steps": fit.steps, "lr": fit.lr, "rows_per_step": fit.rows_per_step, "rope": rope},
+                             deps={"model": model, "calibration": calibration, "quantized": made[-1]}, info=info))
     c = recipe.spec.calibration
     dataset = "(default)" if c.dataset == "default" else Path(c.dataset).name
     compiled = Node(name, "compiled", rule=Compile(),

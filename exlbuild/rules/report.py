@@ -10,6 +10,7 @@ from exlbuild.graph import BuildContext, Node, Rule
 from exlbuild.recipe import LoadedRecipe, resolve_file
 
 EVAL_FILE = "eval.json"
+FIT_STEPS = ("refined", "tuned")  # the optional passes between a variant's quantization and its compiled directory
 REPORT_JSON, REPORT_MD, REPORT_SVG = "report.json", "report.md", "bpw-perplexity.svg"
 
 
@@ -42,7 +43,9 @@ class Report(Rule):
         rows = []
         for name in variants:
             quantized = ctx.manifests[f"{name}/quantized"]
-            tuned = ctx.manifests.get(f"{name}/tuned")
+            # the quantization pass and the fits after it, in order: the last made the tensors compiled
+            passes = [quantized] + [ctx.manifests[f"{name}/{step}"] for step in FIT_STEPS
+                                    if f"{name}/{step}" in ctx.manifests]
             compiled = ctx.manifests[name]
             metrics = quantized["metrics"]
             row = {
@@ -51,9 +54,8 @@ class Report(Rule):
                 "decoder_bpw": metrics.get("bits_per_weight"),
                 "head_bpw": metrics.get("head_bits_per_weight"),
                 "size_bytes": sum(f["size"] for f in compiled["files"].values()),
-                # of the tensors compiled: after tuning, where the variant is tuned
-                "calibration_perplexity": (tuned or quantized)["metrics"].get("calibration_perplexity"),
-                "quantize_seconds": quantized["seconds"] + (tuned["seconds"] if tuned else 0.0),
+                "calibration_perplexity": passes[-1]["metrics"].get("calibration_perplexity"),
+                "quantize_seconds": sum(p["seconds"] for p in passes),
             }
             if f"{name}/eval" in ctx.inputs:
                 row["perplexity"] = _read_json(ctx.inputs[f"{name}/eval"] / EVAL_FILE)["perplexity"]
@@ -80,7 +82,7 @@ def markdown(report: dict[str, Any]) -> str:
     if report["eval_text"]:
         fp16 = report["fp16_perplexity"]
         lines.append(f"Evaluation text: {report['eval_text']}; FP16 perplexity {num(fp16, '.3f')}\n")
-    lines += ["| variant | target bpw | decoder bpw | head bpw | size (MB) | calibration ppl | eval ppl | vs FP16 | quantize + tune (s) |",
+    lines += ["| variant | target bpw | decoder bpw | head bpw | size (MB) | calibration ppl | eval ppl | vs FP16 | quantize + fit (s) |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["variants"]:
         lines.append(f"| {r['variant']} | {num(r['bits'], '.2f')} | {num(r['decoder_bpw'], '.3f')} | "
@@ -145,8 +147,9 @@ def report_node(recipe: LoadedRecipe, model: Node, variants: dict[str, dict[str,
     for name, nodes in variants.items():
         deps[name] = nodes["compiled"]
         deps[f"{name}/quantized"] = nodes["quantized"]
-        if "tuned" in nodes:
-            deps[f"{name}/tuned"] = nodes["tuned"]
+        for step in FIT_STEPS:
+            if step in nodes:
+                deps[f"{name}/{step}"] = nodes[step]
         if recipe.spec.eval.text:
             evals.append(eval_node(recipe, name, nodes["compiled"]))
             deps[f"{name}/eval"] = evals[-1]

@@ -157,14 +157,15 @@ class Adam:
         self.count = torch.zeros((), dtype=torch.float64, device=param.device)  # 1 − 0.999ᵗ needs the digits
 
     @torch.no_grad()
-    def step(self, grad: Tensor) -> None:
+    def step(self, grad: Tensor, lr_factor: float = 1.0) -> None:
+        """One update; `lr_factor` scales the learning rate (a schedule)."""
         b1, b2 = self.betas
         self.count += 1
         self.mean.lerp_(grad, 1 - b1)
         self.square.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         unbiased_mean = self.mean / (1 - b1 ** self.count).to(self.param.dtype)
         unbiased_square = self.square / (1 - b2 ** self.count).to(self.param.dtype)
-        self.param.sub_(self.lr * unbiased_mean / (unbiased_square.sqrt() + self.eps))
+        self.param.sub_(self.lr * lr_factor * unbiased_mean / (unbiased_square.sqrt() + self.eps))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,94 @@
+"""Refining GPTQ's codes layer by layer (exlbuild.quant.exl2.refine) on a tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exlbuild.quant.exl2.convert import quantize_model
+from exlbuild.quant.exl2.pack import dequantize, validate_layer
+from exlbuild.quant.exl2.refine import LatentCodes, refine_model
+from exlbuild.quant.exl2.tune import _split
+from model_fixtures import tiny_model
+from test_exl2_convert import SHAPE, file_bytes, random_ids, strategy
+from test_exl2_tune import kl_to_model
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 2-layer model quantized at about 2.5 bits (candidate 1 everywhere, head 4 bits)."""
+    tmp = tmp_path_factory.mktemp("refine")
+    model = tiny_model(tmp / "model", vocab_size=256, **SHAPE)
+    ids = random_ids(256)
+    quantize_model(model, ids, strategy(2, 1, 1), 4, tmp / "quantized")
+    return {"model": model, "ids": ids, "tmp": tmp}
+
+
+def layer_tensors(directory: Path, i: int = 0) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "layers" / f"{i:05d}.safetensors"))
+
+
+def test_latent_codes_decode_and_pack_as_stored(quantized: dict) -> None:
+    """Before any step the latent codes give back the stored weight (as the loader decodes it) and q_weight."""
+    tensors = layer_tensors(quantized["tmp"] / "quantized")
+    for name, out_features in (("self_attn.q_proj", SHAPE["hidden_size"]), ("mlp.down_proj", SHAPE["hidden_size"])):
+        linear = _split(tensors, f"model.layers.0.{name}")
+        latent = LatentCodes(linear, out_features, torch.device("cpu"))
+        assert torch.equal(latent.weight(latent.latent), dequantize(linear, out_features))
+        assert torch.equal(latent.q_weight(), linear["q_weight"])
+        assert latent.changed() == 0
+        # a latent value moved across a rounding boundary changes that one code; one past the range is clamped
+        latent.latent = latent.latent.clone()
+        latent.latent[3, 5] += 0.75
+        latent.latent[4, 6] = 1e6
+        expected = latent.weight(latent.latent)
+        assert latent.changed() == 1 + int(latent.initial[4, 6] != latent.high[6])
+        assert torch.equal(dequantize({**linear, "q_weight": latent.q_weight()}, out_features), expected)
+
+
+def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norms(quantized: dict) -> None:
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    metrics = refine_model(model, tmp / "quantized", tmp / "refined", ids, steps=200, lr=0.01, rows_per_step=4)
+    assert all(m["loss_after"] < 0.95 * m["loss_before"] for m in metrics["layers"]), metrics["layers"]
+    assert metrics["codes_changed"] > 0 and metrics["calibration_perplexity"] > 1
+    before = kl_to_model(model, tmp / "quantized", ids, tmp / "compiled-quantized")
+    after = kl_to_model(model, tmp / "refined", ids, tmp / "compiled-refined")
+    assert after < 0.9 * before, (before, after)
+
+    old, new = file_bytes(tmp / "quantized"), file_bytes(tmp / "refined")
+    assert old.keys() == new.keys()
+    changed = set()
+    for name in old:
+        a, b = load_file(str(tmp / "quantized" / name)), load_file(str(tmp / "refined" / name))
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+        changed |= {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.endswith(("q_weight", "q_scale_max", "layernorm.weight")) for k in changed)
+    assert {k.rsplit(".", 1)[1] for k in changed} == {"q_weight", "q_scale_max", "weight"}
+    refined = layer_tensors(tmp / "refined", 1)
+    for name, (in_features, out_features) in (("self_attn.o_proj", (SHAPE["hidden_size"],) * 2),
+                                             ("mlp.up_proj", (SHAPE["hidden_size"], SHAPE["intermediate_size"]))):
+        validate_layer(_split(refined, f"model.layers.1.{name}"), layer=name, in_features=in_features,
+                       out_features=out_features, bias=False)
+
+
+def test_refining_is_deterministic(quantized: dict, tmp_path: Path) -> None:
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    for out in ("a", "b"):
+        refine_model(model, tmp / "quantized", tmp_path / out, ids, steps=4, lr=0.2, rows_per_step=3)
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+    assert file_bytes(tmp_path / "a") != file_bytes(tmp / "quantized")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_refining_is_deterministic_on_cuda(quantized: dict, tmp_path: Path) -> None:
+    """Two refinements on the GPU write the same bytes (deterministic backward kernels), and they refine."""
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    for out in ("a", "b"):
+        metrics = refine_model(model, tmp / "quantized", tmp_path / out, ids, steps=30, lr=0.05, rows_per_step=4,
+                               device="cuda")
+    assert all(m["loss_after"] < m["loss_before"] for m in metrics["layers"])
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
