@@ -58,6 +58,7 @@ from exlbuild.quant.exl2.tune import (
     _split,
     decode_linear,
     deterministic_algorithms,
+    run_steps,
 )
 from exlbuild.quant.stream import STATE_DTYPE, check_calibration_ids, chunk_rows
 
@@ -144,6 +145,8 @@ def refine_model(
     compute_rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
     rows = ids.shape[0]
     step_rows = min(rows_per_step, rows)
+    first_batch = torch.arange(step_rows, device=device)
+    static_batch, decay = first_batch.clone(), torch.ones((), device=device)  # a step's inputs (run_steps)
     with torch.no_grad():
         quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, torch.float32)).to(STATE_DTYPE)
     unquantized_states = quantized_states.clone()
@@ -187,16 +190,20 @@ def refine_model(
                 y = decoder_layer(quantized_states[batch].to(dtype), w, cfg, compute_rope)
                 return _relative_error(y, unquantized_states[batch])
 
-            first_batch = torch.arange(step_rows, device=device) % rows
-            with torch.no_grad():
-                before = float(loss_on(first_batch))
-            for step in range(steps):
-                batch = (torch.arange(step_rows, device=device) + step * step_rows) % rows
-                loss = loss_on(batch)
+            def train_step() -> Tensor:
+                loss = loss_on(static_batch)
                 code_grad, scale_grad = torch.autograd.grad(loss, [flat, multipliers.log])
-                decay = 0.5 * (1 + math.cos(math.pi * step / steps))
                 code_optimizer.step(code_grad, decay)
                 scale_optimizer.step(scale_grad, decay)
+                return loss.detach()
+
+            def prepare(step: int) -> None:
+                static_batch.copy_((torch.arange(step_rows, device=device) + step * step_rows) % rows)
+                decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
+
+            with torch.no_grad():
+                before = float(loss_on(first_batch))
+            run_steps(train_step, prepare, steps, device)
             with torch.no_grad():
                 after = float(loss_on(first_batch))
             if not math.isfinite(after):

@@ -157,7 +157,7 @@ class Adam:
         self.count = torch.zeros((), dtype=torch.float64, device=param.device)  # 1 − 0.999ᵗ needs the digits
 
     @torch.no_grad()
-    def step(self, grad: Tensor, lr_factor: float = 1.0) -> None:
+    def step(self, grad: Tensor, lr_factor: float | Tensor = 1.0) -> None:
         """One update; `lr_factor` scales the learning rate (a schedule)."""
         b1, b2 = self.betas
         self.count += 1
@@ -187,6 +187,53 @@ def deterministic_algorithms() -> Iterator[None]:
     finally:
         torch._C._set_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], steps: int, device: torch.device,
+              label: str | None = None) -> list[float]:
+    """`steps` times: prepare(step), then train_step(), which returns the step's loss; the losses, read once at the
+    end (no wait for the GPU within the loop). train_step may read only tensors that prepare fills in place: on
+    CUDA, after EAGER_STEPS ordinary steps (on a side stream, as a capture requires), it is captured once as a
+    CUDA graph and replayed. A step is thousands of small kernels, and launching them one by one from Python
+    took longer than running them."""
+    cuda = device.type == "cuda"
+    losses = torch.zeros(steps, device=device)
+    graph, static_loss = None, None
+    side = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        side.wait_stream(torch.cuda.current_stream(device))
+    for step in progress.track(range(steps), label) if label else range(steps):
+        if cuda and step >= EAGER_STEPS:
+            if graph is None:
+                # Captured on the side stream, once its steps are done (torch.cuda.graph would also empty the
+                # allocator's cache, a second lost here).
+                side.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.stream(side):
+                    graph.capture_begin()
+                    static_loss = train_step()
+                    graph.capture_end()
+                torch.cuda.current_stream(device).wait_stream(side)
+            prepare(step)
+            graph.replay()
+            losses[step] = static_loss
+        else:
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                prepare(step)
+                losses[step] = train_step()
+    if cuda:
+        torch.cuda.current_stream(device).wait_stream(side)
+    values = losses.tolist()
+    if graph is not None:
+        # Give the graph's memory pool back. cuBLAS keeps a workspace per (handle, stream) for the process's life;
+        # one first taken inside the capture lies in the graph's pool and would keep all of it (GBs) allocated, so
+        # the workspaces go too (as PyTorch's own graph trees do). Even empty, the pool stays reserved until the
+        # cache is emptied: one pool per tuned variant filled the H100 at the fifth.
+        del static_loss
+        graph.reset()
+        torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+    return values
 
 
 def _split(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
@@ -275,52 +322,17 @@ def tune_model(
         optimizer.step(grad)
         return kl.detach()
 
-    cuda = device.type == "cuda"
     optimizer = Adam(multipliers.log, lr)
     rows = ids.shape[0]
     device_ids = ids.to(device)
     step_rows = min(rows_per_step, rows)
-    kl_values = torch.zeros(steps, device=device)  # read at the end: no wait for the GPU within the loop
-    # On CUDA the step is replayed as one CUDA graph after EAGER_STEPS ordinary ones (which must run on a side
-    # stream before a capture): a step is thousands of small kernels, and launching them one by one from Python
-    # took longer than running them.
-    graph, static_batch, static_kl = None, device_ids[:step_rows].clone(), None
-    side = torch.cuda.Stream(device) if cuda else None
-    if cuda:
-        side.wait_stream(torch.cuda.current_stream(device))
+    static_batch = device_ids[:step_rows].clone()
+
+    def prepare(step: int) -> None:
+        static_batch.copy_(device_ids[(torch.arange(step_rows, device=device) + step * step_rows) % rows])
+
     with deterministic_algorithms():
-        for step in progress.track(range(steps), "tuning"):
-            batch = (torch.arange(step_rows, device=device) + step * step_rows) % rows
-            if cuda and step >= EAGER_STEPS:
-                if graph is None:
-                    # Captured on the side stream, once its steps are done (torch.cuda.graph would also empty
-                    # the allocator's cache, a second lost here).
-                    side.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.stream(side):
-                        graph.capture_begin()
-                        static_kl = train_step(static_batch)
-                        graph.capture_end()
-                    torch.cuda.current_stream(device).wait_stream(side)
-                static_batch.copy_(device_ids[batch])
-                graph.replay()
-                kl_values[step] = static_kl
-            else:
-                with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                    static_batch.copy_(device_ids[batch])
-                    kl_values[step] = train_step(static_batch)
-    if cuda:
-        torch.cuda.current_stream(device).wait_stream(side)
-    kl_per_step = kl_values.tolist()
-    if graph is not None:
-        # Give the graph's memory pool back. cuBLAS keeps a workspace per (handle, stream) for the process's life;
-        # one first taken inside the capture lies in the graph's pool and would keep all of it (GBs) allocated, so
-        # the workspaces go too (as PyTorch's own graph trees do). Even empty, the pool stays reserved until the
-        # cache is emptied: one pool per tuned variant filled the H100 at the fifth.
-        del static_kl
-        graph.reset()
-        torch._C._cuda_clearCublasWorkspaces()
-        torch.cuda.empty_cache()
+        kl_per_step = run_steps(lambda: train_step(static_batch), prepare, steps, device, "tuning")
     if not all(math.isfinite(k) for k in kl_per_step):
         raise ExlbuildError("tuning diverged (the KL divergence became NaN or infinite); lower tune.lr")
 
