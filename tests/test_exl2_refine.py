@@ -8,23 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, validate_layer
 from exlbuild.quant.exl2.refine import LatentCodes, refine_model
-from exlbuild.quant.exl2.tune import _split
-from model_fixtures import tiny_model
-from test_exl2_convert import SHAPE, file_bytes, random_ids, strategy
-from test_exl2_tune import kl_to_model
-
-
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A 2-layer model quantized at about 2.5 bits (candidate 1 everywhere, head 4 bits)."""
-    tmp = tmp_path_factory.mktemp("refine")
-    model = tiny_model(tmp / "model", vocab_size=256, **SHAPE)
-    ids = random_ids(256)
-    quantize_model(model, ids, strategy(2, 1, 1), 4, tmp / "quantized")
-    return {"model": model, "ids": ids, "tmp": tmp}
+from exlbuild.quant.exl2.tune import linear_tensors
+from test_exl2_convert import SHAPE, file_bytes
+from test_exl2_tune import kl_to_model, quantized  # noqa: F401 (quantized: the fixture, a 2-layer model at ~2.5 bits)
 
 
 def layer_tensors(directory: Path, i: int = 0) -> dict[str, torch.Tensor]:
@@ -35,7 +23,7 @@ def test_latent_codes_decode_and_pack_as_stored(quantized: dict) -> None:
     """Before any step the latent codes give back the stored weight (as the loader decodes it) and q_weight."""
     tensors = layer_tensors(quantized["tmp"] / "quantized")
     for name, out_features in (("self_attn.q_proj", SHAPE["hidden_size"]), ("mlp.down_proj", SHAPE["hidden_size"])):
-        linear = _split(tensors, f"model.layers.0.{name}")
+        linear = linear_tensors(tensors, f"model.layers.0.{name}")
         latent = LatentCodes(linear, out_features, torch.device("cpu"))
         assert torch.equal(latent.weight(latent.latent), dequantize(linear, out_features))
         assert torch.equal(latent.q_weight(), linear["q_weight"])
@@ -45,7 +33,7 @@ def test_latent_codes_decode_and_pack_as_stored(quantized: dict) -> None:
         latent.latent[3, 5] += 0.75
         latent.latent[4, 6] = 1e6
         expected = latent.weight(latent.latent)
-        assert latent.changed() == 1 + int(latent.initial[4, 6] != latent.high[6])
+        assert latent.changed() == 1 + int(latent.initial[4, 6] != latent.high[6] + latent.zero[6])  # the largest code
         assert torch.equal(dequantize({**linear, "q_weight": latent.q_weight()}, out_features), expected)
 
 
@@ -70,7 +58,7 @@ def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norm
     refined = layer_tensors(tmp / "refined", 1)
     for name, (in_features, out_features) in (("self_attn.o_proj", (SHAPE["hidden_size"],) * 2),
                                              ("mlp.up_proj", (SHAPE["hidden_size"], SHAPE["intermediate_size"]))):
-        validate_layer(_split(refined, f"model.layers.1.{name}"), layer=name, in_features=in_features,
+        validate_layer(linear_tensors(refined, f"model.layers.1.{name}"), layer=name, in_features=in_features,
                        out_features=out_features, bias=False)
 
 

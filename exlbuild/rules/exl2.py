@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from exlbuild.errors import ExlbuildError
 from exlbuild.graph import BuildContext, Node, Rule
@@ -149,11 +149,7 @@ class Refine(Rule):
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
 
-        model_config(ctx.inputs["model"])
-        p = ctx.params
-        return refine_model(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_ids(ctx.inputs["calibration"]),
-                            p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"],
-                            rope_alpha=p["rope"]["alpha"], device=compute_device())
+        return _fit(ctx, refine_model)
 
 
 class Tune(Rule):
@@ -167,11 +163,16 @@ class Tune(Rule):
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model
 
-        model_config(ctx.inputs["model"])
-        p = ctx.params
-        return tune_model(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_ids(ctx.inputs["calibration"]),
-                          p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"],
-                          rope_alpha=p["rope"]["alpha"], device=compute_device())
+        return _fit(ctx, tune_model)
+
+
+def _fit(ctx: BuildContext, fit: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Run a fit after the quantization pass (refine_model, tune_model: the same arguments) from a node's inputs."""
+    model_config(ctx.inputs["model"])
+    p = ctx.params
+    return fit(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_ids(ctx.inputs["calibration"]),
+               p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"], rope_alpha=p["rope"]["alpha"],
+               device=compute_device())
 
 
 class Compile(Rule):

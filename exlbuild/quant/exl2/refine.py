@@ -55,14 +55,15 @@ from exlbuild.quant.exl2.tune import (
     Multipliers,
     ScaledLinear,
     ScaledNorm,
-    _split,
     decode_linear,
     deterministic_algorithms,
+    linear_tensors,
     run_steps,
 )
 from exlbuild.quant.stream import STATE_DTYPE, check_calibration_ids, chunk_rows
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
+
 
 class LatentCodes:
     """One EXL2 linear's codes as latent values in the decoded (out, in) orientation, minus each input feature's
@@ -79,12 +80,12 @@ class LatentCodes:
         codes = unpack_q_weight(t["q_weight"], self.groups)[self.invperm].T  # (padded out, in)
         # Columns past out_features (the padding to 32) keep their codes: only the real outputs are fitted.
         self.padding = codes[out_features:]
-        self.latent = (codes[:out_features].float() - self.zero).contiguous()
-        self.initial = self.latent.clone()
+        self.initial = codes[:out_features].contiguous()
+        self.latent = self.initial.float() - self.zero
         scale = scale_from_nibbles(unpack_scale_nibbles(t["q_scale"]), t["q_scale_max"])  # (groups, padded out)
         group_of_row = torch.repeat_interleave(torch.arange(len(self.groups), device=device),
                                                torch.tensor([g.rows for g in self.groups], device=device))
-        self.scale = scale[group_of_row][self.invperm].T[:out_features].float().contiguous()
+        self.scale = scale[group_of_row][self.invperm].T[:out_features].contiguous()  # fp16
 
     def _clamped(self, latent: Tensor) -> Tensor:
         return torch.maximum(torch.minimum(latent, self.high), self.low)
@@ -95,16 +96,20 @@ class LatentCodes:
         clamped = self._clamped(latent)
         return (self.scale * (clamped + (torch.round(clamped) - clamped).detach())).half()
 
+    def _codes(self) -> Tensor:
+        """The codes (out, in) of the current latent values."""
+        return (torch.round(self._clamped(self.latent)) + self.zero).to(torch.uint8)
+
     def q_weight(self) -> Tensor:
         """q_weight of the current latent values (on the CPU)."""
-        decoded = torch.cat([(torch.round(self._clamped(self.latent)) + self.zero).to(torch.uint8), self.padding])
+        decoded = torch.cat([self._codes(), self.padding])
         stored = torch.empty_like(decoded.T)
         stored[self.invperm] = decoded.T
         return pack_q_weight(stored, self.groups).cpu()
 
     def changed(self) -> int:
         """How many codes differ from GPTQ's."""
-        return int((torch.round(self._clamped(self.latent)) != self.initial).sum())
+        return int((self._codes() != self.initial).sum())
 
 
 def _relative_error(y: Tensor, target: Tensor) -> Tensor:
@@ -164,13 +169,15 @@ def refine_model(
         for i in progress.track(range(cfg.num_hidden_layers), "refining"):
             layer = load_file(str(quantized_dir / layer_file(i)))
             keys = [layer_prefix(i) + name for name in LINEARS]
-            linears = [ScaledLinear(_split(layer, key), key, out_features[name], device, dtype)
+            linears = [ScaledLinear(linear_tensors(layer, key), key, out_features[name], device, dtype)
                        for key, name in zip(keys, LINEARS)]
             norms = [ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS]
-            latents = [LatentCodes(_split(layer, key), out_features[name], device) for key, name in zip(keys, LINEARS)]
+            latents = [LatentCodes(linear_tensors(layer, key), out_features[name], device) for key, name in zip(keys, LINEARS)]
             multipliers = Multipliers(linears, norms, device)
             flat = torch.cat([latent.latent.flatten() for latent in latents]).requires_grad_()
             sizes = [latent.latent.numel() for latent in latents]
+            for latent, part in zip(latents, flat.detach().split(sizes)):
+                latent.latent = part.view_as(latent.latent)  # one copy: the values as the optimizer moves them
             code_optimizer, scale_optimizer = Adam(flat, lr), Adam(multipliers.log, scale_lr)
 
             # The target: the unquantized layer on the unquantized model's states (kept for the next layer).
@@ -211,8 +218,7 @@ def refine_model(
 
             refined = dict(layer)
             changed = 0
-            for k, (linear, latent, part) in enumerate(zip(linears, latents, flat.detach().split(sizes))):
-                latent.latent = part.view_as(latent.latent)
+            for k, (linear, latent) in enumerate(zip(linears, latents)):
                 changed += latent.changed()
                 refined.update({f"{linear.key}.{s}": t for s, t in linear.tuned(multipliers.of_linear(k)).items()})
                 refined[f"{linear.key}.q_weight"] = latent.q_weight()
@@ -223,7 +229,7 @@ def refine_model(
             # The next layer's inputs: this layer as written, decoded as the loader does.
             written = {name: refined[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
             for key, name in zip(keys, LINEARS):
-                weight, bias = decode_linear(_split(refined, key), key, out_features[name], device, torch.float32)
+                weight, bias = decode_linear(linear_tensors(refined, key), key, out_features[name], device, torch.float32)
                 written[f"{name}.weight"] = weight
                 if bias is not None:
                     written[f"{name}.bias"] = bias
@@ -234,7 +240,7 @@ def refine_model(
     save_file(head_tensors, str(out_dir / HEAD_FILE))
     save_file(global_tensors, str(out_dir / GLOBALS_FILE))
     with torch.no_grad():
-        head, _ = decode_linear(_split(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, torch.float32)
+        head, _ = decode_linear(linear_tensors(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, torch.float32)
         metric_rows = min(METRIC_ROWS, rows)
         ppl = calibration_perplexity(quantized_states[:metric_rows], ids[:metric_rows],
                                      global_tensors[FINAL_NORM_KEY].to(device).float(), head, cfg.rms_norm_eps)

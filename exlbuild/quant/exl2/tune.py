@@ -236,7 +236,7 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
     return values
 
 
-def _split(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
+def linear_tensors(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
     """The tensors of one linear (q_weight, …) from a file's dict of full names."""
     return {s: tensors[f"{key}.{s}"] for s in (*REQUIRED_KEYS, "bias") if f"{key}.{s}" in tensors}
 
@@ -270,10 +270,10 @@ def tune_model(
     # On CUDA both models run in bfloat16, weights and activations (the multipliers and their updates stay float32).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
-    linears = [[ScaledLinear(_split(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
+    linears = [[ScaledLinear(linear_tensors(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
                              device, dtype) for name in LINEARS] for i, layer in enumerate(layers)]
     norms = [[ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS] for i, layer in enumerate(layers)]
-    head = ScaledLinear(_split(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, dtype)
+    head = ScaledLinear(linear_tensors(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, dtype)
     final_norm = ScaledNorm(global_tensors[FINAL_NORM_KEY], device)
     all_linears = [linear for layer in linears for linear in layer] + [head]
     all_norms = [norm for layer in norms for norm in layer] + [final_norm]
@@ -356,12 +356,12 @@ def tune_model(
             w = {n: layer[layer_prefix(i) + n].to(device, torch.float32) for n in NORMS}
             for n in LINEARS:
                 key = layer_prefix(i) + n
-                weight, bias = decode_linear(_split(layer, key), key, out_features[n], device, torch.float32)
+                weight, bias = decode_linear(linear_tensors(layer, key), key, out_features[n], device, torch.float32)
                 w[f"{n}.weight"] = weight
                 if bias is not None:
                     w[f"{n}.bias"] = bias
             x = decoder_layer(x, w, cfg, rope)
-        head_decoded, _ = decode_linear(_split(head_out, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, torch.float32)
+        head_decoded, _ = decode_linear(linear_tensors(head_out, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, torch.float32)
         ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(), head_decoded,
                                      cfg.rms_norm_eps)
 
