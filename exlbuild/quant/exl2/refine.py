@@ -153,7 +153,7 @@ def refine_model(
     first_batch = torch.arange(step_rows, device=device)
     static_batch, decay = first_batch.clone(), torch.ones((), device=device)  # a step's inputs (run_steps)
     with torch.no_grad():
-        quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, torch.float32)).to(STATE_DTYPE)
+        quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, STATE_DTYPE))
     unquantized_states = quantized_states.clone()
     chunk = chunk_rows(quantized_states, cfg)
 
