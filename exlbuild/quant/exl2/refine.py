@@ -90,11 +90,10 @@ class LatentCodes:
     def _clamped(self, latent: Tensor) -> Tensor:
         return torch.maximum(torch.minimum(latent, self.high), self.low)
 
-    def weight(self, latent: Tensor) -> Tensor:
+    def weight(self, latent: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
         """The decoded weight of `latent` (a view of this linear's values) rounded, in fp16 as the loader computes
-        it, with the rounding passed straight through in the backward."""
-        clamped = self._clamped(latent)
-        return (self.scale * (clamped + (torch.round(clamped) - clamped).detach())).half()
+        it, then cast to `dtype`, with the rounding passed straight through in the backward."""
+        return _StraightThroughWeight.apply(latent, self.scale, self.low, self.high, dtype)
 
     def _codes(self) -> Tensor:
         """The codes (out, in) of the current latent values."""
@@ -110,6 +109,24 @@ class LatentCodes:
     def changed(self) -> int:
         """How many codes differ from GPTQ's."""
         return int((self._codes() != self.initial).sum())
+
+
+class _StraightThroughWeight(torch.autograd.Function):
+    """fp16(scale · round(clamp(latent, low, high))) cast to a dtype, whose backward takes the rounding's gradient
+    as 1: the gradient of the same expression written with torch.minimum, torch.maximum and a detached rounding
+    (the clamp's gradient halved where the latent value sits on a bound, as theirs is), without keeping their
+    float32 intermediates for the backward (a dozen bytes per weight)."""
+
+    @staticmethod
+    def forward(ctx, latent: Tensor, scale: Tensor, low: Tensor, high: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(latent, scale, low, high)
+        return (scale * torch.round(torch.maximum(torch.minimum(latent, high), low))).half().to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        latent, scale, low, high = ctx.saved_tensors
+        inside = ((latent > low) & (latent < high)).float() + 0.5 * ((latent == low) | (latent == high)).float()
+        return grad.half().float() * scale * inside, None, None, None, None
 
 
 def _relative_error(y: Tensor, target: Tensor) -> Tensor:
@@ -171,6 +188,8 @@ def refine_model(
             keys = [layer_prefix(i) + name for name in LINEARS]
             linears = [ScaledLinear(linear_tensors(layer, key), key, out_features[name], device, dtype)
                        for key, name in zip(keys, LINEARS)]
+            for linear in linears:
+                linear.weight = None  # the decoded weight is rebuilt from the latent codes each step
             norms = [ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS]
             latents = [LatentCodes(linear_tensors(layer, key), out_features[name], device) for key, name in zip(keys, LINEARS)]
             multipliers = Multipliers(linears, norms, device)
@@ -188,7 +207,7 @@ def refine_model(
                 w: dict[str, Tensor] = {}
                 for name, linear, latent, part, factor in zip(
                         LINEARS, linears, latents, flat.split(sizes), linear_factors):
-                    w[f"{name}.weight"] = latent.weight(part.view_as(latent.latent)).to(dtype)
+                    w[f"{name}.weight"] = latent.weight(part.view_as(latent.latent), dtype)
                     w[f"{name}.input_scale"] = factor.to(dtype)
                     if linear.bias is not None:
                         w[f"{name}.bias"] = linear.bias
