@@ -62,7 +62,7 @@ class MeasurementSpec:
 class RefineSpec:
     # After GPTQ, each decoder layer's codes (and fp16 scales, norms) are fitted together to the unquantized
     # layer's output (docs/exl2.md, "refined"); steps per layer (200 is what was measured), lr in units of one
-    # code. Off (0) by default until its memory is bounded: a 70B-class layer does not fit an 80 GB GPU yet.
+    # code. Off (0) by default until its memory is bounded (a 70B-class layer needs 38 GiB; docs/exl2.md).
     steps: int = 0
     lr: float = 1e-2
     rows_per_step: int = 4
