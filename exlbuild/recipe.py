@@ -384,7 +384,8 @@ def validate(recipe: LoadedRecipe) -> None:
         _at_least(where, f"{key}.rows_per_step", fit.rows_per_step, 1)
         if not 0 < fit.lr <= 1:
             default = type(fit)().lr
-            raise ExlbuildError(f"{where}: {key}.lr: {fit.lr} is out of range; it must be in (0, 1] (default {default:g})")
+            raise ExlbuildError(f"{where}: {key}.lr: {fit.lr} is out of range; it must be in (0, 1] "
+                                f"(default {default:g})")
 
     _check_variant_fields(where, "sweep", spec.sweep.format, None, spec.sweep.head_bits, spec.sweep.shard_size)
     for b in spec.sweep.bits:

@@ -111,6 +111,16 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     built = sorted(line.split()[1] for line in err.splitlines() if line.startswith("building "))
     assert built == ["exl2-3.0bpw", "exl2-3.0bpw/refined", "exl2-3.0bpw/tuned",
                      "exl2-4.0bpw", "exl2-4.0bpw/refined", "exl2-4.0bpw/tuned", "report"]
+    # The report gives the calibration perplexity of the tensors compiled (the last fit's) and the time of all passes.
+    code, out, err = run_cli(capsys, "status", recipe, "refine.steps=3", "tune.steps=5", "eval.text=null", "--json")
+    targets = {t["name"]: t for t in json.loads(out)["targets"]}
+    manifests = {name: json.loads((Path(t["out_dir"]).parent / "manifest.json").read_text())
+                 for name, t in targets.items() if t["kind"] in ("quantized", "refined", "tuned")}
+    report = json.loads((Path(targets["report"]["out_dir"]) / "report.json").read_text())
+    for row in report["variants"]:
+        passes = [manifests[f"{row['variant']}/{step}"] for step in ("quantized", "refined", "tuned")]
+        assert row["calibration_perplexity"] == passes[-1]["metrics"]["calibration_perplexity"]
+        assert row["quantize_seconds"] == pytest.approx(sum(p["seconds"] for p in passes))
     code, out, err = run_cli(capsys, recipe)  # back to the recipe without them: nothing to build
     assert code == 0 and "building" not in err
 

@@ -213,7 +213,8 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
     for step, rule, fit in (("refined", Refine(), recipe.spec.refine), ("tuned", Tune(), recipe.spec.tune)):
         if fit.steps:
             made.append(Node(f"{name}/{step}", step, rule=rule,
-                             params={"steps": fit.steps, "lr": fit.lr, "rows_per_step": fit.rows_per_step, "rope": rope},
+                             params={"steps": fit.steps, "lr": fit.lr, "rows_per_step": fit.rows_per_step,
+                                     "rope": rope},
                              deps={"model": model, "calibration": calibration, "quantized": made[-1]}, info=info))
     c = recipe.spec.calibration
     dataset = "(default)" if c.dataset == "default" else Path(c.dataset).name

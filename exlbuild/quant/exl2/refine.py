@@ -87,9 +87,6 @@ class LatentCodes:
                                                torch.tensor([g.rows for g in self.groups], device=device))
         self.scale = scale[group_of_row][self.invperm].T[:out_features].contiguous()  # fp16
 
-    def _clamped(self, latent: Tensor) -> Tensor:
-        return torch.maximum(torch.minimum(latent, self.high), self.low)
-
     def weight(self, latent: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
         """The decoded weight of `latent` (a view of this linear's values) rounded, in fp16 as the loader computes
         it, then cast to `dtype`, with the rounding passed straight through in the backward."""
@@ -97,7 +94,7 @@ class LatentCodes:
 
     def _codes(self) -> Tensor:
         """The codes (out, in) of the current latent values."""
-        return (torch.round(self._clamped(self.latent)) + self.zero).to(torch.uint8)
+        return (torch.round(_clamp(self.latent, self.low, self.high)) + self.zero).to(torch.uint8)
 
     def q_weight(self) -> Tensor:
         """q_weight of the current latent values (on the CPU)."""
@@ -111,6 +108,11 @@ class LatentCodes:
         return int((self._codes() != self.initial).sum())
 
 
+def _clamp(latent: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """Each latent value clamped to its code range (low and high per input feature, broadcast along outputs)."""
+    return torch.maximum(torch.minimum(latent, high), low)
+
+
 class _StraightThroughWeight(torch.autograd.Function):
     """fp16(scale · round(clamp(latent, low, high))) cast to a dtype, whose backward takes the rounding's gradient
     as 1: the gradient of the same expression written with torch.minimum, torch.maximum and a detached rounding
@@ -120,7 +122,7 @@ class _StraightThroughWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, latent: Tensor, scale: Tensor, low: Tensor, high: Tensor, dtype: torch.dtype) -> Tensor:
         ctx.save_for_backward(latent, scale, low, high)
-        return (scale * torch.round(torch.maximum(torch.minimum(latent, high), low))).half().to(dtype)
+        return (scale * torch.round(_clamp(latent, low, high))).half().to(dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
@@ -191,7 +193,8 @@ def refine_model(
             for linear in linears:
                 linear.weight = None  # the decoded weight is rebuilt from the latent codes each step
             norms = [ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS]
-            latents = [LatentCodes(linear_tensors(layer, key), out_features[name], device) for key, name in zip(keys, LINEARS)]
+            latents = [LatentCodes(linear_tensors(layer, key), out_features[name], device)
+                       for key, name in zip(keys, LINEARS)]
             multipliers = Multipliers(linears, norms, device)
             flat = torch.cat([latent.latent.flatten() for latent in latents]).requires_grad_()
             sizes = [latent.latent.numel() for latent in latents]
@@ -200,7 +203,8 @@ def refine_model(
             code_optimizer, scale_optimizer = Adam(flat, lr), Adam(multipliers.log, scale_lr)
 
             # The target: the unquantized layer on the unquantized model's states (kept for the next layer).
-            run(unquantized_states, {k: v.float() for k, v in layer_weights(ckpt, cfg, i, torch.float16, device).items()})
+            unquantized = layer_weights(ckpt, cfg, i, torch.float16, device)
+            run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
 
             def loss_on(batch: Tensor) -> Tensor:
                 linear_factors, norm_factors = multipliers.expand()
@@ -248,7 +252,8 @@ def refine_model(
             # The next layer's inputs: this layer as written, decoded as the loader does.
             written = {name: refined[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
             for key, name in zip(keys, LINEARS):
-                weight, bias = decode_linear(linear_tensors(refined, key), key, out_features[name], device, torch.float32)
+                weight, bias = decode_linear(linear_tensors(refined, key), key, out_features[name], device,
+                                             torch.float32)
                 written[f"{name}.weight"] = weight
                 if bias is not None:
                     written[f"{name}.bias"] = bias
@@ -259,7 +264,8 @@ def refine_model(
     save_file(head_tensors, str(out_dir / HEAD_FILE))
     save_file(global_tensors, str(out_dir / GLOBALS_FILE))
     with torch.no_grad():
-        head, _ = decode_linear(linear_tensors(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, torch.float32)
+        head, _ = decode_linear(linear_tensors(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device,
+                                torch.float32)
         metric_rows = min(METRIC_ROWS, rows)
         ppl = calibration_perplexity(quantized_states[:metric_rows], ids[:metric_rows],
                                      global_tensors[FINAL_NORM_KEY].to(device).float(), head, cfg.rms_norm_eps)

@@ -361,7 +361,8 @@ def tune_model(
                 if bias is not None:
                     w[f"{n}.bias"] = bias
             x = decoder_layer(x, w, cfg, rope)
-        head_decoded, _ = decode_linear(linear_tensors(head_out, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device, torch.float32)
+        head_decoded, _ = decode_linear(linear_tensors(head_out, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device,
+                                        torch.float32)
         ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(), head_decoded,
                                      cfg.rms_norm_eps)
 
