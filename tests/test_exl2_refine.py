@@ -12,7 +12,7 @@ from exlbuild.quant.exl2.pack import dequantize, validate_layer
 from exlbuild.quant.exl2.refine import LatentCodes, refine_model
 from exlbuild.quant.exl2.tune import linear_tensors
 from test_exl2_convert import SHAPE, file_bytes
-from test_exl2_tune import kl_to_model, quantized  # noqa: F401 (quantized: the fixture, a 2-layer model at ~2.5 bits)
+from test_exl2_tune import changed_tensors, kl_to_model, quantized  # noqa: F401 (quantized: the fixture, a 2-layer model at ~2.5 bits)
 
 
 def layer_tensors(directory: Path, i: int = 0) -> dict[str, torch.Tensor]:
@@ -46,13 +46,7 @@ def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norm
     after = kl_to_model(model, tmp / "refined", ids, tmp / "compiled-refined")
     assert after < 0.9 * before, (before, after)
 
-    old, new = file_bytes(tmp / "quantized"), file_bytes(tmp / "refined")
-    assert old.keys() == new.keys()
-    changed = set()
-    for name in old:
-        a, b = load_file(str(tmp / "quantized" / name)), load_file(str(tmp / "refined" / name))
-        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
-        changed |= {k for k in a if not torch.equal(a[k], b[k])}
+    changed = changed_tensors(tmp / "quantized", tmp / "refined")
     assert changed and all(k.endswith(("q_weight", "q_scale_max", "layernorm.weight")) for k in changed)
     assert {k.rsplit(".", 1)[1] for k in changed} == {"q_weight", "q_scale_max", "weight"}
     refined = layer_tensors(tmp / "refined", 1)

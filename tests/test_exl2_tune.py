@@ -37,6 +37,18 @@ def kl_to_model(model: Path, tensors: Path, ids: torch.Tensor, out: Path) -> flo
     return F.kl_div(quantized, reference, log_target=True, reduction="sum").item() / ids.numel()
 
 
+def changed_tensors(before: Path, after: Path) -> set[str]:
+    """The names of the tensors that differ between two directories of the quantization pass's layout, after
+    checking that both hold the same files and tensors, with the same dtypes and shapes."""
+    assert file_bytes(before).keys() == file_bytes(after).keys()
+    changed = set()
+    for name in file_bytes(before):
+        a, b = load_file(str(before / name)), load_file(str(after / name))
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+        changed |= {k for k in a if not torch.equal(a[k], b[k])}
+    return changed
+
+
 def test_tuning_lowers_the_divergence_and_changes_only_fp16_parameters(quantized: dict) -> None:
     tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
     metrics = tune_model(model, tmp / "quantized", tmp / "tuned", ids, steps=80, lr=2e-2, rows_per_step=4)
@@ -45,13 +57,7 @@ def test_tuning_lowers_the_divergence_and_changes_only_fp16_parameters(quantized
     after = kl_to_model(model, tmp / "tuned", ids, tmp / "compiled-tuned")
     assert after < 0.85 * before, (before, after)  # what is written (fp16 scales, decoded as the loader does) keeps the gain
 
-    old, new = file_bytes(tmp / "quantized"), file_bytes(tmp / "tuned")
-    assert old.keys() == new.keys()
-    changed = set()
-    for name in old:
-        a, b = load_file(str(tmp / "quantized" / name)), load_file(str(tmp / "tuned" / name))
-        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
-        changed |= {k for k in a if not torch.equal(a[k], b[k])}
+    changed = changed_tensors(tmp / "quantized", tmp / "tuned")
     tunable = ("q_scale_max", "layernorm.weight", "model.norm.weight")
     assert changed and all(k.endswith(tunable) for k in changed)
     assert any(k.endswith("q_scale_max") for k in changed) and any(k.endswith("layernorm.weight") for k in changed)
