@@ -74,3 +74,13 @@ def test_refining_is_deterministic_on_cuda(quantized: dict, tmp_path: Path) -> N
                                device="cuda")
     assert all(m["loss_after"] < m["loss_before"] for m in metrics["layers"])
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+
+
+def test_a_fit_that_does_not_lower_a_layers_loss_is_dropped(quantized: dict, tmp_path: Path) -> None:
+    """A rate far too high for the codes makes each layer worse: its fit is dropped and the layer is written as
+    the quantization pass wrote it."""
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    metrics = refine_model(model, tmp / "quantized", tmp_path / "refined", ids, steps=20, lr=1.0, rows_per_step=4)
+    assert all(not m["kept"] and m["loss_after"] >= m["loss_before"] for m in metrics["layers"]), metrics["layers"]
+    assert metrics["codes_changed"] == 0
+    assert changed_tensors(tmp / "quantized", tmp_path / "refined") == set()

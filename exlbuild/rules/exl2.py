@@ -144,7 +144,7 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 1
+    version = 2  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model

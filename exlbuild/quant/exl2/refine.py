@@ -9,6 +9,8 @@ is fitted to the unquantized model's own states after the same layer, so it also
 got wrong. Loss: each token's squared error relative to the target's squared norm (the next RMSNorm sees the
 relative error; the attention sink's huge residual would otherwise outweigh every other token).
 
+A layer's fit is kept only if it lowered the layer's loss over all calibration rows.
+
 Streams one layer at a time: the states of both models (float16) and one layer's parameters are on the device.
 Reads and writes the quantization pass's layout (exlbuild.quant.exl2.convert) and changes, per linear, q_weight
 (same bit widths, so the bits per weight stay) and q_scale_max, and the norm weights.
@@ -153,9 +155,10 @@ def refine_model(
     """Refine the quantization pass in `quantized_dir` towards the model in `model_dir` (module docstring): per
     layer `steps` Adam steps on `rows_per_step` calibration rows each (rows in order, cycling), learning rate `lr`
     for the codes (in units of one code) and `scale_lr` for the log-multipliers of q_scale_max and the norms, both
-    decaying to 0 along a half cosine so that the codes settle. Writes `out_dir` in the same layout. Returns
-    metrics: the loss of each layer before and after (on the rows of its first step), codes changed, the
-    calibration perplexity of what is written (first METRIC_ROWS rows), seconds."""
+    decaying to 0 along a half cosine so that the codes settle; a layer's fit is kept only if it lowered the
+    layer's loss over all calibration rows. Writes `out_dir` in the same layout. Returns metrics: per layer that
+    loss before and after, whether the fit was kept and the codes it changed; the codes changed in all; the
+    calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     ids = check_calibration_ids(ids, cfg)
@@ -169,8 +172,7 @@ def refine_model(
     compute_rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
     rows = ids.shape[0]
     step_rows = min(rows_per_step, rows)
-    first_batch = torch.arange(step_rows, device=device)
-    static_batch, decay = first_batch.clone(), torch.ones((), device=device)  # a step's inputs (run_steps)
+    static_batch, decay = torch.arange(step_rows, device=device), torch.ones((), device=device)  # run_steps' inputs
     with torch.no_grad():
         quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, STATE_DTYPE))
     unquantized_states = quantized_states.clone()
@@ -231,21 +233,27 @@ def refine_model(
                 static_batch.copy_((torch.arange(step_rows, device=device) + step * step_rows) % rows)
                 decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
 
-            with torch.no_grad():
-                before = float(loss_on(first_batch))
+            def loss_on_all_rows() -> float:
+                with torch.no_grad():
+                    parts = [torch.arange(r, min(r + chunk, rows), device=device) for r in range(0, rows, chunk)]
+                    return sum(float(loss_on(part)) * len(part) for part in parts) / rows
+
+            before = loss_on_all_rows()
             run_steps(train_step, prepare, steps, device)
-            with torch.no_grad():
-                after = float(loss_on(first_batch))
+            after = loss_on_all_rows()
             if not math.isfinite(after):
                 raise ExlbuildError(f"refining layer {i} diverged (its loss became NaN or infinite); lower refine.lr")
 
+            # A fit that did not lower the layer's loss over the calibration rows (a rate too high for them, say)
+            # is dropped: the layer stays as the quantization pass wrote it.
+            kept = after < before
             refined = dict(layer)
             changed = 0
-            for k, (linear, latent) in enumerate(zip(linears, latents)):
+            for k, (linear, latent) in enumerate(zip(linears, latents) if kept else ()):
                 changed += latent.changed()
                 refined.update({f"{linear.key}.{s}": t for s, t in linear.tuned(multipliers.of_linear(k)).items()})
                 refined[f"{linear.key}.q_weight"] = latent.q_weight()
-            for k, (name, norm) in enumerate(zip(NORMS, norms)):
+            for k, (name, norm) in enumerate(zip(NORMS, norms) if kept else ()):
                 refined[layer_prefix(i) + name] = norm.tuned(multipliers.of_norm(k))
             save_file({k: v.contiguous() for k, v in refined.items()}, str(out_dir / layer_file(i)))
 
@@ -258,7 +266,7 @@ def refine_model(
                 if bias is not None:
                     written[f"{name}.bias"] = bias
             run(quantized_states, written)
-            layer_metrics.append({"loss_before": before, "loss_after": after, "codes_changed": changed})
+            layer_metrics.append({"loss_before": before, "loss_after": after, "kept": kept, "codes_changed": changed})
 
     head_tensors = load_file(str(quantized_dir / HEAD_FILE))
     save_file(head_tensors, str(out_dir / HEAD_FILE))
