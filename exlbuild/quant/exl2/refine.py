@@ -192,8 +192,6 @@ def refine_model(
             keys = [layer_prefix(i) + name for name in LINEARS]
             linears = [ScaledLinear(linear_tensors(layer, key), key, out_features[name], device, dtype)
                        for key, name in zip(keys, LINEARS)]
-            for linear in linears:
-                linear.weight = None  # the decoded weight is rebuilt from the latent codes each step
             norms = [ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS]
             latents = [LatentCodes(linear_tensors(layer, key), out_features[name], device)
                        for key, name in zip(keys, LINEARS)]

@@ -54,24 +54,33 @@ NORMS = list(BLOCK_NORMS.values())
 EAGER_STEPS = 3  # ordinary steps on CUDA before the step is captured as a graph
 
 
+def linear_bias(tensors: dict[str, Tensor], out_features: int, device: torch.device,
+                dtype: torch.dtype) -> Tensor | None:
+    """The bias (or None) of one EXL2 linear on `device` in `dtype`: stored padded to 32 outputs, cut to
+    `out_features`."""
+    return tensors["bias"][:out_features].to(device, dtype) if "bias" in tensors else None
+
+
 def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """The (out, in) weight and the bias (or None) of one EXL2 linear, decoded on `device` (where the kernels
-    are) and cast to `dtype`; the bias is stored padded to 32 outputs and cut to `out_features`."""
-    on_device = {k: t.to(device) for k, t in tensors.items()}
-    weight = dequantize(on_device, out_features, key).to(dtype)
-    return weight, on_device["bias"][:out_features].to(dtype) if "bias" in on_device else None
+    are) and cast to `dtype`."""
+    weight = dequantize({k: t.to(device) for k, t in tensors.items()}, out_features, key).to(dtype)
+    return weight, linear_bias(tensors, out_features, device, dtype)
 
 
 class ScaledLinear:
-    """A decoded EXL2 linear whose groups' q_scale_max are tuned: one multiplier per group, applied to the input
-    features the group quantized (the same as scaling its weights, and far cheaper to differentiate)."""
+    """An EXL2 linear whose groups' q_scale_max are tuned: one multiplier per group, applied to the input features
+    the group quantized (the same as scaling its weights, and far cheaper to differentiate). Its bias is on the
+    device; the weight is decoded by whoever needs it (the tuning decodes it once, the refinement rebuilds it from
+    its latent codes)."""
 
     def __init__(self, tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
                  dtype: torch.dtype) -> None:
         self.tensors = tensors
         self.key = key
-        self.weight, self.bias = decode_linear(tensors, key, out_features, device, dtype)
+        self.out_features = out_features
+        self.bias = linear_bias(tensors, out_features, device, dtype)
         self.feature_group = input_feature_groups(tensors, key)
         self.groups = tensors["q_scale_max"].shape[0]
 
@@ -278,7 +287,9 @@ def tune_model(
     all_linears = [linear for layer in linears for linear in layer] + [head]
     all_norms = [norm for layer in norms for norm in layer] + [final_norm]
     multipliers = Multipliers(all_linears, all_norms, device)
-    fixed = [{f"{name}.weight": linear.weight for name, linear in zip(LINEARS, layer)} for layer in linears]
+    fixed = [{f"{name}.weight": decode_linear(linear.tensors, linear.key, linear.out_features, device, dtype)[0]
+              for name, linear in zip(LINEARS, layer)} for layer in linears]
+    student_head, _ = decode_linear(head.tensors, HEAD_KEY, cfg.vocab_size, device, dtype)
     for layer, weights in zip(linears, fixed):
         weights.update({f"{name}.bias": linear.bias for name, linear in zip(LINEARS, layer) if linear.bias is not None})
     embedding = global_tensors[EMBEDDING_KEY].to(device, dtype)
@@ -308,7 +319,7 @@ def tune_model(
 
         # The head's multipliers scale its input features, as the final norm's do.
         norm = (final_norm.weight * norm_factors[-1] * linear_factors[-1]).to(dtype)
-        return final_logits(hidden(x, layer), norm, head.weight, cfg.rms_norm_eps)
+        return final_logits(hidden(x, layer), norm, student_head, cfg.rms_norm_eps)
 
     def train_step(batch: Tensor) -> Tensor:
         """One Adam step on the KL divergence over the rows `batch`; returns the KL (per token, nats)."""
