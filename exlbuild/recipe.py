@@ -66,6 +66,8 @@ class RefineSpec:
     steps: int = 0
     lr: float = 1e-2
     rows_per_step: int = 4
+    # A layer with more weights is fitted in parts of at most this many (the fit's memory: ~20 bytes a weight).
+    weights_per_fit: int = 1 << 28
 
 
 @dataclass
@@ -374,6 +376,7 @@ def validate(recipe: LoadedRecipe) -> None:
             raise ExlbuildError(f"{where}: rope.{key}: {value} is not valid; it must be > 0 (1.0 = no scaling)")
 
     _at_least(where, "measurement.probe_tokens", spec.measurement.probe_tokens, 0)
+    _at_least(where, "refine.weights_per_fit", spec.refine.weights_per_fit, 1)
     if spec.measurement.file:
         p = recipe.resolve(spec.measurement.file)
         if not p.is_file():

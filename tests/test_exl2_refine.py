@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, validate_layer
-from exlbuild.quant.exl2.refine import LatentCodes, refine_model
+from exlbuild.quant.exl2.refine import LinearCodes, RowSlice, fit_parts, held_out_rows, refine_model
 from exlbuild.quant.exl2.tune import linear_tensors
-from test_exl2_convert import SHAPE, file_bytes
+from test_exl2_convert import SHAPE, file_bytes, random_ids, strategy
 from test_exl2_tune import changed_tensors, kl_to_model, quantized  # noqa: F401 (quantized: the fixture, a 2-layer model at ~2.5 bits)
 
 
@@ -19,27 +20,64 @@ def layer_tensors(directory: Path, i: int = 0) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "layers" / f"{i:05d}.safetensors"))
 
 
-def test_latent_codes_decode_and_pack_as_stored(quantized: dict) -> None:
-    """Before any step the latent codes give back the stored weight (as the loader decodes it) and q_weight."""
+def test_linear_codes_decode_and_pack_as_stored(quantized: dict) -> None:
+    """The codes give back the stored weight (as the loader decodes it) and q_weight; latent values moved across a
+    rounding boundary change those codes, and past the range are clamped."""
     tensors = layer_tensors(quantized["tmp"] / "quantized")
     for name, out_features in (("self_attn.q_proj", SHAPE["hidden_size"]), ("mlp.down_proj", SHAPE["hidden_size"])):
         linear = linear_tensors(tensors, f"model.layers.0.{name}")
-        latent = LatentCodes(linear, out_features, torch.device("cpu"))
-        assert torch.equal(latent.weight(latent.latent), dequantize(linear, out_features))
-        assert torch.equal(latent.q_weight(), linear["q_weight"])
-        assert latent.changed() == 0
-        # a latent value moved across a rounding boundary changes that one code; one past the range is clamped
-        latent.latent = latent.latent.clone()
-        latent.latent[3, 5] += 0.75
-        latent.latent[4, 6] = 1e6
-        expected = latent.weight(latent.latent)
-        assert latent.changed() == 1 + int(latent.initial[4, 6] != latent.high[6] + latent.zero[6])  # the largest code
-        assert torch.equal(dequantize({**linear, "q_weight": latent.q_weight()}, out_features), expected)
+        codes = LinearCodes(linear, name, out_features, torch.device("cpu"))
+        assert torch.equal(codes.weight(torch.float16), dequantize(linear, out_features))
+        assert torch.equal(codes.q_weight(), linear["q_weight"])
+        assert codes.changed_from(linear["q_weight"]) == 0
+        rows = slice(2, 6)
+        latent = codes.latent(rows)
+        latent[1, 5] += 0.75
+        latent[2, 6] = 1e6
+        expected = codes.straight_through(latent, codes.scale(rows), torch.float16)
+        largest = int(codes.codes[4, 6]) == int(codes.high[6] + codes.zero[6])
+        codes.store(rows, latent)
+        assert codes.changed_from(linear["q_weight"]) == 2 - largest
+        decoded = dequantize({**linear, "q_weight": codes.q_weight()}, out_features)
+        assert torch.equal(decoded[rows], expected) and torch.equal(decoded, codes.weight(torch.float16))
 
 
-def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norms(quantized: dict) -> None:
-    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+def test_fit_parts_cut_consecutive_rows_under_the_budget() -> None:
+    shapes = [(8, 4), (2, 4), (6, 3)]  # 32 + 8 + 18 weights
+    assert fit_parts(shapes, 1000) == [[RowSlice(0, 0, 8), RowSlice(1, 0, 2), RowSlice(2, 0, 6)]]
+    parts = fit_parts(shapes, 20)
+    assert parts == [[RowSlice(0, 0, 5)], [RowSlice(0, 5, 8), RowSlice(1, 0, 2)], [RowSlice(2, 0, 6)]]
+    for budget in (1, 3, 7, 12, 20, 33, 57):
+        parts = fit_parts(shapes, budget)
+        for part in parts:  # at most the budget, unless one row is more; one slice of a linear per part
+            assert sum((s.stop - s.start) * shapes[s.linear][1] for s in part) <= budget or len(part) == 1
+            assert len({s.linear for s in part}) == len(part)
+        flat = [s for part in parts for s in part]  # every row exactly once, in order
+        assert [(s.linear, r) for s in flat for r in range(s.start, s.stop)] == \
+            [(k, r) for k, (out, _) in enumerate(shapes) for r in range(out)]
+
+
+def test_held_out_rows_are_spread_and_leave_rows_to_train_on() -> None:
+    assert held_out_rows(1) == [] and held_out_rows(2) == [1] and held_out_rows(9) == [8]
+    assert held_out_rows(100) == list(range(9, 100, 10))
+    assert held_out_rows(32) == [9, 20, 31]
+
+
+@pytest.fixture(scope="module")
+def calibrated(quantized: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny model quantized as `quantized` but with 48 calibration rows: enough for a fit that carries over to
+    the held-out rows (8 are not: see test_a_fit_that_only_learnt_its_training_rows_is_dropped)."""
+    tmp = tmp_path_factory.mktemp("refine")
+    ids = random_ids(256, rows=48)
+    quantize_model(quantized["model"], ids, strategy(2, 1, 1), 4, tmp / "quantized")
+    return {"model": quantized["model"], "ids": ids, "tmp": tmp}
+
+
+def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norms(calibrated: dict) -> None:
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
     metrics = refine_model(model, tmp / "quantized", tmp / "refined", ids, steps=200, lr=0.01, rows_per_step=4)
+    assert metrics["held_out_rows"] == 4
+    assert all(m["kept"] == m["parts"] == 1 for m in metrics["layers"]), metrics["layers"]
     assert all(m["loss_after"] < 0.95 * m["loss_before"] for m in metrics["layers"]), metrics["layers"]
     assert metrics["codes_changed"] > 0 and metrics["calibration_perplexity"] > 1
     before = kl_to_model(model, tmp / "quantized", ids, tmp / "compiled-quantized")
@@ -49,38 +87,57 @@ def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norm
     changed = changed_tensors(tmp / "quantized", tmp / "refined")
     assert changed and all(k.endswith(("q_weight", "q_scale_max", "layernorm.weight")) for k in changed)
     assert {k.rsplit(".", 1)[1] for k in changed} == {"q_weight", "q_scale_max", "weight"}
-    refined = layer_tensors(tmp / "refined", 1)
+    assert_valid_layout(tmp / "refined")
+
+
+def assert_valid_layout(directory: Path) -> None:
+    refined = layer_tensors(directory, 1)
     for name, (in_features, out_features) in (("self_attn.o_proj", (SHAPE["hidden_size"],) * 2),
                                              ("mlp.up_proj", (SHAPE["hidden_size"], SHAPE["intermediate_size"]))):
         validate_layer(linear_tensors(refined, f"model.layers.1.{name}"), layer=name, in_features=in_features,
                        out_features=out_features, bias=False)
 
 
-def test_refining_is_deterministic(quantized: dict, tmp_path: Path) -> None:
-    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+def test_a_large_layer_is_fitted_in_parts(calibrated: dict, tmp_path: Path) -> None:
+    """With a budget of 3,000 weights a fit, each layer (36,864 weights) is fitted in 13 parts; every part lowers
+    the loss on the held-out rows or is dropped, and the result is a valid layout closer to the model."""
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
+    metrics = refine_model(model, tmp / "quantized", tmp_path / "parts", ids, steps=100, lr=0.02, rows_per_step=4,
+                           weights_per_fit=3000)
+    assert all(m["parts"] == 13 and m["kept"] > 0 for m in metrics["layers"]), metrics["layers"]
+    assert all(m["loss_after"] < m["loss_before"] for m in metrics["layers"]), metrics["layers"]
+    assert metrics["codes_changed"] > 0 and changed_tensors(tmp / "quantized", tmp_path / "parts")
+    assert_valid_layout(tmp_path / "parts")
+
+
+def test_refining_is_deterministic(calibrated: dict, tmp_path: Path) -> None:
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
     for out in ("a", "b"):
-        refine_model(model, tmp / "quantized", tmp_path / out, ids, steps=4, lr=0.2, rows_per_step=3)
+        refine_model(model, tmp / "quantized", tmp_path / out, ids, steps=8, lr=0.05, rows_per_step=3)
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
     assert file_bytes(tmp_path / "a") != file_bytes(tmp / "quantized")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_refining_is_deterministic_on_cuda(quantized: dict, tmp_path: Path) -> None:
-    """Two refinements on the GPU write the same bytes (deterministic backward kernels), and they refine."""
-    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
-    for out in ("a", "b"):
-        metrics = refine_model(model, tmp / "quantized", tmp_path / out, ids, steps=200, lr=0.01, rows_per_step=4,
-                               device="cuda")
-    assert all(m["loss_after"] < m["loss_before"] for m in metrics["layers"])
-    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+def test_refining_is_deterministic_on_cuda(calibrated: dict, tmp_path: Path) -> None:
+    """Two refinements on the GPU write the same bytes (deterministic backward kernels), and they refine, in one
+    part and in several."""
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
+    for weights_per_fit in (1 << 28, 3000):
+        for out in ("a", "b"):
+            metrics = refine_model(model, tmp / "quantized", tmp_path / out, ids, steps=200, lr=0.01,
+                                   rows_per_step=4, weights_per_fit=weights_per_fit, device="cuda")
+            assert all(m["loss_after"] < m["loss_before"] for m in metrics["layers"])
+        assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
 
 
-def test_a_fit_that_does_not_lower_a_layers_loss_is_dropped(quantized: dict, tmp_path: Path) -> None:
-    """A rate far too high for the codes makes each layer worse: its fit is dropped and the layer is written as
-    the quantization pass wrote it."""
+def test_a_fit_that_only_learnt_its_training_rows_is_dropped(quantized: dict, tmp_path: Path) -> None:
+    """Seven rows of 64 random tokens are far too few for a layer's codes: the fit does not lower the loss on the
+    held-out row, and the layer is written as the quantization pass wrote it."""
     tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
-    metrics = refine_model(model, tmp / "quantized", tmp_path / "refined", ids, steps=20, lr=1.0, rows_per_step=4)
-    assert all(not m["kept"] and m["loss_after"] >= m["loss_before"] for m in metrics["layers"]), metrics["layers"]
+    metrics = refine_model(model, tmp / "quantized", tmp_path / "refined", ids, steps=200, lr=0.01, rows_per_step=4)
+    assert metrics["held_out_rows"] == 1
+    assert all(not m["kept"] and m["loss_after"] == m["loss_before"] for m in metrics["layers"]), metrics["layers"]
     assert metrics["codes_changed"] == 0
     assert changed_tensors(tmp / "quantized", tmp_path / "refined") == set()

@@ -14,6 +14,7 @@ Rules only move data between the store and the algorithms in exlbuild.quant.exl2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -144,12 +145,13 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 2  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 3  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
 
-        return _fit(ctx, refine_model)
+        return _fit(ctx, refine_model, weights_per_fit=ctx.params["weights_per_fit"])
 
 
 class Tune(Rule):
@@ -166,13 +168,14 @@ class Tune(Rule):
         return _fit(ctx, tune_model)
 
 
-def _fit(ctx: BuildContext, fit: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """Run a fit after the quantization pass (refine_model, tune_model: the same arguments) from a node's inputs."""
+def _fit(ctx: BuildContext, fit: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """Run a fit after the quantization pass (refine_model, tune_model: the same arguments, and `options` of
+    its own) from a node's inputs."""
     model_config(ctx.inputs["model"])
     p = ctx.params
     return fit(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_ids(ctx.inputs["calibration"]),
                p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"], rope_alpha=p["rope"]["alpha"],
-               device=compute_device())
+               device=compute_device(), **options)
 
 
 class Compile(Rule):
@@ -213,8 +216,7 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
     for step, rule, fit in (("refined", Refine(), recipe.spec.refine), ("tuned", Tune(), recipe.spec.tune)):
         if fit.steps:
             made.append(Node(f"{name}/{step}", step, rule=rule,
-                             params={"steps": fit.steps, "lr": fit.lr, "rows_per_step": fit.rows_per_step,
-                                     "rope": rope},
+                             params={**dataclasses.asdict(fit), "rope": rope},
                              deps={"model": model, "calibration": calibration, "quantized": made[-1]}, info=info))
     c = recipe.spec.calibration
     dataset = "(default)" if c.dataset == "default" else Path(c.dataset).name

@@ -9,9 +9,12 @@ is fitted to the unquantized model's own states after the same layer, so it also
 got wrong. Loss: each token's squared error relative to the target's squared norm (the next RMSNorm sees the
 relative error; the attention sink's huge residual would otherwise outweigh every other token).
 
-A layer's fit is kept only if it lowered the layer's loss over all calibration rows.
+One calibration row in ten is held out of the fit (`held_out_rows`), and a fit is kept only if it lowered the
+layer's loss on those rows: a fit that only learnt its training rows is dropped.
 
-Streams one layer at a time: the states of both models (float16) and one layer's parameters are on the device.
+Streams one layer at a time: the states of both models (float16) and one layer's parameters are on the device. A
+layer with more weights than `weights_per_fit` is fitted in parts of consecutive output rows, one after the other
+(`fit_parts`), so that the optimizer's state stays bounded on large models.
 Reads and writes the quantization pass's layout (exlbuild.quant.exl2.convert) and changes, per linear, q_weight
 (same bit widths, so the bits per weight stay) and q_scale_max, and the norm weights.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,7 @@ from exlbuild.quant.exl2.convert import (
 )
 from exlbuild.quant.exl2.pack import (
     bits_per_row,
+    input_feature_groups,
     pack_q_weight,
     parse_q_groups,
     scale_from_nibbles,
@@ -65,49 +70,109 @@ from exlbuild.quant.exl2.tune import (
 from exlbuild.quant.stream import STATE_DTYPE, check_calibration_ids, chunk_rows
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
+HELD_OUT_EVERY = 10  # one calibration row in this many is not trained on: it judges each fit
 
 
-class LatentCodes:
-    """One EXL2 linear's codes as latent values in the decoded (out, in) orientation, minus each input feature's
-    zero point, and each weight's fp16 scale: weight = scale · round(clamp(latent))."""
+class LinearCodes:
+    """One EXL2 linear's codes in the decoded (out, in) orientation as the fit changes them, with what decodes
+    them: per input feature the zero point and code range, per (group, output) the fp16 scale; weight = scale ·
+    (code − zero). The fit moves latent values, codes minus zero points, rounded in the forward."""
 
-    def __init__(self, tensors: dict[str, Tensor], out_features: int, device: torch.device) -> None:
+    def __init__(self, tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device) -> None:
         t = {k: v.to(device) for k, v in tensors.items()}
-        self.groups = parse_q_groups(t["q_groups"], t["q_weight"].shape[0], "refine")
+        self.groups = parse_q_groups(t["q_groups"], t["q_weight"].shape[0], key)
         self.invperm = t["q_invperm"].long()  # input feature i is stored row invperm[i]
         bits = bits_per_row(self.groups, device)[self.invperm]
         self.zero = (2 ** (bits - 1)).float()  # per input feature
         self.low, self.high = -self.zero, (2**bits - 1).float() - self.zero
         self.out_features = out_features
-        codes = unpack_q_weight(t["q_weight"], self.groups)[self.invperm].T  # (padded out, in)
-        # Columns past out_features (the padding to 32) keep their codes: only the real outputs are fitted.
-        self.padding = codes[out_features:]
-        self.initial = codes[:out_features].contiguous()
-        self.latent = self.initial.float() - self.zero
-        scale = scale_from_nibbles(unpack_scale_nibbles(t["q_scale"]), t["q_scale_max"])  # (groups, padded out)
-        group_of_row = torch.repeat_interleave(torch.arange(len(self.groups), device=device),
-                                               torch.tensor([g.rows for g in self.groups], device=device))
-        self.scale = scale[group_of_row][self.invperm].T[:out_features].contiguous()  # fp16
+        # Rows past out_features (the padding to 32) keep their codes: only the real outputs are fitted.
+        self.codes = self._decoded_codes(t["q_weight"])  # (padded out, in) uint8
+        self.group_scale = scale_from_nibbles(unpack_scale_nibbles(t["q_scale"]), t["q_scale_max"])  # (groups, out)
+        self.feature_group = input_feature_groups(t, key)
 
-    def weight(self, latent: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
-        """The decoded weight of `latent` (a view of this linear's values) rounded, in fp16 as the loader computes
-        it, then cast to `dtype`, with the rounding passed straight through in the backward."""
-        return _StraightThroughWeight.apply(latent, self.scale, self.low, self.high, dtype)
+    def _decoded_codes(self, q_weight: Tensor) -> Tensor:
+        return unpack_q_weight(q_weight.to(self.invperm.device), self.groups)[self.invperm].T.contiguous()
 
-    def _codes(self) -> Tensor:
-        """The codes (out, in) of the current latent values."""
-        return (torch.round(_clamp(self.latent, self.low, self.high)) + self.zero).to(torch.uint8)
+    def scale(self, rows: slice) -> Tensor:
+        """(rows, in) fp16: the scale of each weight of output rows `rows`."""
+        return self.group_scale[:, rows][self.feature_group].T.contiguous()
+
+    def latent(self, rows: slice) -> Tensor:
+        """(rows, in) float32 latent values of the current codes of output rows `rows`."""
+        return self.codes[rows].float() - self.zero
+
+    def store(self, rows: slice, latent: Tensor) -> None:
+        """Output rows `rows` take the codes of `latent` (rounded, clamped to each feature's range)."""
+        self.codes[rows] = (torch.round(_clamp(latent, self.low, self.high)) + self.zero).to(torch.uint8)
+
+    def weight(self, dtype: torch.dtype) -> Tensor:
+        """The (out, in) weight of the current codes in fp16, as the loader decodes it, cast to `dtype`."""
+        rows = slice(0, self.out_features)
+        return self.straight_through(self.latent(rows), self.scale(rows), dtype)
+
+    def straight_through(self, latent: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """The weight of `latent` (some output rows' values) with `scale` (theirs), rounded, in fp16 as the loader
+        computes it, then cast to `dtype`; in the backward the rounding passes the gradient straight through."""
+        return _StraightThroughWeight.apply(latent, scale, self.low, self.high, dtype)
 
     def q_weight(self) -> Tensor:
-        """q_weight of the current latent values (on the CPU)."""
-        decoded = torch.cat([self._codes(), self.padding])
-        stored = torch.empty_like(decoded.T)
-        stored[self.invperm] = decoded.T
+        """q_weight of the current codes (on the CPU)."""
+        stored = torch.empty_like(self.codes.T)
+        stored[self.invperm] = self.codes.T
         return pack_q_weight(stored, self.groups).cpu()
 
-    def changed(self) -> int:
-        """How many codes differ from GPTQ's."""
-        return int((self._codes() != self.initial).sum())
+    def changed_from(self, q_weight: Tensor) -> int:
+        """How many codes differ from those of `q_weight` (this linear's as stored before)."""
+        rows = slice(0, self.out_features)
+        return int((self.codes[rows] != self._decoded_codes(q_weight)[rows]).sum())
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Output rows start..stop of the layer's linear number `linear` (in LINEARS order)."""
+
+    linear: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def fit_parts(shapes: list[tuple[int, int]], weights_per_fit: int) -> list[list[RowSlice]]:
+    """A layer's linears, of (out, in) `shapes`, cut into parts fitted one after the other, each of consecutive
+    output rows in order and at most `weights_per_fit` weights (at least one row): the fit's memory grows with
+    the weights it moves at once (about 20 bytes each: the latent value, its gradient, Adam's moments, the scale),
+    and a 70B-class layer has 0.86 billion. Each linear has at most one slice in a part."""
+    parts: list[list[RowSlice]] = []
+    part: list[RowSlice] = []
+    room = weights_per_fit
+    for k, (out_features, in_features) in enumerate(shapes):
+        start = 0
+        while start < out_features:
+            rows = min(out_features - start, max(room, 0) // in_features)
+            if rows == 0 and part:
+                parts.append(part)
+                part, room = [], weights_per_fit
+                continue
+            rows = max(rows, 1)
+            part.append(RowSlice(k, start, start + rows))
+            start += rows
+            room -= rows * in_features
+    if part:
+        parts.append(part)
+    return parts
+
+
+def held_out_rows(rows: int) -> list[int]:
+    """The calibration rows that judge each fit and are not trained on: one in HELD_OUT_EVERY, spread evenly (at
+    least one of two or more rows; none of a single row, whose fit is judged on the row it was fitted to)."""
+    if rows < 2:
+        return []
+    count = max(1, rows // HELD_OUT_EVERY)
+    return [(k + 1) * rows // count - 1 for k in range(count)]
 
 
 def _clamp(latent: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -139,6 +204,48 @@ def _relative_error(y: Tensor, target: Tensor) -> Tensor:
     return ((y - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-30)).mean()
 
 
+class _Part:
+    """One part's fit: its row slices' latent values in one flat tensor (the optimizer's), their scales, and the
+    layer's other weights decoded and fixed."""
+
+    def __init__(self, slices: list[RowSlice], codes: list[LinearCodes], dtype: torch.dtype) -> None:
+        self.codes, self.dtype = codes, dtype
+        self.slice_of = {s.linear: s for s in slices}
+        latents = [codes[s.linear].latent(s.rows) for s in slices]
+        self.shapes = [latent.shape for latent in latents]
+        self.flat = torch.cat([latent.flatten() for latent in latents]).requires_grad_()
+        self.scales = [codes[s.linear].scale(s.rows) for s in slices]
+        self.fixed = {k: c.weight(dtype) for k, c in enumerate(codes) if not self._whole(k)}
+
+    def _whole(self, k: int) -> bool:
+        s = self.slice_of.get(k)
+        return s is not None and s.start == 0 and s.stop == self.codes[k].out_features
+
+    def _latents(self, flat: Tensor) -> list[Tensor]:
+        return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in self.shapes]), self.shapes)]
+
+    def weights(self) -> list[Tensor]:
+        """Every linear's weight: the fitted rows rounded from the latent values (straight through), the rest
+        fixed."""
+        fitted = {s.linear: self.codes[s.linear].straight_through(latent, scale, self.dtype)
+                  for s, latent, scale in zip(self.slice_of.values(), self._latents(self.flat), self.scales)}
+        weights = []
+        for k in range(len(self.codes)):
+            if k not in fitted:
+                weights.append(self.fixed[k])
+            elif self._whole(k):
+                weights.append(fitted[k])
+            else:
+                s, fixed = self.slice_of[k], self.fixed[k]
+                weights.append(torch.cat([fixed[: s.start], fitted[k], fixed[s.stop :]]))
+        return weights
+
+    def store(self) -> None:
+        """The fitted rows take the codes of their latent values."""
+        for s, latent in zip(self.slice_of.values(), self._latents(self.flat.detach())):
+            self.codes[s.linear].store(s.rows, latent)
+
+
 def refine_model(
     model_dir: Path,
     quantized_dir: Path,
@@ -147,17 +254,19 @@ def refine_model(
     steps: int,
     lr: float,
     rows_per_step: int,
+    weights_per_fit: int = 1 << 28,
     scale_lr: float = 1e-3,
     rope_scale: float | None = None,
     rope_alpha: float | None = None,
     device: Device = None,
 ) -> dict[str, Any]:
     """Refine the quantization pass in `quantized_dir` towards the model in `model_dir` (module docstring): per
-    layer `steps` Adam steps on `rows_per_step` calibration rows each (rows in order, cycling), learning rate `lr`
-    for the codes (in units of one code) and `scale_lr` for the log-multipliers of q_scale_max and the norms, both
-    decaying to 0 along a half cosine so that the codes settle; a layer's fit is kept only if it lowered the
-    layer's loss over all calibration rows. Writes `out_dir` in the same layout. Returns metrics: per layer that
-    loss before and after, whether the fit was kept and the codes it changed; the codes changed in all; the
+    layer and part (`fit_parts`, at most `weights_per_fit` weights) `steps` Adam steps on `rows_per_step`
+    calibration rows each (the training rows in order, cycling; `held_out_rows` are not trained on), learning rate
+    `lr` for the codes (in units of one code) and `scale_lr` for the log-multipliers of q_scale_max and the norms,
+    both decaying to 0 along a half cosine so that the codes settle; a part's fit is kept only if it lowered the
+    layer's loss on the held-out rows. Writes `out_dir` in the same layout. Returns metrics: per layer that loss
+    before and after, the parts fitted and kept, and the codes changed; the codes changed in all; the
     calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
@@ -166,13 +275,17 @@ def refine_model(
     quantized_dir, out_dir = Path(quantized_dir), Path(out_dir)
     # As in the tuning: on CUDA the fit runs in bfloat16 (the parameters and their updates stay float32).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
+    shapes = {name: (shape.out_features, shape.in_features) for name, shape in linear_shapes(cfg).items()}
+    parts = fit_parts([shapes[name] for name in LINEARS], weights_per_fit)
     global_tensors = load_file(str(quantized_dir / GLOBALS_FILE))
     rope = rope_tables(cfg, ids.shape[1], device)  # float32 for the passes over all rows
     compute_rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
     rows = ids.shape[0]
-    step_rows = min(rows_per_step, rows)
-    static_batch, decay = torch.arange(step_rows, device=device), torch.ones((), device=device)  # run_steps' inputs
+    held_out = held_out_rows(rows)
+    training = torch.tensor([r for r in range(rows) if r not in held_out], device=device)
+    judging = torch.tensor(held_out or [0], device=device)
+    step_rows = min(rows_per_step, len(training))
+    static_batch, decay = training[:step_rows].clone(), torch.ones((), device=device)  # run_steps' inputs
     with torch.no_grad():
         quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, STATE_DTYPE))
     unquantized_states = quantized_states.clone()
@@ -190,28 +303,22 @@ def refine_model(
         for i in progress.track(range(cfg.num_hidden_layers), "refining"):
             layer = load_file(str(quantized_dir / layer_file(i)))
             keys = [layer_prefix(i) + name for name in LINEARS]
-            linears = [ScaledLinear(linear_tensors(layer, key), key, out_features[name], device, dtype)
+            linears = [ScaledLinear(linear_tensors(layer, key), key, shapes[name][0], device, dtype)
                        for key, name in zip(keys, LINEARS)]
             norms = [ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS]
-            latents = [LatentCodes(linear_tensors(layer, key), out_features[name], device)
-                       for key, name in zip(keys, LINEARS)]
+            codes = [LinearCodes(linear_tensors(layer, key), key, shapes[name][0], device)
+                     for key, name in zip(keys, LINEARS)]
             multipliers = Multipliers(linears, norms, device)
-            flat = torch.cat([latent.latent.flatten() for latent in latents]).requires_grad_()
-            sizes = [latent.latent.numel() for latent in latents]
-            for latent, part in zip(latents, flat.detach().split(sizes)):
-                latent.latent = part.view_as(latent.latent)  # one copy: the values as the optimizer moves them
-            code_optimizer, scale_optimizer = Adam(flat, lr), Adam(multipliers.log, scale_lr)
 
             # The target: the unquantized layer on the unquantized model's states (kept for the next layer).
             unquantized = layer_weights(ckpt, cfg, i, torch.float16, device)
             run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
 
-            def loss_on(batch: Tensor) -> Tensor:
+            def loss_on(batch: Tensor, weights: list[Tensor]) -> Tensor:
                 linear_factors, norm_factors = multipliers.expand()
                 w: dict[str, Tensor] = {}
-                for name, linear, latent, part, factor in zip(
-                        LINEARS, linears, latents, flat.split(sizes), linear_factors):
-                    w[f"{name}.weight"] = latent.weight(part.view_as(latent.latent), dtype)
+                for name, linear, weight, factor in zip(LINEARS, linears, weights, linear_factors):
+                    w[f"{name}.weight"] = weight
                     w[f"{name}.input_scale"] = factor.to(dtype)
                     if linear.bias is not None:
                         w[f"{name}.bias"] = linear.bias
@@ -220,51 +327,71 @@ def refine_model(
                 y = decoder_layer(quantized_states[batch].to(dtype), w, cfg, compute_rope)
                 return _relative_error(y, unquantized_states[batch])
 
-            def train_step() -> Tensor:
-                loss = loss_on(static_batch)
-                code_grad, scale_grad = torch.autograd.grad(loss, [flat, multipliers.log])
-                code_optimizer.step(code_grad, decay)
-                scale_optimizer.step(scale_grad, decay)
-                return loss.detach()
-
-            def prepare(step: int) -> None:
-                static_batch.copy_((torch.arange(step_rows, device=device) + step * step_rows) % rows)
-                decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
-
-            def loss_on_all_rows() -> float:
+            def judged_loss() -> float:
+                """The layer's loss on the held-out rows, with the current codes and multipliers."""
                 with torch.no_grad():
-                    parts = [torch.arange(r, min(r + chunk, rows), device=device) for r in range(0, rows, chunk)]
-                    return sum(float(loss_on(part)) * len(part) for part in parts) / rows
+                    weights = [c.weight(dtype) for c in codes]
+                    batches = judging.split(chunk)
+                    return sum(float(loss_on(b, weights)) * len(b) for b in batches) / len(judging)
 
-            before = loss_on_all_rows()
-            run_steps(train_step, prepare, steps, device)
-            after = loss_on_all_rows()
-            if not math.isfinite(after):
-                raise ExlbuildError(f"refining layer {i} diverged (its loss became NaN or infinite); lower refine.lr")
+            before = loss = judged_loss()
+            kept = 0
+            for slices in parts:
+                part = _Part(slices, codes, dtype)
+                code_optimizer, scale_optimizer = Adam(part.flat, lr), Adam(multipliers.log, scale_lr)
+                log_before = multipliers.log.detach().clone()
 
-            # A fit that did not lower the layer's loss over the calibration rows (a rate too high for them, say)
-            # is dropped: the layer stays as the quantization pass wrote it.
-            kept = after < before
+                def train_step() -> Tensor:
+                    step_loss = loss_on(static_batch, part.weights())
+                    code_grad, scale_grad = torch.autograd.grad(step_loss, [part.flat, multipliers.log])
+                    code_optimizer.step(code_grad, decay)
+                    scale_optimizer.step(scale_grad, decay)
+                    return step_loss.detach()
+
+                def prepare(step: int) -> None:
+                    static_batch.copy_(training[(torch.arange(step_rows, device=device) + step * step_rows)
+                                                % len(training)])
+                    decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
+
+                run_steps(train_step, prepare, steps, device)
+                # A fit that did not lower the loss on rows it was not trained on (a rate too high for the
+                # calibration rows, say) is dropped: those codes and the multipliers stay as they were.
+                saved = [codes[s.linear].codes[s.rows].clone() for s in slices]
+                part.store()
+                fitted = judged_loss()
+                if not math.isfinite(fitted):
+                    raise ExlbuildError(f"refining layer {i} diverged (its loss became NaN or infinite); "
+                                        "lower refine.lr")
+                if fitted < loss:
+                    loss, kept = fitted, kept + 1
+                else:
+                    for s, old in zip(slices, saved):
+                        codes[s.linear].codes[s.rows] = old
+                    with torch.no_grad():
+                        multipliers.log.copy_(log_before)
+                del part, code_optimizer, scale_optimizer
+
             refined = dict(layer)
             changed = 0
-            for k, (linear, latent) in enumerate(zip(linears, latents) if kept else ()):
-                changed += latent.changed()
+            for k, (linear, linear_codes) in enumerate(zip(linears, codes)):
+                changed += linear_codes.changed_from(layer[f"{linear.key}.q_weight"])
                 refined.update({f"{linear.key}.{s}": t for s, t in linear.tuned(multipliers.of_linear(k)).items()})
-                refined[f"{linear.key}.q_weight"] = latent.q_weight()
-            for k, (name, norm) in enumerate(zip(NORMS, norms) if kept else ()):
+                refined[f"{linear.key}.q_weight"] = linear_codes.q_weight()
+            for k, (name, norm) in enumerate(zip(NORMS, norms)):
                 refined[layer_prefix(i) + name] = norm.tuned(multipliers.of_norm(k))
             save_file({k: v.contiguous() for k, v in refined.items()}, str(out_dir / layer_file(i)))
 
             # The next layer's inputs: this layer as written, decoded as the loader does.
             written = {name: refined[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
             for key, name in zip(keys, LINEARS):
-                weight, bias = decode_linear(linear_tensors(refined, key), key, out_features[name], device,
+                weight, bias = decode_linear(linear_tensors(refined, key), key, shapes[name][0], device,
                                              torch.float32)
                 written[f"{name}.weight"] = weight
                 if bias is not None:
                     written[f"{name}.bias"] = bias
             run(quantized_states, written)
-            layer_metrics.append({"loss_before": before, "loss_after": after, "kept": kept, "codes_changed": changed})
+            layer_metrics.append({"loss_before": before, "loss_after": loss, "parts": len(parts), "kept": kept,
+                                  "codes_changed": changed})
 
     head_tensors = load_file(str(quantized_dir / HEAD_FILE))
     save_file(head_tensors, str(out_dir / HEAD_FILE))
@@ -277,8 +404,8 @@ def refine_model(
                                      global_tensors[FINAL_NORM_KEY].to(device).float(), head, cfg.rms_norm_eps)
     return {
         "calibration_perplexity": ppl,
+        "held_out_rows": len(held_out),
         "layers": layer_metrics,
         "codes_changed": sum(m["codes_changed"] for m in layer_metrics),
         "seconds": time.perf_counter() - started,
     }
-
