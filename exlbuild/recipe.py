@@ -61,9 +61,8 @@ class MeasurementSpec:
 @dataclass
 class RefineSpec:
     # After GPTQ, each decoder layer's codes (and fp16 scales, norms) are fitted together to the unquantized
-    # layer's output (docs/exl2.md, "refined"); steps per layer (200 is what was measured), lr in units of one
-    # code. Off (0) by default until its memory is bounded (a 70B-class layer needs 38 GiB; docs/exl2.md).
-    steps: int = 0
+    # layer's output (docs/exl2.md, "refined"); steps per layer, lr in units of one code; steps: 0 turns it off.
+    steps: int = 200
     lr: float = 1e-2
     rows_per_step: int = 4
     # A layer with more weights is fitted in parts of at most this many (the fit's memory: ~20 bytes a weight).

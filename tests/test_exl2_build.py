@@ -34,8 +34,10 @@ calibration:
 sweep:
   bits: [3.0, 4.0]
   shard_size: 0
-tune:
+refine:
   steps: 0  # refined and tuned in test_sweep_builds_loadable_directories_and_a_report's last step
+tune:
+  steps: 0
 eval:
   text: eval.txt
   window: 64

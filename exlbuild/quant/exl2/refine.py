@@ -67,7 +67,7 @@ from exlbuild.quant.exl2.tune import (
     linear_tensors,
     run_steps,
 )
-from exlbuild.quant.stream import STATE_DTYPE, check_calibration_ids, chunk_rows
+from exlbuild.quant.stream import STATE_DTYPE, check_calibration_ids, chunk_rows, tf32_matmuls
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
 HELD_OUT_EVERY = 10  # one calibration row in this many is not trained on: it judges each fit
@@ -292,8 +292,9 @@ def refine_model(
     chunk = chunk_rows(quantized_states, cfg)
 
     def run(states: Tensor, weights: dict[str, Tensor]) -> None:
-        """Every row of `states` through one layer, in place, a chunk of rows at a time in float32."""
-        with torch.no_grad():
+        """Every row of `states` through one layer, in place, a chunk of rows at a time in float32 (TF32 matrix
+        products on CUDA, as the quantization pass's)."""
+        with torch.no_grad(), tf32_matmuls(device):
             for r in range(0, rows, chunk):
                 states[r : r + chunk] = decoder_layer(states[r : r + chunk].float(), weights, cfg, rope).to(STATE_DTYPE)
 
