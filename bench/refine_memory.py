@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("--rows", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--weights-per-fit", type=int, default=1 << 28)
+    ap.add_argument("--weights-per-fit", type=int, default=1 << 27)
     ap.add_argument("--work", type=Path, default=Path("/tmp/refine-memory"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -66,7 +66,7 @@ class RefineSpec:
     lr: float = 1e-2
     rows_per_step: int = 4
     # A layer with more weights is fitted in parts of at most this many (the fit's memory: ~20 bytes a weight).
-    weights_per_fit: int = 1 << 28
+    weights_per_fit: int = 1 << 27
 
 
 @dataclass

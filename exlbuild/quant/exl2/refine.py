@@ -254,7 +254,7 @@ def refine_model(
     steps: int,
     lr: float,
     rows_per_step: int,
-    weights_per_fit: int = 1 << 28,
+    weights_per_fit: int = 1 << 27,
     scale_lr: float = 1e-3,
     rope_scale: float | None = None,
     rope_alpha: float | None = None,
