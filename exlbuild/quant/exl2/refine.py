@@ -62,6 +62,7 @@ from exlbuild.quant.exl2.tune import (
     Multipliers,
     ScaledLinear,
     ScaledNorm,
+    decode_layer_weights,
     decode_linear,
     deterministic_algorithms,
     linear_tensors,
@@ -276,6 +277,7 @@ def refine_model(
     # As in the tuning: on CUDA the fit runs in bfloat16 (the parameters and their updates stay float32).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = {name: (shape.out_features, shape.in_features) for name, shape in linear_shapes(cfg).items()}
+    out_features = {name: out for name, (out, _) in shapes.items()}
     parts = fit_parts([shapes[name] for name in LINEARS], weights_per_fit)
     global_tensors = load_file(str(quantized_dir / GLOBALS_FILE))
     rope = rope_tables(cfg, ids.shape[1], device)  # float32 for the passes over all rows
@@ -304,10 +306,10 @@ def refine_model(
         for i in progress.track(range(cfg.num_hidden_layers), "refining"):
             layer = load_file(str(quantized_dir / layer_file(i)))
             keys = [layer_prefix(i) + name for name in LINEARS]
-            linears = [ScaledLinear(linear_tensors(layer, key), key, shapes[name][0], device, dtype)
+            linears = [ScaledLinear(linear_tensors(layer, key), key, out_features[name], device, dtype)
                        for key, name in zip(keys, LINEARS)]
             norms = [ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS]
-            codes = [LinearCodes(linear_tensors(layer, key), key, shapes[name][0], device)
+            codes = [LinearCodes(linear_tensors(layer, key), key, out_features[name], device)
                      for key, name in zip(keys, LINEARS)]
             multipliers = Multipliers(linears, norms, device)
 
@@ -383,14 +385,7 @@ def refine_model(
             save_file({k: v.contiguous() for k, v in refined.items()}, str(out_dir / layer_file(i)))
 
             # The next layer's inputs: this layer as written, decoded as the loader does.
-            written = {name: refined[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
-            for key, name in zip(keys, LINEARS):
-                weight, bias = decode_linear(linear_tensors(refined, key), key, shapes[name][0], device,
-                                             torch.float32)
-                written[f"{name}.weight"] = weight
-                if bias is not None:
-                    written[f"{name}.bias"] = bias
-            run(quantized_states, written)
+            run(quantized_states, decode_layer_weights(refined, i, out_features, device))
             layer_metrics.append({"loss_before": before, "loss_after": loss, "parts": len(parts), "kept": kept,
                                   "codes_changed": changed})
 

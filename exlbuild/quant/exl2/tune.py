@@ -69,6 +69,20 @@ def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, devic
     return weight, linear_bias(tensors, out_features, device, dtype)
 
 
+def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[str, int],
+                         device: torch.device) -> dict[str, Tensor]:
+    """Decoder layer i of the quantization pass's layout (a file's dict of full names) as the forward's float32
+    weights, its linears decoded as the loader decodes them."""
+    weights = {name: tensors[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
+    for name in LINEARS:
+        key = layer_prefix(i) + name
+        weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, torch.float32)
+        weights[f"{name}.weight"] = weight
+        if bias is not None:
+            weights[f"{name}.bias"] = bias
+    return weights
+
+
 class ScaledLinear:
     """An EXL2 linear whose groups' q_scale_max are tuned: one multiplier per group, applied to the input features
     the group quantized (the same as scaling its weights, and far cheaper to differentiate). Its bias is on the
@@ -364,14 +378,7 @@ def tune_model(
         metric_ids = ids[: min(metric_rows, rows)].to(device)
         x = embed(metric_ids, global_tensors[EMBEDDING_KEY].to(device, torch.float32))
         for i, layer in enumerate(out_layers):
-            w = {n: layer[layer_prefix(i) + n].to(device, torch.float32) for n in NORMS}
-            for n in LINEARS:
-                key = layer_prefix(i) + n
-                weight, bias = decode_linear(linear_tensors(layer, key), key, out_features[n], device, torch.float32)
-                w[f"{n}.weight"] = weight
-                if bias is not None:
-                    w[f"{n}.bias"] = bias
-            x = decoder_layer(x, w, cfg, rope)
+            x = decoder_layer(x, decode_layer_weights(layer, i, out_features, device), cfg, rope)
         head_decoded, _ = decode_linear(linear_tensors(head_out, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device,
                                         torch.float32)
         ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(), head_decoded,
