@@ -39,7 +39,7 @@ def stand_in_tokenizer() -> Tokenizer:
 
 def articles_used(tokenizer: Tokenizer, rows: int, length: int) -> int:
     """How many of the source's articles the calibration at rows × length takes (the last one perhaps in part)."""
-    _, info = default_mix_rows(tokenizer, rows, length)
+    _, _, info = default_mix_rows(tokenizer, rows, length)
     return next(s for s in info["sources"] if s["name"] == SOURCE).get("documents", 0)  # 0 rows: no count
 
 

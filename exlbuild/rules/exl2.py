@@ -22,7 +22,7 @@ from typing import Any, Callable
 from exlbuild.errors import ExlbuildError
 from exlbuild.graph import BuildContext, Node, Rule
 from exlbuild.recipe import LoadedRecipe, VariantSpec
-from exlbuild.rules.calibration import CALIBRATION_FILE
+from exlbuild.rules.calibration import CALIBRATION_FILE, INPUT_IDS, TEXT_ROWS
 
 STRATEGY_FILE = "strategy.json"
 EXL2_FORMAT_VERSION = "0.3.2"  # the exllamav2 release whose file format the output follows
@@ -37,7 +37,16 @@ def compute_device() -> str:
 def load_ids(artifact: Path):
     from safetensors.torch import load_file
 
-    return load_file(str(artifact / CALIBRATION_FILE))["input_ids"]
+    return load_file(str(artifact / CALIBRATION_FILE))[INPUT_IDS]
+
+
+def load_text_ids(artifact: Path):
+    """The calibration's rows of running text: the fits after GPTQ distil the model on these, not on the default
+    mix's word-list and random rows, which only widen GPTQ's Hessians (docs/calibration.md, "Text rows")."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(artifact / CALIBRATION_FILE))
+    return tensors[INPUT_IDS][tensors[TEXT_ROWS]]
 
 
 def model_config(model_dir: Path):
@@ -145,8 +154,9 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 3  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 4  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
+    # 4: on the calibration's text rows only
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
@@ -158,9 +168,10 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 4  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 5  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
     # 4: a plain Adam (torch.optim's fused one rounds differently)
+    # 5: on the calibration's text rows only
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model
@@ -170,10 +181,10 @@ class Tune(Rule):
 
 def _fit(ctx: BuildContext, fit: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
     """Run a fit after the quantization pass (refine_model, tune_model: the same arguments, and `options` of
-    its own) from a node's inputs."""
+    its own) from a node's inputs, on the calibration's text rows."""
     model_config(ctx.inputs["model"])
     p = ctx.params
-    return fit(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_ids(ctx.inputs["calibration"]),
+    return fit(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_text_ids(ctx.inputs["calibration"]),
                p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"], rope_alpha=p["rope"]["alpha"],
                device=compute_device(), **options)
 
