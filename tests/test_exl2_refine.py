@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, validate_layer
+from exlbuild.quant.exl2 import refine
 from exlbuild.quant.exl2.refine import LinearCodes, RowSlice, fit_parts, held_out_rows, refine_model
 from exlbuild.quant.exl2.tune import linear_tensors
 from test_exl2_convert import SHAPE, file_bytes, random_ids, strategy
@@ -80,6 +81,8 @@ def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norm
     assert all(m["kept"] == m["parts"] == 1 for m in metrics["layers"]), metrics["layers"]
     assert all(m["loss_after"] < 0.95 * m["loss_before"] for m in metrics["layers"]), metrics["layers"]
     assert metrics["codes_changed"] > 0 and metrics["calibration_perplexity"] > 1
+    check = metrics["model_check"]
+    assert check["kept"] and 0 < check["kl_after"] < 0.95 * check["kl_before"], check
     before = kl_to_model(model, tmp / "quantized", ids, tmp / "compiled-quantized")
     after = kl_to_model(model, tmp / "refined", ids, tmp / "compiled-refined")
     assert after < 0.9 * before, (before, after)
@@ -141,3 +144,36 @@ def test_a_fit_that_only_learnt_its_training_rows_is_dropped(quantized: dict, tm
     assert all(not m["kept"] and m["loss_after"] == m["loss_before"] for m in metrics["layers"]), metrics["layers"]
     assert metrics["codes_changed"] == 0
     assert changed_tensors(tmp / "quantized", tmp_path / "refined") == set()
+
+
+def test_a_refinement_that_makes_the_model_worse_is_dropped(calibrated: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer's fit is kept (each lowered its own held-out loss), but if the model's next-token KL on the
+    held-out rows did not fall, the quantization pass's layers are written, with their calibration perplexity."""
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
+    unrefined = refine_model(model, tmp / "quantized", tmp_path / "zero", ids, steps=0, lr=0.01, rows_per_step=4)
+    assert unrefined["model_check"]["kl_after"] == unrefined["model_check"]["kl_before"]  # nothing changed
+    kls = iter([1.0, 1.5])  # before, after
+    monkeypatch.setattr(refine, "next_token_kl", lambda *args, **kwargs: next(kls))
+    metrics = refine_model(model, tmp / "quantized", tmp_path / "worse", ids, steps=200, lr=0.01, rows_per_step=4)
+    assert all(m["kept"] == 1 for m in metrics["layers"]), metrics["layers"]
+    assert metrics["model_check"] == {"kl_before": 1.0, "kl_after": 1.5, "kept": False}
+    assert metrics["codes_changed"] == 0
+    assert file_bytes(tmp_path / "worse") == file_bytes(tmp / "quantized") == file_bytes(tmp_path / "zero")
+    assert metrics["calibration_perplexity"] == unrefined["calibration_perplexity"]
+
+
+def test_next_token_kl() -> None:
+    """KL(target ‖ model) of the next-token distributions, averaged over tokens, whatever the chunking."""
+    torch.manual_seed(0)
+    states, target = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    norm, head = torch.rand(8) + 0.5, torch.randn(11, 8)
+    assert refine.next_token_kl(target, norm, head, target, norm, head, 1e-5) == pytest.approx(0, abs=1e-6)
+    log_q = torch.log_softmax(torch.nn.functional.linear(torch.nn.functional.rms_norm(states, (8,), norm, 1e-5),
+                                                         head), -1)
+    log_p = torch.log_softmax(torch.nn.functional.linear(torch.nn.functional.rms_norm(target, (8,), norm, 1e-5),
+                                                         head), -1)
+    expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    for chunk in (1, 3, 512):
+        got = refine.next_token_kl(states, norm, head, target, norm, head, 1e-5, tokens_per_chunk=chunk)
+        assert got == pytest.approx(expected, rel=1e-5)

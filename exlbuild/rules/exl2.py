@@ -154,9 +154,10 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 4  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 5  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
     # 4: on the calibration's text rows only
+    # 5: the whole refinement dropped unless it lowered the model's next-token KL on the held-out rows
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model

@@ -10,7 +10,10 @@ got wrong. Loss: each token's squared error relative to the target's squared nor
 relative error; the attention sink's huge residual would otherwise outweigh every other token).
 
 One calibration row in ten is held out of the fit (`held_out_rows`), and a fit is kept only if it lowered the
-layer's loss on those rows: a fit that only learnt its training rows is dropped.
+layer's loss on those rows: a fit that only learnt its training rows is dropped. Layers that each got better can
+still compound into a worse model, so the whole refinement is also judged at the end, on the same rows, by the
+model's next-token KL divergence from the unquantized model, and dropped (the quantization pass's layers written
+unchanged) unless it lowered it.
 
 Streams one layer at a time: the states of both models (float16) and one layer's parameters are on the device. A
 layer with more weights than `weights_per_fit` is fitted in parts of consecutive output rows, one after the other
@@ -22,6 +25,7 @@ Reads and writes the quantization pass's layout (exlbuild.quant.exl2.convert) an
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +37,8 @@ from torch import Tensor
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
-from exlbuild.model.checkpoint import Device, layer_prefix, layer_weights, open_model
-from exlbuild.model.llama import Rope, decoder_layer, embed, rope_tables
+from exlbuild.model.checkpoint import Device, head_weight, layer_prefix, layer_weights, norm_weight, open_model
+from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, rope_tables
 from exlbuild.quant.exl2.convert import (
     EMBEDDING_KEY,
     FINAL_NORM_KEY,
@@ -199,6 +203,20 @@ class _StraightThroughWeight(torch.autograd.Function):
         return grad.half().float() * scale * inside, None, None, None, None
 
 
+def next_token_kl(states: Tensor, norm_w: Tensor, head_w: Tensor, target_states: Tensor, target_norm_w: Tensor,
+                  target_head_w: Tensor, eps: float, tokens_per_chunk: int = 512) -> float:
+    """Mean over tokens of KL(target ‖ model): the next-token distributions from the final states `target_states`
+    (rows, length, hidden) through their final norm and head, against those from `states` through theirs; float32,
+    a few hundred tokens at a time (the logits of a whole row are vocabulary × length floats)."""
+    total = 0.0
+    flat, target_flat = states.flatten(0, -2), target_states.flatten(0, -2)
+    for x, t in zip(flat.split(tokens_per_chunk), target_flat.split(tokens_per_chunk)):
+        log_q = torch.log_softmax(final_logits(x.float(), norm_w, head_w, eps), dim=-1)
+        log_p = torch.log_softmax(final_logits(t.float(), target_norm_w, target_head_w, eps), dim=-1)
+        total += float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+    return total / flat.shape[0]
+
+
 def _relative_error(y: Tensor, target: Tensor) -> Tensor:
     """Mean over tokens of |y − target|² / |target|², in float32."""
     y, target = y.float(), target.float()
@@ -266,9 +284,11 @@ def refine_model(
     calibration rows each (the training rows in order, cycling; `held_out_rows` are not trained on), learning rate
     `lr` for the codes (in units of one code) and `scale_lr` for the log-multipliers of q_scale_max and the norms,
     both decaying to 0 along a half cosine so that the codes settle; a part's fit is kept only if it lowered the
-    layer's loss on the held-out rows. Writes `out_dir` in the same layout. Returns metrics: per layer that loss
-    before and after, the parts fitted and kept, and the codes changed; the codes changed in all; the
-    calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
+    layer's loss on the held-out rows, and the whole refinement only if it lowered the model's next-token KL from
+    the unquantized model on those rows (else the quantization pass's layers are written). Writes `out_dir` in the
+    same layout. Returns metrics: per layer that loss before and after, the parts fitted and kept, and the codes
+    changed; the model's held-out KL before and after and whether the refinement was kept; the codes changed in
+    what is written; the calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     ids = check_calibration_ids(ids, cfg)
@@ -291,13 +311,18 @@ def refine_model(
     with torch.no_grad():
         quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, STATE_DTYPE))
     unquantized_states = quantized_states.clone()
+    # The quantization pass's model on the rows that judge the whole refinement and on the metric's rows, in case
+    # the refinement is dropped: (row, position in `unrefined_states`).
+    metric_rows = min(METRIC_ROWS, rows)
+    tracked = sorted(set(range(metric_rows)) | set(held_out))
+    unrefined_states = quantized_states[tracked].clone()
     chunk = chunk_rows(quantized_states, cfg)
 
     def run(states: Tensor, weights: dict[str, Tensor]) -> None:
         """Every row of `states` through one layer, in place, a chunk of rows at a time in float32 (TF32 matrix
         products on CUDA, as the quantization pass's)."""
         with torch.no_grad(), tf32_matmuls(device):
-            for r in range(0, rows, chunk):
+            for r in range(0, states.shape[0], chunk):
                 states[r : r + chunk] = decoder_layer(states[r : r + chunk].float(), weights, cfg, rope).to(STATE_DTYPE)
 
     (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
@@ -305,6 +330,7 @@ def refine_model(
     with deterministic_algorithms():
         for i in progress.track(range(cfg.num_hidden_layers), "refining"):
             layer = load_file(str(quantized_dir / layer_file(i)))
+            run(unrefined_states, decode_layer_weights(layer, i, out_features, device))
             keys = [layer_prefix(i) + name for name in LINEARS]
             linears = [ScaledLinear(linear_tensors(layer, key), key, out_features[name], device, dtype)
                        for key, name in zip(keys, LINEARS)]
@@ -395,13 +421,27 @@ def refine_model(
     with torch.no_grad():
         head, _ = decode_linear(linear_tensors(head_tensors, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device,
                                 torch.float32)
-        metric_rows = min(METRIC_ROWS, rows)
-        ppl = calibration_perplexity(quantized_states[:metric_rows], ids[:metric_rows],
-                                     global_tensors[FINAL_NORM_KEY].to(device).float(), head, cfg.rms_norm_eps)
+        final_norm = global_tensors[FINAL_NORM_KEY].to(device).float()
+        model_check = {"kept": True}
+        if held_out:
+            # Each layer was judged on its own; judge their sum, on the same held-out rows, by what the model
+            # predicts (the refinement's codes and norms against the quantization pass's, the same head).
+            target = (unquantized_states[held_out], norm_weight(ckpt, torch.float32, device),
+                      head_weight(ckpt, cfg, torch.float32, device), cfg.rms_norm_eps)
+            before = next_token_kl(unrefined_states[[tracked.index(r) for r in held_out]], final_norm, head, *target)
+            after = next_token_kl(quantized_states[held_out], final_norm, head, *target)
+            model_check = {"kl_before": before, "kl_after": after, "kept": after < before}
+        final_states = quantized_states[:metric_rows]
+        if not model_check["kept"]:
+            for i in range(cfg.num_hidden_layers):
+                shutil.copyfile(quantized_dir / layer_file(i), out_dir / layer_file(i))
+            final_states = unrefined_states[:metric_rows]  # `tracked` starts with the metric's rows
+        ppl = calibration_perplexity(final_states, ids[:metric_rows], final_norm, head, cfg.rms_norm_eps)
     return {
         "calibration_perplexity": ppl,
         "held_out_rows": len(held_out),
         "layers": layer_metrics,
-        "codes_changed": sum(m["codes_changed"] for m in layer_metrics),
+        "model_check": model_check,
+        "codes_changed": sum(m["codes_changed"] for m in layer_metrics) if model_check["kept"] else 0,
         "seconds": time.perf_counter() - started,
     }
