@@ -312,18 +312,20 @@ def refine_model(
         quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, STATE_DTYPE))
     unquantized_states = quantized_states.clone()
     # The quantization pass's model on the rows that judge the whole refinement and on the metric's rows, in case
-    # the refinement is dropped: (row, position in `unrefined_states`).
+    # the refinement is dropped: (row, position in `unrefined_states`). In host memory: at 70B these 26 rows are
+    # 0.9 GB, which the peak of a part's fit cannot spare under the 20 GB goal.
     metric_rows = min(METRIC_ROWS, rows)
     tracked = sorted(set(range(metric_rows)) | set(held_out))
-    unrefined_states = quantized_states[tracked].clone()
+    unrefined_states = quantized_states[tracked].to("cpu", copy=True)
     chunk = chunk_rows(quantized_states, cfg)
 
     def run(states: Tensor, weights: dict[str, Tensor]) -> None:
-        """Every row of `states` through one layer, in place, a chunk of rows at a time in float32 (TF32 matrix
-        products on CUDA, as the quantization pass's)."""
+        """Every row of `states` (on the device or in host memory) through one layer, in place, a chunk of rows at a
+        time on the device in float32 (TF32 matrix products on CUDA, as the quantization pass's)."""
         with torch.no_grad(), tf32_matmuls(device):
             for r in range(0, states.shape[0], chunk):
-                states[r : r + chunk] = decoder_layer(states[r : r + chunk].float(), weights, cfg, rope).to(STATE_DTYPE)
+                x = states[r : r + chunk].to(device, torch.float32)
+                states[r : r + chunk] = decoder_layer(x, weights, cfg, rope).to(states.device, STATE_DTYPE)
 
     (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
     layer_metrics = []
@@ -415,6 +417,9 @@ def refine_model(
             layer_metrics.append({"loss_before": before, "loss_after": loss, "parts": len(parts), "kept": kept,
                                   "codes_changed": changed})
 
+    # From here only the tracked rows matter: both models' other states (GBs at 70B) go before the heads come.
+    refined_states, target_states = quantized_states[tracked], unquantized_states[held_out]
+    quantized_states = unquantized_states = None
     head_tensors = load_file(str(quantized_dir / HEAD_FILE))
     save_file(head_tensors, str(out_dir / HEAD_FILE))
     save_file(global_tensors, str(out_dir / GLOBALS_FILE))
@@ -426,16 +431,17 @@ def refine_model(
         if held_out:
             # Each layer was judged on its own; judge their sum, on the same held-out rows, by what the model
             # predicts (the refinement's codes and norms against the quantization pass's, the same head).
-            target = (unquantized_states[held_out], norm_weight(ckpt, torch.float32, device),
+            target = (target_states, norm_weight(ckpt, torch.float32, device),
                       head_weight(ckpt, cfg, torch.float32, device), cfg.rms_norm_eps)
-            before = next_token_kl(unrefined_states[[tracked.index(r) for r in held_out]], final_norm, head, *target)
-            after = next_token_kl(quantized_states[held_out], final_norm, head, *target)
+            judged = [tracked.index(r) for r in held_out]
+            before = next_token_kl(unrefined_states[judged].to(device), final_norm, head, *target)
+            after = next_token_kl(refined_states[judged], final_norm, head, *target)
             model_check = {"kl_before": before, "kl_after": after, "kept": after < before}
-        final_states = quantized_states[:metric_rows]
+        final_states = refined_states[:metric_rows]  # `tracked` starts with the metric's rows
         if not model_check["kept"]:
             for i in range(cfg.num_hidden_layers):
                 shutil.copyfile(quantized_dir / layer_file(i), out_dir / layer_file(i))
-            final_states = unrefined_states[:metric_rows]  # `tracked` starts with the metric's rows
+            final_states = unrefined_states[:metric_rows].to(device)
         ppl = calibration_perplexity(final_states, ids[:metric_rows], final_norm, head, cfg.rms_norm_eps)
     return {
         "calibration_perplexity": ppl,
