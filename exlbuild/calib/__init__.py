@@ -5,8 +5,8 @@
 
 `ids` is a (rows, length) LongTensor, the same on every run and machine for the same inputs and software; `text`
 a (rows,) bool tensor, True for the rows of running text (every row of a Parquet file; the default mix's word-list
-and random rows are not); `info` a small JSON-able description for the artifact manifest. For artifact keys, the default mix's content is
-`default_mix.fingerprint()`; a Parquet file's is its content hash.
+and random rows are not); `info` a small JSON-able description for the artifact manifest. For artifact keys, the
+default mix's content is `default_mix.fingerprint()`; a Parquet file's is its content hash.
 """
 
 from __future__ import annotations
