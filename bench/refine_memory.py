@@ -2,6 +2,7 @@
 large model's shape (bench/scale.py's models), calibration rows × 2048 tokens.
 
     python bench/refine_memory.py llama3-70b --rows 100 --steps 10 --out bench/results/refine-memory-70b-h100.json
+    python bench/refine_memory.py smollm2 --steps 200 --warmup --out /tmp/refine-step-smollm2.json
 
 The layer is quantized first (candidate 4 of each block, about 4 bits); then refined with `steps` and `2·steps`
 steps, so that the difference gives the time of a step without the fixed cost (both models' states, the
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--weights-per-fit", type=int, default=1 << 27)
+    ap.add_argument("--warmup", action="store_true",
+                    help="refine once untimed first: on small shapes the first call's one-time costs (kernels' "
+                         "first launches, the allocator) would otherwise land in the timed step difference")
     ap.add_argument("--work", type=Path, default=Path("/tmp/refine-memory"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -42,6 +46,9 @@ def main() -> None:
     quantize_model(args.work / "model", ids, strategy, 6, args.work / "quantized", device="cuda")
     setup = time.perf_counter() - started
 
+    if args.warmup:
+        refine_model(args.work / "model", args.work / "quantized", args.work / "warmup", ids, args.steps, 0.01, 4,
+                     weights_per_fit=args.weights_per_fit, device="cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     seconds, metrics = {}, None

@@ -34,6 +34,9 @@ SHAPES = {
                       vocab_size=128256, layers=32),
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                        vocab_size=128256, layers=80),
+    # SmolLM2-135M's layer shape (the refinement's step time without the model file: bench/refine_memory.py)
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, layers=30),
     # a smoke test of this script on a CPU (--shapes tiny --device cpu --rows 4 2)
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1000, layers=4),
