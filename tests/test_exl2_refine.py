@@ -35,12 +35,34 @@ def test_linear_codes_decode_and_pack_as_stored(quantized: dict) -> None:
         latent = codes.latent(rows)
         latent[1, 5] += 0.75
         latent[2, 6] = 1e6
-        expected = codes.straight_through(latent, codes.scale(rows), torch.float16)
+        expected = codes.straight_through(latent, codes.scale(rows), torch.ones(latent.shape[1], dtype=torch.float16))
         largest = int(codes.codes[4, 6]) == int(codes.high[6] + codes.zero[6])
         codes.store(rows, latent)
         assert codes.changed_from(linear["q_weight"]) == 2 - largest
         decoded = dequantize({**linear, "q_weight": codes.q_weight()}, out_features)
         assert torch.equal(decoded[rows], expected) and torch.equal(decoded, codes.weight(torch.float16))
+
+
+def test_straight_through_gradient_is_that_of_a_detached_rounding() -> None:
+    """The straight-through weight's backward (exlbuild.kernels.straight_through, here its reference) is autograd's
+    gradient of the same expression written with torch.minimum, torch.maximum and a detached rounding, for the latent
+    values (on, inside and past their bounds) and for the input features' factors."""
+    g = torch.Generator().manual_seed(0)
+    low, high = torch.tensor([-2.0, -4.0, -8.0, -2.0]), torch.tensor([1.0, 3.0, 7.0, 1.0])
+    latent = torch.tensor([[-2.0, 0.4, 7.0, 1.6], [-2.7, 3.0, -0.5, 0.2], [0.5, -4.2, 2.5, 1.0]])
+    scale = (torch.rand(3, 4, generator=g) * 0.1 + 0.01).half()
+    factor, grad = torch.rand(4, generator=g) + 0.5, torch.randn(3, 4, generator=g)
+    ours = [latent.clone().requires_grad_(), factor.clone().requires_grad_()]
+    codes = LinearCodes.__new__(LinearCodes)
+    codes.low, codes.high = low, high
+    weight = codes.straight_through(ours[0], scale, ours[1])
+    plain = [latent.clone().requires_grad_(), factor.clone().requires_grad_()]
+    clamped = torch.maximum(torch.minimum(plain[0], high), low)
+    rounded = clamped + (torch.round(clamped) - clamped).detach()
+    expected = (scale * rounded).half().float() * plain[1]
+    assert torch.equal(weight, expected)
+    for a, b in zip(torch.autograd.grad(weight, ours, grad), torch.autograd.grad(expected, plain, grad)):
+        torch.testing.assert_close(a, b)
 
 
 def test_fit_parts_cut_consecutive_rows_under_the_budget() -> None:
@@ -82,7 +104,7 @@ def test_refining_lowers_each_layers_loss_and_changes_only_codes_scales_and_norm
     assert all(m["loss_after"] < 0.95 * m["loss_before"] for m in metrics["layers"]), metrics["layers"]
     assert metrics["codes_changed"] > 0 and metrics["calibration_perplexity"] > 1
     check = metrics["model_check"]
-    assert check["kept"] and 0 < check["kl_after"] < 0.95 * check["kl_before"], check
+    assert check["kept"] and 0 < check["kl_after"] < 0.98 * check["kl_before"], check
     before = kl_to_model(model, tmp / "quantized", ids, tmp / "compiled-quantized")
     after = kl_to_model(model, tmp / "refined", ids, tmp / "compiled-refined")
     assert after < 0.9 * before, (before, after)

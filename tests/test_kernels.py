@@ -39,6 +39,12 @@ from exlbuild.kernels.scale_search import (
     group_maximum,
     search_triton,
 )
+from exlbuild.kernels.straight_through import (
+    straight_through_backward_reference,
+    straight_through_backward_triton,
+    straight_through_weight_reference,
+    straight_through_weight_triton,
+)
 from exlbuild.quant.exl2.options import BIT_WIDTHS, MLP_CANDIDATES, Group, QuantOption, head_option
 from exlbuild.quant.exl2.quantize import quantize_options
 from exlbuild.quant.gptq import prepare_hessian
@@ -225,6 +231,31 @@ def quantize_options_end_to_end(device: str, real: bool, seed: int) -> None:
         outcome = compare_quantized(ours, reference)
         # Near-ties are rare (about one search in a thousand): most options must match exactly.
         assert outcome["tied"] <= max(1, len(options) // 4), f"{outcome} for {k}×{n}, seed {seed}"
+
+
+@check
+def straight_through(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    # (rows, in, dtypes): SmolLM2's gate_proj and down_proj in the GPU's compute dtype, or small ones spanning tiles.
+    cases = [(1536, 576, [torch.bfloat16]), (576, 1536, [torch.bfloat16])] if real else \
+        [(40, 200, [torch.float32, torch.float16])]
+    for rows, cols, dtypes in cases:
+        bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (cols,), generator=g)].float()
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        latent = (torch.rand(rows, cols, generator=g) * 1.2 - 0.6) * (high - low) + low / 0.9  # past both ends too
+        latent[:, :8] = torch.round(latent[:, :8]) + 0.5  # halves round to even
+        latent[:3] = torch.maximum(torch.minimum(torch.round(latent[:3]), high), low)  # on integers and bounds
+        scale = (torch.rand(rows, cols, generator=g) * 0.01).half()
+        for dtype in dtypes:
+            factor = (torch.rand(cols, generator=g) + 0.5).to(dtype)
+            grad = torch.randn(rows, cols, generator=g).to(dtype)
+            inputs = [t.to(device) for t in (latent, scale, low, high, factor)]
+            weight = straight_through_weight_triton(*inputs)
+            assert same(weight, straight_through_weight_reference(*inputs)), f"{dtype}: weights differ"
+            ours = straight_through_backward_triton(grad.to(device), *inputs)
+            reference = straight_through_backward_reference(grad.to(device), *inputs)
+            assert same(ours[0], reference[0]), f"{dtype}: latent gradients differ"
+            torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-5 * float(reference[1].abs().max()))
 
 
 # ---------------------------------------------------------------------------------------------

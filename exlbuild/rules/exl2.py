@@ -158,6 +158,7 @@ class Refine(Rule):
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
     # 4: on the calibration's text rows only
     # 5: the whole refinement dropped unless it lowered the model's next-token KL on the held-out rows
+    # 6: the group multipliers scale the weights, not the linears' inputs (the fused straight-through kernels)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model

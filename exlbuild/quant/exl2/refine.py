@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
+from exlbuild.kernels.straight_through import straight_through_backward, straight_through_weight
 from exlbuild.model.checkpoint import Device, head_weight, layer_prefix, layer_weights, norm_weight, open_model
 from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, rope_tables
 from exlbuild.quant.exl2.convert import (
@@ -114,12 +115,14 @@ class LinearCodes:
     def weight(self, dtype: torch.dtype) -> Tensor:
         """The (out, in) weight of the current codes in fp16, as the loader decodes it, cast to `dtype`."""
         rows = slice(0, self.out_features)
-        return self.straight_through(self.latent(rows), self.scale(rows), dtype)
+        unit = torch.ones(self.low.shape, dtype=dtype, device=self.low.device)
+        return straight_through_weight(self.latent(rows), self.scale(rows), self.low, self.high, unit)
 
-    def straight_through(self, latent: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    def straight_through(self, latent: Tensor, scale: Tensor, factor: Tensor) -> Tensor:
         """The weight of `latent` (some output rows' values) with `scale` (theirs), rounded, in fp16 as the loader
-        computes it, then cast to `dtype`; in the backward the rounding passes the gradient straight through."""
-        return _StraightThroughWeight.apply(latent, scale, self.low, self.high, dtype)
+        computes it, then cast to factor's dtype and each input feature multiplied by its `factor`; in the
+        backward the rounding passes the gradient straight through."""
+        return _StraightThroughWeight.apply(latent, scale, self.low, self.high, factor)
 
     def q_weight(self) -> Tensor:
         """q_weight of the current codes (on the CPU)."""
@@ -186,21 +189,20 @@ def _clamp(latent: Tensor, low: Tensor, high: Tensor) -> Tensor:
 
 
 class _StraightThroughWeight(torch.autograd.Function):
-    """fp16(scale · round(clamp(latent, low, high))) cast to a dtype, whose backward takes the rounding's gradient
-    as 1: the gradient of the same expression written with torch.minimum, torch.maximum and a detached rounding
-    (the clamp's gradient halved where the latent value sits on a bound, as theirs is), without keeping their
-    float32 intermediates for the backward (a dozen bytes per weight)."""
+    """The straight-through weight of exlbuild.kernels.straight_through (fp16(scale · round(clamp(latent, low,
+    high))) in factor's dtype times factor, the rounding's gradient taken as 1) with its gradient: on CUDA one fused
+    kernel each way, where the expression in PyTorch takes 7 elementwise passes of each linear's weights forward and
+    ~16 backward; only the inputs are kept for the backward."""
 
     @staticmethod
-    def forward(ctx, latent: Tensor, scale: Tensor, low: Tensor, high: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(latent, scale, low, high)
-        return (scale * torch.round(_clamp(latent, low, high))).half().to(dtype)
+    def forward(ctx, latent: Tensor, scale: Tensor, low: Tensor, high: Tensor, factor: Tensor) -> Tensor:
+        ctx.save_for_backward(latent, scale, low, high, factor)
+        return straight_through_weight(latent, scale, low, high, factor)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        latent, scale, low, high = ctx.saved_tensors
-        inside = ((latent > low) & (latent < high)).float() + 0.5 * ((latent == low) | (latent == high)).float()
-        return grad.half().float() * scale * inside, None, None, None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, Tensor]:
+        grad_latent, grad_factor = straight_through_backward(grad, *ctx.saved_tensors)
+        return grad_latent, None, None, None, grad_factor
 
 
 def next_token_kl(states: Tensor, norm_w: Tensor, head_w: Tensor, target_states: Tensor, target_norm_w: Tensor,
@@ -217,6 +219,11 @@ def next_token_kl(states: Tensor, norm_w: Tensor, head_w: Tensor, target_states:
     return total / flat.shape[0]
 
 
+# A layer's linears for their input features' factors: each (weight, factor of its inputs or None where the weight
+# has it already).
+ScaledWeights = Callable[[list[Tensor]], list[tuple[Tensor, "Tensor | None"]]]
+
+
 def _relative_error(y: Tensor, target: Tensor) -> Tensor:
     """Mean over tokens of |y − target|² / |target|², in float32."""
     y, target = y.float(), target.float()
@@ -228,12 +235,12 @@ class _Part:
     layer's other weights decoded and fixed."""
 
     def __init__(self, slices: list[RowSlice], codes: list[LinearCodes], dtype: torch.dtype) -> None:
-        self.codes, self.dtype = codes, dtype
+        self.codes = codes
         self.slice_of = {s.linear: s for s in slices}
         latents = [codes[s.linear].latent(s.rows) for s in slices]
         self.shapes = [latent.shape for latent in latents]
         self.flat = torch.cat([latent.flatten() for latent in latents]).requires_grad_()
-        self.scales = [codes[s.linear].scale(s.rows) for s in slices]
+        self.scales = {s.linear: codes[s.linear].scale(s.rows) for s in slices}
         self.fixed = {k: c.weight(dtype) for k, c in enumerate(codes) if not self._whole(k)}
 
     def _whole(self, k: int) -> bool:
@@ -243,20 +250,22 @@ class _Part:
     def _latents(self, flat: Tensor) -> list[Tensor]:
         return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in self.shapes]), self.shapes)]
 
-    def weights(self) -> list[Tensor]:
-        """Every linear's weight: the fitted rows rounded from the latent values (straight through), the rest
-        fixed."""
-        fitted = {s.linear: self.codes[s.linear].straight_through(latent, scale, self.dtype)
-                  for s, latent, scale in zip(self.slice_of.values(), self._latents(self.flat), self.scales)}
+    def weights(self, factors: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
+        """Every linear's (weight, factor of its inputs or None) for `factors`, each linear's per input feature in the
+        compute dtype: the fitted rows rounded from the latent values (straight through), the rest fixed. A linear
+        fitted whole takes its factor in its weight (fewer values to scale than its inputs); the others scale
+        their inputs, which needs no weight-sized copy of the fixed rows (parts exist to bound memory)."""
+        latents = dict(zip(self.slice_of, self._latents(self.flat)))
         weights = []
-        for k in range(len(self.codes)):
-            if k not in fitted:
-                weights.append(self.fixed[k])
+        for k, factor in enumerate(factors):
+            if k not in latents:
+                weights.append((self.fixed[k], factor))
             elif self._whole(k):
-                weights.append(fitted[k])
+                weights.append((self.codes[k].straight_through(latents[k], self.scales[k], factor), None))
             else:
                 s, fixed = self.slice_of[k], self.fixed[k]
-                weights.append(torch.cat([fixed[: s.start], fitted[k], fixed[s.stop :]]))
+                fitted = self.codes[k].straight_through(latents[k], self.scales[k], torch.ones_like(factor))
+                weights.append((torch.cat([fixed[: s.start], fitted, fixed[s.stop :]]), factor))
         return weights
 
     def store(self) -> None:
@@ -316,7 +325,10 @@ def refine_model(
     # 0.9 GB, which the peak of a part's fit cannot spare under the 20 GB goal.
     metric_rows = min(METRIC_ROWS, rows)
     tracked = sorted(set(range(metric_rows)) | set(held_out))
-    unrefined_states = quantized_states[tracked].to("cpu", copy=True)
+    # (Page-locked on CUDA: a copy from or into pageable memory is staged through a bounce buffer and took ~2 ms a
+    # row, ~60 ms of each SmolLM2 layer.)
+    unrefined_states = torch.empty(quantized_states[tracked].shape, dtype=STATE_DTYPE, pin_memory=device.type == "cuda")
+    unrefined_states.copy_(quantized_states[tracked])
     chunk = chunk_rows(quantized_states, cfg)
 
     def run(states: Tensor, weights: dict[str, Tensor]) -> None:
@@ -325,7 +337,7 @@ def refine_model(
         with torch.no_grad(), tf32_matmuls(device):
             for r in range(0, states.shape[0], chunk):
                 x = states[r : r + chunk].to(device, torch.float32)
-                states[r : r + chunk] = decoder_layer(x, weights, cfg, rope).to(states.device, STATE_DTYPE)
+                states[r : r + chunk].copy_(decoder_layer(x, weights, cfg, rope))
 
     (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
     layer_metrics = []
@@ -345,12 +357,16 @@ def refine_model(
             unquantized = layer_weights(ckpt, cfg, i, torch.float16, device)
             run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
 
-            def loss_on(batch: Tensor, weights: list[Tensor]) -> Tensor:
+            def loss_on(batch: Tensor, scaled_weights: ScaledWeights) -> Tensor:
+                """The loss on rows `batch` of the layer whose linears `scaled_weights` gives for their input
+                features' factors (the group multipliers)."""
                 linear_factors, norm_factors = multipliers.expand()
+                weights = scaled_weights([factor.to(dtype) for factor in linear_factors])
                 w: dict[str, Tensor] = {}
-                for name, linear, weight, factor in zip(LINEARS, linears, weights, linear_factors):
+                for name, linear, (weight, input_scale) in zip(LINEARS, linears, weights):
                     w[f"{name}.weight"] = weight
-                    w[f"{name}.input_scale"] = factor.to(dtype)
+                    if input_scale is not None:
+                        w[f"{name}.input_scale"] = input_scale
                     if linear.bias is not None:
                         w[f"{name}.bias"] = linear.bias
                 for name, norm, factor in zip(NORMS, norms, norm_factors):
@@ -362,8 +378,12 @@ def refine_model(
                 """The layer's loss on the held-out rows, with the current codes and multipliers."""
                 with torch.no_grad():
                     weights = [c.weight(dtype) for c in codes]
+
+                    def scaled(factors: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
+                        return list(zip(weights, factors))
+
                     batches = judging.split(chunk)
-                    return sum(float(loss_on(b, weights)) * len(b) for b in batches) / len(judging)
+                    return sum(float(loss_on(b, scaled)) * len(b) for b in batches) / len(judging)
 
             before = loss = judged_loss()
             kept = 0
@@ -373,7 +393,7 @@ def refine_model(
                 log_before = multipliers.log.detach().clone()
 
                 def train_step() -> Tensor:
-                    step_loss = loss_on(static_batch, part.weights())
+                    step_loss = loss_on(static_batch, part.weights)
                     code_grad, scale_grad = torch.autograd.grad(step_loss, [part.flat, multipliers.log])
                     code_optimizer.step(code_grad, decay)
                     scale_optimizer.step(scale_grad, decay)
