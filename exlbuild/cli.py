@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=1024, help="tokens per window (non-overlapping)")
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the forward runs (auto: the GPU if there is one, as builds do)")
     return p
 
 
@@ -327,14 +329,18 @@ def _gc(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from exlbuild import progress
     from exlbuild.eval import evaluate
+    from exlbuild.rules.exl2 import compute_device
 
+    device = compute_device() if args.device == "auto" else args.device
+    if device == "cuda" and compute_device() != "cuda":
+        raise ExlbuildError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
     if not args.model_dir.is_dir():
         raise ExlbuildError(f"model directory not found: {args.model_dir}")
     if not args.text.is_file():
         raise ExlbuildError(f"text file not found: {args.text}")
     with progress.display(enabled=not args.quiet and not args.json and sys.stderr.isatty()):
         result = evaluate(args.model_dir, args.text, window=args.window, max_windows=args.max_windows,
-                          text_column=args.text_column)
+                          text_column=args.text_column, device=device)
     if args.json:
         print(json.dumps(result))
     else:

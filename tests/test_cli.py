@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from model_fixtures import recipe_project, run_cli, tiny_model_with_tokenizer
 
@@ -229,6 +230,12 @@ def test_bad_recipes(project, capsys, case):
     assert message in err, err
     assert published(project) == []
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
+def test_eval_on_cuda_without_a_gpu_says_so(project, capsys):
+    code, out, err = run_cli(capsys, "eval", project / "model", "--text", project / "eval.txt", "--device", "cuda")
+    assert code != 0 and "--device cuda: no CUDA GPU is available" in err, err
 
 
 def test_missing_config_json(project, capsys):

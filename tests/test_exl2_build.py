@@ -131,6 +131,9 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
                              "--window", "64", "--json")
     assert code == 0, err
     assert abs(json.loads(out)["perplexity"] - rows["exl2-4.0bpw"]["perplexity"]) < 1e-3
+    code, out, err = run_cli(capsys, "eval", project / "out" / "exl2-4.0bpw", "--text", project / "eval.txt",
+                             "--window", "64", "--json", "--device", "cpu")
+    assert code == 0 and abs(json.loads(out)["perplexity"] - rows["exl2-4.0bpw"]["perplexity"]) < 1e-3, err
 
 
 @pytest.mark.slow
