@@ -32,7 +32,7 @@ class ModelSpec:
 
 @dataclass
 class CalibrationSpec:
-    dataset: str = "default"  # "default" (the built-in mix) or a .parquet file
+    dataset: str = "default"  # "default" (the built-in mix), "generated" (sampled from the model) or a .parquet file
     text_column: str = "text"
     rows: int = 100
     length: int = 2048
@@ -362,10 +362,11 @@ def validate(recipe: LoadedRecipe) -> None:
     _at_least(where, "calibration.length", c.length, 16)
     _at_least(where, "calibration.measurement_rows", c.measurement_rows, 1)
     _at_least(where, "calibration.measurement_length", c.measurement_length, 16)
-    if c.dataset != "default":
+    if c.dataset not in ("default", "generated"):
         p = recipe.resolve(c.dataset)
         if p.suffix != ".parquet":
-            raise ExlbuildError(f"{where}: calibration.dataset: '{c.dataset}' is neither 'default' nor a .parquet file")
+            raise ExlbuildError(f"{where}: calibration.dataset: '{c.dataset}' is neither 'default', 'generated' nor a "
+                                ".parquet file")
         if not p.is_file():
             raise ExlbuildError(f"{where}: calibration.dataset: file not found: {p}")
 

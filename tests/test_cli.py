@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model_fixtures import recipe_project, run_cli, tiny_model_with_tokenizer
 
@@ -211,6 +212,8 @@ BAD_RECIPES = {
     "unknown override": (RECIPE, ["rope.sclae=2"], "did you mean 'rope.scale'?"),
     "deleting a recipe key": (RECIPE, ["~calibration.rows"], "set it to null instead"),
     "missing parquet": (RECIPE.replace("cal.parquet", "none.parquet"), [], "calibration.dataset: file not found"),
+    "not a dataset": (RECIPE.replace("cal.parquet", "cal.txt"), [],
+                      "calibration.dataset: 'cal.txt' is neither 'default', 'generated' nor a .parquet file"),
     "missing column": (RECIPE, ["calibration.text_column=txt"], "txt"),
     "negative probe": (RECIPE, ["measurement.probe_tokens=-1"], "measurement.probe_tokens: -1 is out of range"),
     "negative tuning steps": (RECIPE, ["tune.steps=-1"], "tune.steps: -1 is out of range"),
@@ -236,6 +239,26 @@ def test_bad_recipes(project, capsys, case):
 def test_eval_on_cuda_without_a_gpu_says_so(project, capsys):
     code, out, err = run_cli(capsys, "eval", project / "model", "--text", project / "eval.txt", "--device", "cuda")
     assert code != 0 and "--device cuda: no CUDA GPU is available" in err, err
+
+
+def test_calibration_sampled_from_the_model(project, capsys):
+    """`calibration.dataset=generated`: both calibration sets are rows the model samples, every row counted as text,
+    each starting with the model's BOS; the same recipe builds the same rows."""
+    recipe = [project / "recipe.yaml", "calibration.dataset=generated"]
+    code, _, err = run_cli(capsys, *recipe)
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "status", *recipe, "--json")
+    targets = {t["name"]: t for t in json.loads(out)["targets"]}
+    config = json.loads((project / "model" / "config.json").read_text())
+    for name, shape in (("calibration", (4, 32)), ("calibration-measurement", (2, 32))):
+        tensors = load_file(str(Path(targets[name]["out_dir"]) / "calibration.safetensors"))
+        ids = tensors["input_ids"]
+        assert ids.shape == shape and tensors["text_rows"].all()
+        assert (ids[:, 0] == config["bos_token_id"]).all() and ((ids >= 0) & (ids < config["vocab_size"])).all()
+    first = (Path(targets["calibration"]["out_dir"]) / "calibration.safetensors").read_bytes()
+    run_cli(capsys, "clean", project / "recipe.yaml", "calibration", "calibration.dataset=generated")
+    code, _, err = run_cli(capsys, *recipe)
+    assert code == 0 and (Path(targets["calibration"]["out_dir"]) / "calibration.safetensors").read_bytes() == first
 
 
 def test_missing_config_json(project, capsys):

@@ -213,6 +213,36 @@ def decoder_layer(
     return mlp_block(attention_block(x, w, cfg, rope, capture), w, cfg, capture)
 
 
+@dataclass
+class KVCache:
+    """One layer's keys (after rotation) and values of every row so far: (rows, kv_heads, capacity, head_dim) each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def decoder_layer_step(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, rope: Rope, cache: KVCache,
+                       position: int) -> torch.Tensor:
+    """decoder_layer for one new token of every row, x (rows, 1, hidden) at `position`, against the earlier
+    positions' keys and values in `cache` (this token's are stored there): the same outputs as decoder_layer's at
+    that position on the whole rows."""
+    h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+    q, k, v = (_linear(h, w, f"self_attn.{p}_proj") for p in "qkv")
+    here = Rope(rope.cos[position : position + 1], rope.sin[position : position + 1])
+    q, k = apply_rope(_split_heads(q, cfg), here), apply_rope(_split_heads(k, cfg), here)
+    cache.keys[:, :, position] = k[:, 0]
+    cache.values[:, :, position] = _split_heads(v, cfg)[:, 0]
+    first = 0 if cfg.sliding_window is None else max(0, position + 1 - cfg.sliding_window)
+    keys, values = (c[:, :, first : position + 1] for c in (cache.keys, cache.values))
+    if cfg.num_kv_groups > 1:
+        b, kv_heads, t, d = keys.shape
+        keys, values = (y[:, :, None].expand(b, kv_heads, cfg.num_kv_groups, t, d).reshape(b, -1, t, d)
+                        for y in (keys, values))
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values)  # every cached position is allowed
+    x = x + _linear(a.transpose(1, 2).reshape(x.shape[0], 1, -1), w, "self_attn.o_proj")
+    return mlp_block(x, w, cfg)
+
+
 def final_logits(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.linear(rms_norm(x, norm_w, eps), head_w)
 

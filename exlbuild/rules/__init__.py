@@ -17,8 +17,8 @@ def recipe_graph(recipe: LoadedRecipe, hashes: HashCache) -> Graph:
     model, tokenizer = model_nodes(recipe)
     c = recipe.spec.calibration
     dataset = calibration_dataset(recipe, hashes)
-    calibration = calibration_node(dataset, tokenizer, "calibration", c.rows, c.length)
-    calibration_m = calibration_node(dataset, tokenizer, "calibration-measurement", c.measurement_rows,
+    calibration = calibration_node(dataset, model, tokenizer, "calibration", c.rows, c.length)
+    calibration_m = calibration_node(dataset, model, tokenizer, "calibration-measurement", c.measurement_rows,
                                      c.measurement_length)
     nodes: list[Node] = [model, calibration, calibration_m]
     variants = recipe.variants()

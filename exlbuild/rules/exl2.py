@@ -232,7 +232,7 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
                              params={**dataclasses.asdict(fit), "rope": rope},
                              deps={"model": model, "calibration": calibration, "quantized": made[-1]}, info=info))
     c = recipe.spec.calibration
-    dataset = "(default)" if c.dataset == "default" else Path(c.dataset).name
+    dataset = f"({c.dataset})" if c.dataset in ("default", "generated") else Path(c.dataset).name
     compiled = Node(name, "compiled", rule=Compile(),
                     params={"bits": variant.bits, "head_bits": variant.head_bits, "shard_size": variant.shard_size,
                             "calibration": {"rows": c.rows, "length": c.length, "dataset": dataset}},

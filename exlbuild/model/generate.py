@@ -1,0 +1,67 @@
+"""Token rows sampled from a model: calibration data from the model's own distribution (docs/calibration.md,
+"Generated rows").
+
+The whole model is on the device (no layer streaming: every step needs every layer), with a key/value cache of
+every row; each step feeds one token of every row through all layers and samples the next from the softmax of
+the logits over the temperature. Rows start with the model's BOS token (or, without one, a token drawn uniformly).
+The same model, seed and device give the same rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from exlbuild import progress
+from exlbuild.model.checkpoint import Device, embedding_weight, head_weight, layer_weights, norm_weight, open_model
+from exlbuild.model.config import LlamaConfig
+from exlbuild.model.llama import KVCache, decoder_layer_step, embed, final_logits, rope_tables
+
+
+class CachedModel:
+    """A model on the device that takes one token of each of `rows` rows per call, up to `length` in all."""
+
+    def __init__(self, model_dir: Path, rows: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.cfg, ckpt = open_model(model_dir)
+        cfg = self.cfg
+        self.layers = [layer_weights(ckpt, cfg, i, dtype, device) for i in range(cfg.num_hidden_layers)]
+        self.embedding = embedding_weight(ckpt, dtype, device)
+        self.norm, self.head = norm_weight(ckpt, dtype, device), head_weight(ckpt, cfg, dtype, device)
+        self.rope = rope_tables(cfg, length, device)
+        shape = (rows, cfg.num_key_value_heads, length, cfg.head_dim)
+        self.caches = [KVCache(torch.empty(shape, dtype=dtype, device=device),
+                               torch.empty(shape, dtype=dtype, device=device)) for _ in self.layers]
+        self.position = 0
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next-token logits (rows, vocab) in float32 after `tokens` (rows,), the rows' next tokens."""
+        x = embed(tokens[:, None], self.embedding)
+        for w, cache in zip(self.layers, self.caches):
+            x = decoder_layer_step(x, w, self.cfg, self.rope, cache, self.position)
+        self.position += 1
+        return final_logits(x[:, 0], self.norm, self.head, self.cfg.rms_norm_eps).float()
+
+
+def first_tokens(cfg: LlamaConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Each row's first token: BOS, or a token drawn uniformly where the model has no BOS."""
+    if cfg.bos_token_id is not None:
+        return torch.full((rows,), cfg.bos_token_id, dtype=torch.long)
+    return torch.randint(cfg.vocab_size, (rows,), generator=generator)
+
+
+def sample_rows(model_dir: Path, rows: int, length: int, seed: int, temperature: float = 1.0,
+                device: Device = None) -> torch.Tensor:
+    """(rows, length) token ids sampled from the model in `model_dir` (module docstring). On CUDA the model runs
+    in bfloat16, on the CPU in float32; the logits are float32 either way."""
+    device = torch.device(device or "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = CachedModel(model_dir, rows, length, dtype, device)
+    generator = torch.Generator(device).manual_seed(seed)
+    ids = torch.empty(rows, length, dtype=torch.long, device=device)
+    ids[:, 0] = first_tokens(model.cfg, rows, torch.Generator().manual_seed(seed)).to(device)
+    for t in progress.track(range(length - 1), "sampling calibration rows"):
+        probabilities = torch.softmax(model.step(ids[:, t]) / temperature, dim=-1)
+        ids[:, t + 1] = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+    return ids.cpu()

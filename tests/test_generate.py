@@ -1,0 +1,48 @@
+"""Sampling calibration rows from a model (exlbuild.model.generate) on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from exlbuild.model.generate import CachedModel, sample_rows
+from exlbuild.model.llama import forward_logits
+from model_fixtures import tiny_model
+
+LAYOUTS = {
+    "llama-gqa": ("llama", {}),
+    "llama-mqa-biases": ("llama", {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}),
+    "mistral-sliding-window": ("mistral", {"sliding_window": 16}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_cached_steps_give_the_full_forward_s_logits(tmp_path: Path, layout: str) -> None:
+    """One token at a time against the key/value cache: each position's logits are the whole rows' forward's."""
+    kind, overrides = LAYOUTS[layout]
+    model_dir = tiny_model(tmp_path, kind, **overrides)
+    ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    model = CachedModel(model_dir, rows=3, length=40, dtype=torch.float32, device=torch.device("cpu"))
+    stepped = torch.stack([model.step(ids[:, t]) for t in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(stepped, forward_logits(model_dir, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_rows_start_with_bos_and_repeat_with_the_seed(tmp_path: Path) -> None:
+    model_dir = tiny_model(tmp_path)  # bos_token_id 1, vocabulary 128
+    rows = sample_rows(model_dir, rows=4, length=24, seed=5)
+    assert rows.shape == (4, 24) and rows.dtype == torch.long
+    assert (rows[:, 0] == 1).all() and ((rows >= 0) & (rows < 128)).all()
+    assert torch.equal(rows, sample_rows(model_dir, rows=4, length=24, seed=5))
+    assert not torch.equal(rows, sample_rows(model_dir, rows=4, length=24, seed=6))
+    assert len({tuple(r.tolist()) for r in rows}) == 4  # the rows differ
+
+
+def test_sampling_follows_the_model_s_distribution(tmp_path: Path) -> None:
+    """At a low temperature the samples are the model's most likely tokens: each sampled token is the argmax of
+    the logits after the tokens before it."""
+    model_dir = tiny_model(tmp_path)
+    rows = sample_rows(model_dir, rows=2, length=16, seed=0, temperature=1e-3)
+    logits = forward_logits(model_dir, rows)
+    assert torch.equal(rows[:, 1:], logits[:, :-1].argmax(-1))
