@@ -168,6 +168,7 @@ def test_resume_after_interruption(llama: dict, tmp_path: Path, monkeypatch: pyt
         quantize_model(*args)
     assert not (tmp_path / "quantized").exists()  # nothing half-done in the output
     assert (tmp_path / "state" / "layers" / "00000.safetensors").is_file()
+    assert load_file(str(tmp_path / "state" / "states.safetensors")) == {}  # no states: resuming recomputes them
     metrics = quantize_model(*args)
     assert calls == ["model.layers.0.attention", "model.layers.0.mlp", "model.layers.1.attention",
                      "model.layers.1.attention", "model.layers.1.mlp"]  # layer 0 was not redone

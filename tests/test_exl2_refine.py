@@ -12,7 +12,7 @@ from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, validate_layer
 from exlbuild.quant.exl2 import refine
 from exlbuild.quant.exl2.refine import LinearCodes, RowSlice, fit_parts, held_out_rows, refine_model
-from exlbuild.quant.exl2.tune import linear_tensors
+from exlbuild.quant.exl2.convert import linear_tensors
 from test_exl2_convert import SHAPE, file_bytes, random_ids, strategy
 from test_exl2_tune import changed_tensors, kl_to_model, quantized  # noqa: F401 (quantized: the fixture, a 2-layer model at ~2.5 bits)
 

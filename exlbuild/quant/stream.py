@@ -36,6 +36,9 @@ BLOCK_LINEARS: dict[Block, tuple[str, ...]] = {
 
 # The norm at the start of each block (stored unquantized with the layer).
 BLOCK_NORMS: dict[Block, str] = {"attention": "input_layernorm.weight", "mlp": "post_attention_layernorm.weight"}
+# A layer's linears and norms in model order.
+LINEARS = [name for names in BLOCK_LINEARS.values() for name in names]
+NORMS = list(BLOCK_NORMS.values())
 # Calibration states between blocks are held in float16, as the reference converter holds them: half the
 # memory of float32 (3.4 GB instead of 6.7 for 100 × 2048 rows of a 8192-wide model) for a rounding far below
 # any quantization error. Each block computes in float32.

@@ -11,8 +11,12 @@ What the pass writes into `out_dir` (read by `exlbuild.quant.exl2.compile`):
 Source weights are rounded to fp16 first, as the reference loads them (4.2), so the values quantized, the
 values the forward passes use and the values written are the same.
 
-Each finished layer's file goes to the state directory, with the states after that layer (LayerCheckpoint),
-so an interrupted pass resumes at its next layer; `out_dir` is only filled at the end, with a complete result.
+Each finished layer's file goes to the state directory and is the checkpoint (LayerCheckpoint records how far the
+pass got): an interrupted pass runs the calibration rows through the finished layers again, as written, and goes on
+at its next layer. That gives back the states it had bit for bit (the same decoded weights through the same block
+passes) for the cost of a forward pass, where writing the states after every layer (236 MB a layer at the
+reference sizes, 3.4 GB at 70B) took about as long as the layer on a GPU. `out_dir` is only filled at the end, with a
+complete result.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from exlbuild import progress
@@ -51,13 +55,15 @@ from exlbuild.model.llama import LINEAR_INPUTS, Rope, embed, rms_norm, rope_tabl
 from exlbuild.quant.allocate import allocate
 from exlbuild.quant.exl2.measurement_json import LinearShape, Measurement, measurement_to_json
 from exlbuild.quant.exl2.options import QuantOption, head_option, option_from_json, pad_to_32, total_bits
-from exlbuild.quant.exl2.pack import dequantize
+from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize
 from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
 from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
 from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for compile)
     BLOCK_LINEARS,
     BLOCK_MODULES,
     BLOCK_NORMS,
+    LINEARS,
+    NORMS,
     STATE_DTYPE,
     Block,
     LayerCheckpoint,
@@ -167,6 +173,40 @@ def decoder_bits_per_weight(options: Mapping[str, Mapping[str, QuantOption]], cf
     return bits / weights
 
 
+def linear_tensors(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
+    """The tensors of one linear (q_weight, …) from a file's dict of full names."""
+    return {s: tensors[f"{key}.{s}"] for s in (*REQUIRED_KEYS, "bias") if f"{key}.{s}" in tensors}
+
+
+def linear_bias(tensors: dict[str, Tensor], out_features: int, device: torch.device,
+                dtype: torch.dtype) -> Tensor | None:
+    """The bias (or None) of one EXL2 linear on `device` in `dtype`: stored padded to 32 outputs, cut to
+    `out_features`."""
+    return tensors["bias"][:out_features].to(device, dtype) if "bias" in tensors else None
+
+
+def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The (out, in) weight and the bias (or None) of one EXL2 linear, decoded on `device` (where the kernels
+    are) and cast to `dtype`."""
+    weight = dequantize({k: t.to(device) for k, t in tensors.items()}, out_features, key).to(dtype)
+    return weight, linear_bias(tensors, out_features, device, dtype)
+
+
+def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[str, int],
+                         device: torch.device) -> dict[str, Tensor]:
+    """Decoder layer i of the quantization pass's layout (a file's dict of full names) as the forward's float32
+    weights, its linears decoded as the loader decodes them."""
+    weights = {name: tensors[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
+    for name in LINEARS:
+        key = layer_prefix(i) + name
+        weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, torch.float32)
+        weights[f"{name}.weight"] = weight
+        if bias is not None:
+            weights[f"{name}.bias"] = bias
+    return weights
+
+
 def quantize_linear(
     weight: Tensor, prepared: PreparedHessian, option: QuantOption, key: str, bias: Tensor | None = None
 ) -> tuple[dict[str, Tensor], Tensor]:
@@ -226,6 +266,15 @@ def quantize_block(
     return packed, relative_error(x[:error_rows], reference)
 
 
+def replay_layer(x: Tensor, tensors: dict[str, Tensor], i: int, out_features: dict[str, int], cfg: LlamaConfig,
+                 rope: Rope) -> None:
+    """x (rows, tokens, hidden) through layer i as the pass wrote it (`tensors`, its file), in place: the same block
+    passes on the same decoded weights as the pass's own update of x (quantize_block), so the same states."""
+    weights = decode_layer_weights(tensors, i, out_features, x.device)
+    for block, module in BLOCK_MODULES.items():
+        run_block(block, x, weights, cfg, rope, out=x, module=layer_prefix(i) + module)
+
+
 def final_norm_hessian(states: Tensor, norm_w: Tensor, eps: float) -> Tensor:
     """The Hessian of the head's input: the final norm of `states` (rows, length, hidden), row by row."""
     hessian = HessianAccumulator(states.shape[-1], states.device)
@@ -281,7 +330,7 @@ def quantize_model(
     if metric_rows < 1:
         raise ExlbuildError(f"metric_rows must be at least 1, got {metric_rows}")
     device = torch.device(device or "cpu")
-    # What the saved states depend on, so that a state directory of other inputs is never resumed.
+    # What the saved layers depend on, so that a state directory of other inputs is never resumed.
     fingerprint = hash_json({
         "ids": hash_bytes(ids.numpy().tobytes()),
         "shape": list(ids.shape),
@@ -294,17 +343,20 @@ def quantize_model(
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="exlbuild-exl2-")))
         state_dir = Path(state_dir)
         checkpoint = stack.enter_context(LayerCheckpoint(state_dir))
-        start, saved, notes = checkpoint.load()
+        start, _, notes = checkpoint.load()
         if start and notes.get("fingerprint") != fingerprint:
             raise ExlbuildError(
                 f"{state_dir} holds a quantization pass of other inputs (model config, calibration or strategy); "
                 "delete it to start over"
             )
         embedding = embedding_weight(ckpt, torch.float16, device)
-        x = (saved["x"] if saved else embed(ids.to(device), embedding)).to(device, STATE_DTYPE)
+        x = embed(ids.to(device), embedding).to(STATE_DTYPE)
         embedding = embedding.cpu()  # only written at the end: 2 GB less on the device for a 128256 × 8192 table
         rfn_error: dict[str, float] = notes.get("rfn_error", {})
         rope = rope_tables(cfg, ids.shape[1], device)
+        out_features = {name: s.out_features for name, s in linear_shapes(cfg).items()}
+        for i in progress.track(range(start), "resuming: the finished layers again"):
+            replay_layer(x, load_file(str(state_dir / layer_file(i))), i, out_features, cfg, rope)
         (state_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
 
         for i in progress.track(range(start, cfg.num_hidden_layers), "quantizing layers"):
@@ -317,7 +369,7 @@ def quantize_model(
                 tensors.update(packed)
             del w  # free this layer before the next one loads
             _save_atomic(tensors, state_dir / layer_file(i))
-            checkpoint.save(i + 1, {"x": x}, {"fingerprint": fingerprint, "rfn_error": rfn_error})
+            checkpoint.save(i + 1, {}, {"fingerprint": fingerprint, "rfn_error": rfn_error})
 
         # The head, from the Hessian of the final norm's output on the quantized states (4.8 step 1).
         norm_w = norm_weight(ckpt, torch.float16, device)

@@ -48,8 +48,11 @@ from exlbuild.quant.exl2.convert import (
     HEAD_KEY,
     LAYERS_DIR,
     calibration_perplexity,
+    decode_layer_weights,
+    decode_linear,
     layer_file,
     linear_shapes,
+    linear_tensors,
 )
 from exlbuild.quant.exl2.pack import (
     bits_per_row,
@@ -60,20 +63,8 @@ from exlbuild.quant.exl2.pack import (
     unpack_q_weight,
     unpack_scale_nibbles,
 )
-from exlbuild.quant.exl2.tune import (
-    LINEARS,
-    NORMS,
-    Adam,
-    Multipliers,
-    ScaledLinear,
-    ScaledNorm,
-    decode_layer_weights,
-    decode_linear,
-    deterministic_algorithms,
-    linear_tensors,
-    run_steps,
-)
-from exlbuild.quant.stream import STATE_DTYPE, check_calibration_ids, chunk_rows, tf32_matmuls
+from exlbuild.quant.exl2.tune import Adam, Multipliers, ScaledLinear, ScaledNorm, deterministic_algorithms, run_steps
+from exlbuild.quant.stream import LINEARS, NORMS, STATE_DTYPE, check_calibration_ids, chunk_rows, tf32_matmuls
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
 HELD_OUT_EVERY = 10  # one calibration row in this many is not trained on: it judges each fit

@@ -43,44 +43,17 @@ from exlbuild.quant.exl2.convert import (
     HEAD_KEY,
     LAYERS_DIR,
     calibration_perplexity,
+    decode_layer_weights,
+    decode_linear,
     layer_file,
+    linear_bias,
     linear_shapes,
+    linear_tensors,
 )
-from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, input_feature_groups
-from exlbuild.quant.stream import BLOCK_LINEARS, BLOCK_NORMS, check_calibration_ids
+from exlbuild.quant.exl2.pack import input_feature_groups
+from exlbuild.quant.stream import LINEARS, NORMS, check_calibration_ids
 
-LINEARS = [name for names in BLOCK_LINEARS.values() for name in names]
-NORMS = list(BLOCK_NORMS.values())
 EAGER_STEPS = 3  # ordinary steps on CUDA before the step is captured as a graph
-
-
-def linear_bias(tensors: dict[str, Tensor], out_features: int, device: torch.device,
-                dtype: torch.dtype) -> Tensor | None:
-    """The bias (or None) of one EXL2 linear on `device` in `dtype`: stored padded to 32 outputs, cut to
-    `out_features`."""
-    return tensors["bias"][:out_features].to(device, dtype) if "bias" in tensors else None
-
-
-def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """The (out, in) weight and the bias (or None) of one EXL2 linear, decoded on `device` (where the kernels
-    are) and cast to `dtype`."""
-    weight = dequantize({k: t.to(device) for k, t in tensors.items()}, out_features, key).to(dtype)
-    return weight, linear_bias(tensors, out_features, device, dtype)
-
-
-def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[str, int],
-                         device: torch.device) -> dict[str, Tensor]:
-    """Decoder layer i of the quantization pass's layout (a file's dict of full names) as the forward's float32
-    weights, its linears decoded as the loader decodes them."""
-    weights = {name: tensors[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
-    for name in LINEARS:
-        key = layer_prefix(i) + name
-        weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, torch.float32)
-        weights[f"{name}.weight"] = weight
-        if bias is not None:
-            weights[f"{name}.bias"] = bias
-    return weights
 
 
 class ScaledLinear:
@@ -257,11 +230,6 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
         torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
     return values
-
-
-def linear_tensors(tensors: dict[str, Tensor], key: str) -> dict[str, Tensor]:
-    """The tensors of one linear (q_weight, …) from a file's dict of full names."""
-    return {s: tensors[f"{key}.{s}"] for s in (*REQUIRED_KEYS, "bias") if f"{key}.{s}" in tensors}
 
 
 def tune_model(
