@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from exlbuild.errors import ExlbuildError
 from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, validate_layer
 from exlbuild.quant.exl2 import refine
 from exlbuild.quant.exl2.refine import LinearCodes, RowSlice, fit_parts, held_out_rows, refine_model
 from exlbuild.quant.exl2.convert import linear_tensors
-from test_exl2_convert import SHAPE, file_bytes, random_ids, strategy
+from test_exl2_convert import SHAPE, Interrupted, file_bytes, random_ids, strategy
 from test_exl2_tune import changed_tensors, kl_to_model, quantized  # noqa: F401 (quantized: the fixture, a 2-layer model at ~2.5 bits)
 
 
@@ -141,6 +142,35 @@ def test_refining_is_deterministic(calibrated: dict, tmp_path: Path) -> None:
         refine_model(model, tmp / "quantized", tmp_path / out, ids, steps=8, lr=0.05, rows_per_step=3)
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
     assert file_bytes(tmp_path / "a") != file_bytes(tmp / "quantized")
+
+
+def test_resume_after_interruption(calibrated: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted refinement goes on at its next layer (the finished one is not fitted again) and writes what an
+    uninterrupted one writes, with the same metrics; a state directory of other parameters is refused."""
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
+    fit = {"steps": 8, "lr": 0.05, "rows_per_step": 3}
+    whole = refine_model(model, tmp / "quantized", tmp_path / "whole", ids, **fit)
+    assert file_bytes(tmp_path / "whole") != file_bytes(tmp / "quantized")
+    calls = []
+    run_steps = refine.run_steps
+
+    def interrupted(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 2:  # the first run stops in layer 1's fit
+            raise Interrupted
+        return run_steps(*args, **kwargs)
+
+    monkeypatch.setattr(refine, "run_steps", interrupted)
+    state = tmp_path / "state"
+    with pytest.raises(Interrupted):
+        refine_model(model, tmp / "quantized", tmp_path / "resumed", ids, state_dir=state, **fit)
+    resumed = refine_model(model, tmp / "quantized", tmp_path / "resumed", ids, state_dir=state, **fit)
+    assert len(calls) == 3  # layer 0 once, layer 1 twice
+    assert file_bytes(tmp_path / "resumed") == file_bytes(tmp_path / "whole")
+    for key in ("layers", "model_check", "calibration_perplexity", "codes_changed"):
+        assert resumed[key] == whole[key], key
+    with pytest.raises(ExlbuildError, match="holds a refinement of other inputs"):
+        refine_model(model, tmp / "quantized", tmp_path / "other", ids, state_dir=state, **{**fit, "steps": 9})
 
 
 @pytest.mark.gpu

@@ -163,7 +163,7 @@ class Refine(Rule):
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
 
-        return _fit(ctx, refine_model, weights_per_fit=ctx.params["weights_per_fit"])
+        return _fit(ctx, refine_model, weights_per_fit=ctx.params["weights_per_fit"], state_dir=ctx.state)
 
 
 class Tune(Rule):

@@ -17,15 +17,19 @@ unchanged) unless it lowered it.
 
 Streams one layer at a time: the states of both models (float16) and one layer's parameters are on the device. A
 layer with more weights than `weights_per_fit` is fitted in parts of consecutive output rows, one after the other
-(`fit_parts`), so that the optimizer's state stays bounded on large models.
+(`fit_parts`), so that the optimizer's state stays bounded on large models. Each refined layer's file goes to the
+state directory as it is finished and is the checkpoint: an interrupted refinement (hours at 70B) runs the rows
+through the finished layers again, as the quantization pass does, and goes on at its next layer.
 Reads and writes the quantization pass's layout (exlbuild.quant.exl2.convert) and changes, per linear, q_weight
 (same bit widths, so the bits per weight stay) and q_scale_max, and the norm weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,7 @@ from torch import Tensor
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
+from exlbuild.hashing import hash_bytes, hash_json
 from exlbuild.kernels.straight_through import straight_through_backward, straight_through_weight
 from exlbuild.model.checkpoint import Device, head_weight, layer_prefix, layer_weights, norm_weight, open_model
 from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, rope_tables
@@ -64,7 +69,15 @@ from exlbuild.quant.exl2.pack import (
     unpack_scale_nibbles,
 )
 from exlbuild.quant.exl2.tune import Adam, Multipliers, ScaledLinear, ScaledNorm, deterministic_algorithms, run_steps
-from exlbuild.quant.stream import LINEARS, NORMS, STATE_DTYPE, check_calibration_ids, chunk_rows, tf32_matmuls
+from exlbuild.quant.stream import (
+    LINEARS,
+    NORMS,
+    STATE_DTYPE,
+    LayerCheckpoint,
+    check_calibration_ids,
+    chunk_rows,
+    tf32_matmuls,
+)
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
 HELD_OUT_EVERY = 10  # one calibration row in this many is not trained on: it judges each fit
@@ -278,6 +291,7 @@ def refine_model(
     rope_scale: float | None = None,
     rope_alpha: float | None = None,
     device: Device = None,
+    state_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Refine the quantization pass in `quantized_dir` towards the model in `model_dir` (module docstring): per
     layer and part (`fit_parts`, at most `weights_per_fit` weights) `steps` Adam steps on `rows_per_step`
@@ -286,7 +300,8 @@ def refine_model(
     both decaying to 0 along a half cosine so that the codes settle; a part's fit is kept only if it lowered the
     layer's loss on the held-out rows, and the whole refinement only if it lowered the model's next-token KL from
     the unquantized model on those rows (else the quantization pass's layers are written). Writes `out_dir` in the
-    same layout. Returns metrics: per layer that loss before and after, the parts fitted and kept, and the codes
+    same layout; `state_dir` holds the finished layers to resume from (a temporary directory when None). Returns
+    metrics: per layer that loss before and after, the parts fitted and kept, and the codes
     changed; the model's held-out KL before and after and whether the refinement was kept; the codes changed in
     what is written; the calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
     started = time.perf_counter()
@@ -330,10 +345,31 @@ def refine_model(
                 x = states[r : r + chunk].to(device, torch.float32)
                 states[r : r + chunk].copy_(decoder_layer(x, weights, cfg, rope))
 
-    (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
-    layer_metrics = []
-    with deterministic_algorithms():
-        for i in progress.track(range(cfg.num_hidden_layers), "refining"):
+    # What the finished layers in `state_dir` depend on, so that those of other inputs are never resumed from.
+    fingerprint = hash_json({"ids": hash_bytes(ids.numpy().tobytes()), "shape": list(ids.shape),
+                             "config": dataclasses.asdict(cfg),
+                             "fit": [steps, lr, rows_per_step, weights_per_fit, scale_lr]})
+    temporary = tempfile.TemporaryDirectory(prefix="exlbuild-refine-") if state_dir is None else None
+    state_dir = Path(temporary.name if temporary is not None else state_dir)
+    checkpoint = LayerCheckpoint(state_dir)
+    start, _, notes = checkpoint.load()
+    if start and notes.get("fingerprint") != fingerprint:
+        raise ExlbuildError(f"{state_dir} holds a refinement of other inputs (model config, calibration rows or "
+                            "refine parameters); delete it to start over")
+    layer_metrics: list[dict[str, Any]] = notes.get("layers", [])
+    for directory in (state_dir, out_dir):
+        (directory / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
+    with deterministic_algorithms(), checkpoint:
+        # Resuming: the three models' states after the finished layers, computed again as the loop below computed
+        # them (the same weights through `run`), so the same bits.
+        for i in progress.track(range(start), "resuming: the finished layers again"):
+            run(unrefined_states, decode_layer_weights(load_file(str(quantized_dir / layer_file(i))), i, out_features,
+                                                       device))
+            unquantized = layer_weights(ckpt, cfg, i, torch.float16, device)
+            run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
+            run(quantized_states, decode_layer_weights(load_file(str(state_dir / layer_file(i))), i, out_features,
+                                                       device))
+        for i in progress.track(range(start, cfg.num_hidden_layers), "refining"):
             layer = load_file(str(quantized_dir / layer_file(i)))
             run(unrefined_states, decode_layer_weights(layer, i, out_features, device))
             keys = [layer_prefix(i) + name for name in LINEARS]
@@ -421,12 +457,13 @@ def refine_model(
                 refined[f"{linear.key}.q_weight"] = linear_codes.q_weight()
             for k, (name, norm) in enumerate(zip(NORMS, norms)):
                 refined[layer_prefix(i) + name] = norm.tuned(multipliers.of_norm(k))
-            save_file({k: v.contiguous() for k, v in refined.items()}, str(out_dir / layer_file(i)))
+            save_file({k: v.contiguous() for k, v in refined.items()}, str(state_dir / layer_file(i)))
 
             # The next layer's inputs: this layer as written, decoded as the loader does.
             run(quantized_states, decode_layer_weights(refined, i, out_features, device))
             layer_metrics.append({"loss_before": before, "loss_after": loss, "parts": len(parts), "kept": kept,
                                   "codes_changed": changed})
+            checkpoint.save(i + 1, {}, {"fingerprint": fingerprint, "layers": layer_metrics})
 
     # From here only the tracked rows matter: both models' other states (GBs at 70B) go before the heads come.
     refined_states, target_states = quantized_states[tracked], unquantized_states[held_out]
@@ -450,10 +487,13 @@ def refine_model(
             model_check = {"kl_before": before, "kl_after": after, "kept": after < before}
         final_states = refined_states[:metric_rows]  # `tracked` starts with the metric's rows
         if not model_check["kept"]:
-            for i in range(cfg.num_hidden_layers):
-                shutil.copyfile(quantized_dir / layer_file(i), out_dir / layer_file(i))
             final_states = unrefined_states[:metric_rows].to(device)
+        written = state_dir if model_check["kept"] else quantized_dir
+        for i in range(cfg.num_hidden_layers):
+            shutil.copyfile(written / layer_file(i), out_dir / layer_file(i))
         ppl = calibration_perplexity(final_states, ids[:metric_rows], final_norm, head, cfg.rms_norm_eps)
+    if temporary is not None:
+        temporary.cleanup()
     return {
         "calibration_perplexity": ppl,
         "held_out_rows": len(held_out),
