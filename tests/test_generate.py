@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exlbuild.model.generate import CachedModel, sample_rows
+from exlbuild.errors import ExlbuildError
+from exlbuild.model.generate import CachedModel, cached_model_bytes, sample_rows
 from exlbuild.model.llama import forward_logits
 from model_fixtures import tiny_model
 
@@ -27,6 +28,23 @@ def test_cached_steps_give_the_full_forward_s_logits(tmp_path: Path, layout: str
     model = CachedModel(model_dir, rows=3, length=40, dtype=torch.float32, device=torch.device("cpu"))
     stepped = torch.stack([model.step(ids[:, t]) for t in range(ids.shape[1])], dim=1)
     torch.testing.assert_close(stepped, forward_logits(model_dir, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_memory_estimate_is_what_the_cached_model_holds(tmp_path: Path, layout: str) -> None:
+    kind, overrides = LAYOUTS[layout]
+    model = CachedModel(tiny_model(tmp_path, kind, **overrides), rows=3, length=40, dtype=torch.float32,
+                        device=torch.device("cpu"))
+    held = [*(t for w in model.layers for t in w.values()), model.embedding, model.norm, model.head,
+            *(t for c in model.caches for t in (c.keys, c.values))]
+    assert sum(t.numel() * t.element_size() for t in held) == cached_model_bytes(model.cfg, 3, 40, torch.float32)
+
+
+def test_a_model_too_large_for_the_gpu_is_refused_before_loading(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 20, 80 << 30))
+    with pytest.raises(ExlbuildError, match=r"calibration.dataset=generated .* 0.0 GiB are free"):
+        sample_rows(tiny_model(tmp_path), rows=100, length=2048, seed=0, device="cuda")
 
 
 def test_sampled_rows_start_with_bos_and_repeat_with_the_seed(tmp_path: Path) -> None:

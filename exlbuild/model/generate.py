@@ -9,12 +9,22 @@ The same model, seed and device give the same rows.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from exlbuild import progress
-from exlbuild.model.checkpoint import Device, embedding_weight, head_weight, layer_weights, norm_weight, open_model
+from exlbuild.errors import ExlbuildError
+from exlbuild.model.checkpoint import (
+    Device,
+    embedding_weight,
+    head_weight,
+    layer_tensor_shapes,
+    layer_weights,
+    norm_weight,
+    open_model,
+)
 from exlbuild.model.config import LlamaConfig
 from exlbuild.model.llama import KVCache, decoder_layer_step, embed, final_logits, rope_tables
 
@@ -44,6 +54,15 @@ class CachedModel:
         return final_logits(x[:, 0], self.norm, self.head, self.cfg.rms_norm_eps).float()
 
 
+def cached_model_bytes(cfg: LlamaConfig, rows: int, length: int, dtype: torch.dtype) -> int:
+    """The bytes CachedModel holds on its device: every layer's weights, the embedding and the head (two tables, also
+    when tied), the final norm, and the keys and values of `rows` × `length` positions in every layer."""
+    layer = sum(math.prod(shape) for shape in layer_tensor_shapes(cfg).values())
+    weights = cfg.num_hidden_layers * layer + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
+    cache = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * length * cfg.head_dim
+    return (weights + cache) * dtype.itemsize
+
+
 def first_tokens(cfg: LlamaConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
     """Each row's first token: BOS, or a token drawn uniformly where the model has no BOS."""
     if cfg.bos_token_id is not None:
@@ -57,6 +76,14 @@ def sample_rows(model_dir: Path, rows: int, length: int, seed: int, temperature:
     in bfloat16, on the CPU in float32; the logits are float32 either way."""
     device = torch.device(device or "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":  # say so before loading, rather than fail out of memory half-way
+        need = cached_model_bytes(LlamaConfig.from_dir(model_dir), rows, length, dtype)
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            raise ExlbuildError(
+                f"calibration.dataset=generated samples from the whole model held on the GPU with a key/value cache of "
+                f"{rows} rows × {length} tokens: {need / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB are free; use "
+                "calibration.dataset=default or a .parquet file, or fewer calibration rows")
     model = CachedModel(model_dir, rows, length, dtype, device)
     generator = torch.Generator(device).manual_seed(seed)
     ids = torch.empty(rows, length, dtype=torch.long, device=device)

@@ -301,9 +301,9 @@ def refine_model(
     layer's loss on the held-out rows, and the whole refinement only if it lowered the model's next-token KL from
     the unquantized model on those rows (else the quantization pass's layers are written). Writes `out_dir` in the
     same layout; `state_dir` holds the finished layers to resume from (a temporary directory when None). Returns
-    metrics: per layer that loss before and after, the parts fitted and kept, and the codes
-    changed; the model's held-out KL before and after and whether the refinement was kept; the codes changed in
-    what is written; the calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
+    metrics: per layer that loss before and after, the parts fitted and kept, and the codes changed; the model's
+    held-out KL before and after and whether the refinement was kept; the codes changed in what is written; the
+    calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     ids = check_calibration_ids(ids, cfg)
