@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from exlbuild.errors import ExlbuildError
 from exlbuild.model.llama import forward_logits
 from exlbuild.quant.exl2.compile import compile_model
 from exlbuild.quant.exl2.convert import quantize_model
@@ -165,3 +166,13 @@ def test_adam_takes_torch_optims_steps() -> None:
         reference.step()
     torch.testing.assert_close(ours, theirs.detach())
     assert not torch.equal(ours, torch.zeros(50, dtype=torch.float64))
+
+
+def test_a_model_too_large_for_the_gpu_is_refused_before_tuning(quantized: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both models' weights alone over the GPU's free memory: an error that says so and what to set, before
+    anything is loaded onto the GPU."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 10, 80 << 30))
+    with pytest.raises(ExlbuildError, match=r"the tuning .* GiB of GPU memory, but 0.0 GiB are free; set tune.steps=0"):
+        tune_model(quantized["model"], quantized["tmp"] / "quantized", tmp_path / "out", quantized["ids"], steps=1,
+                   lr=1e-3, rows_per_step=2, device="cuda")

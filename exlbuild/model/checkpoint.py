@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,24 @@ def layer_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({"mlp.gate_proj.bias": (ff,), "mlp.up_proj.bias": (ff,), "mlp.down_proj.bias": (h,)})
     return shapes
 
+
+
+def model_bytes(cfg: LlamaConfig, dtype: torch.dtype) -> int:
+    """The bytes of the model's weights in `dtype`, the head counted apart from the embedding (a forward that holds
+    the whole model keeps both tables, also when they are tied)."""
+    layer = sum(math.prod(shape) for shape in layer_tensor_shapes(cfg).values())
+    return (cfg.num_hidden_layers * layer + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * dtype.itemsize
+
+
+def require_device_memory(need: int, device: torch.device, what: str, instead: str) -> None:
+    """Stop, saying what needs `need` bytes and what to do `instead`, unless the CUDA device `device` has that much
+    free: before loading, rather than run out of memory half-way. Other devices are not checked."""
+    if device.type != "cuda":
+        return
+    free = torch.cuda.mem_get_info(device)[0]
+    if need > free:
+        raise ExlbuildError(f"{what} needs {need / 2**30:.1f} GiB of GPU memory, but {free / 2**30:.1f} GiB are free; "
+                            f"{instead}")
 
 def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name the model needs, with its shape, in a fixed order."""

@@ -9,21 +9,20 @@ The same model, seed and device give the same rows.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from exlbuild import progress
-from exlbuild.errors import ExlbuildError
 from exlbuild.model.checkpoint import (
     Device,
     embedding_weight,
     head_weight,
-    layer_tensor_shapes,
     layer_weights,
+    model_bytes,
     norm_weight,
     open_model,
+    require_device_memory,
 )
 from exlbuild.model.config import LlamaConfig
 from exlbuild.model.llama import KVCache, decoder_layer_step, embed, final_logits, rope_tables
@@ -55,12 +54,10 @@ class CachedModel:
 
 
 def cached_model_bytes(cfg: LlamaConfig, rows: int, length: int, dtype: torch.dtype) -> int:
-    """The bytes CachedModel holds on its device: every layer's weights, the embedding and the head (two tables, also
-    when tied), the final norm, and the keys and values of `rows` × `length` positions in every layer."""
-    layer = sum(math.prod(shape) for shape in layer_tensor_shapes(cfg).values())
-    weights = cfg.num_hidden_layers * layer + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size
+    """The bytes CachedModel holds on its device: the model's weights and the keys and values of `rows` × `length`
+    positions in every layer."""
     cache = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * length * cfg.head_dim
-    return (weights + cache) * dtype.itemsize
+    return model_bytes(cfg, dtype) + cache * dtype.itemsize
 
 
 def first_tokens(cfg: LlamaConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
@@ -76,14 +73,10 @@ def sample_rows(model_dir: Path, rows: int, length: int, seed: int, temperature:
     in bfloat16, on the CPU in float32; the logits are float32 either way."""
     device = torch.device(device or "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":  # say so before loading, rather than fail out of memory half-way
-        need = cached_model_bytes(LlamaConfig.from_dir(model_dir), rows, length, dtype)
-        free = torch.cuda.mem_get_info(device)[0]
-        if need > free:
-            raise ExlbuildError(
-                f"calibration.dataset=generated samples from the whole model held on the GPU with a key/value cache of "
-                f"{rows} rows × {length} tokens: {need / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB are free; use "
-                "calibration.dataset=default or a .parquet file, or fewer calibration rows")
+    require_device_memory(cached_model_bytes(LlamaConfig.from_dir(model_dir), rows, length, dtype), device,
+                          f"calibration.dataset=generated (the whole model and a key/value cache of {rows} rows × "
+                          f"{length} tokens on the GPU)",
+                          "use calibration.dataset=default or a .parquet file, or fewer calibration rows")
     model = CachedModel(model_dir, rows, length, dtype, device)
     generator = torch.Generator(device).manual_seed(seed)
     ids = torch.empty(rows, length, dtype=torch.long, device=device)

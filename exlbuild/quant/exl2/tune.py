@@ -31,8 +31,10 @@ from exlbuild.model.checkpoint import (
     head_weight,
     layer_prefix,
     layer_weights,
+    model_bytes,
     norm_weight,
     open_model,
+    require_device_memory,
 )
 from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, rope_tables
 from exlbuild.quant.exl2.convert import (
@@ -260,6 +262,9 @@ def tune_model(
 
     # On CUDA both models run in bfloat16, weights and activations (the multipliers and their updates stay float32).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    both = 2 * model_bytes(cfg, dtype) - cfg.vocab_size * cfg.hidden_size * dtype.itemsize  # one embedding, shared
+    require_device_memory(both, device, "the tuning (tune.steps > 0: the FP16 and the quantized model on the GPU "
+                          "together, before any activation)", "set tune.steps=0 for this model")
     out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
     linears = [[ScaledLinear(linear_tensors(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
                              device, dtype) for name in LINEARS] for i, layer in enumerate(layers)]
