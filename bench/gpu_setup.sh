@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ready the lent GPU machine for bench/ (bench/NOTES.md, "Running the benches on the GPU machine").
+# Ready the lent GPU machine for bench/ (bench/NOTES.md §19 and §20).
 #
 # Here, once (needs the package registry):
 #   bash bench/gpu_setup.sh fetch

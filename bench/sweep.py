@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="results file suffix, e.g. h100")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--work", type=Path, default=None, help="build here (default: a temporary folder)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # overrides before or after the options
 
     work = args.work or Path(tempfile.mkdtemp(prefix="exlbuild-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
