@@ -205,7 +205,6 @@ def layer_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-
 def model_bytes(cfg: LlamaConfig, dtype: torch.dtype) -> int:
     """The bytes of the model's weights in `dtype`, the head counted apart from the embedding (a forward that holds
     the whole model keeps both tables, also when they are tied)."""
@@ -222,6 +221,7 @@ def require_device_memory(need: int, device: torch.device, what: str, instead: s
     if need > free:
         raise ExlbuildError(f"{what} needs {need / 2**30:.1f} GiB of GPU memory, but {free / 2**30:.1f} GiB are free; "
                             f"{instead}")
+
 
 def expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name the model needs, with its shape, in a fixed order."""
