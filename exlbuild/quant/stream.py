@@ -205,6 +205,16 @@ class LayerCheckpoint:
             self._error = e
 
 
+def resume_point(checkpoint: LayerCheckpoint, fingerprint: str, what: str) -> tuple[int, dict[str, Any]]:
+    """Where a pass whose finished layers are its checkpoint goes on: the next layer and the notes saved with it,
+    once the notes' "fingerprint" shows they were made from the same inputs; `what` names the pass and its inputs in
+    the error otherwise."""
+    start, _, notes = checkpoint.load()
+    if start and notes.get("fingerprint") != fingerprint:
+        raise ExlbuildError(f"{checkpoint.directory} holds {what}; delete it to start over")
+    return start, notes
+
+
 def relative_error(out: Tensor, ref: Tensor) -> float:
     """Mean over rows (dim 0) of ‖out − ref‖_F / ‖ref‖_F: rfn_error of the quantization pass (4.8 step 4),
     1 − accuracy of the measurement (4.5 step 4)."""

@@ -69,6 +69,7 @@ from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for 
     LayerCheckpoint,
     check_calibration_ids,
     relative_error,
+    resume_point,
     run_block,
 )
 
@@ -343,12 +344,8 @@ def quantize_model(
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="exlbuild-exl2-")))
         state_dir = Path(state_dir)
         checkpoint = stack.enter_context(LayerCheckpoint(state_dir))
-        start, _, notes = checkpoint.load()
-        if start and notes.get("fingerprint") != fingerprint:
-            raise ExlbuildError(
-                f"{state_dir} holds a quantization pass of other inputs (model config, calibration or strategy); "
-                "delete it to start over"
-            )
+        start, notes = resume_point(checkpoint, fingerprint,
+                                    "a quantization pass of other inputs (model config, calibration or strategy)")
         embedding = embedding_weight(ckpt, torch.float16, device)
         x = embed(ids.to(device), embedding).to(STATE_DTYPE)
         embedding = embedding.cpu()  # only written at the end: 2 GB less on the device for a 128256 × 8192 table

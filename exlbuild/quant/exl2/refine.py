@@ -76,6 +76,7 @@ from exlbuild.quant.stream import (
     LayerCheckpoint,
     check_calibration_ids,
     chunk_rows,
+    resume_point,
     tf32_matmuls,
 )
 
@@ -352,10 +353,8 @@ def refine_model(
     temporary = tempfile.TemporaryDirectory(prefix="exlbuild-refine-") if state_dir is None else None
     state_dir = Path(temporary.name if temporary is not None else state_dir)
     checkpoint = LayerCheckpoint(state_dir)
-    start, _, notes = checkpoint.load()
-    if start and notes.get("fingerprint") != fingerprint:
-        raise ExlbuildError(f"{state_dir} holds a refinement of other inputs (model config, calibration rows or "
-                            "refine parameters); delete it to start over")
+    start, notes = resume_point(checkpoint, fingerprint, "a refinement of other inputs (model config, calibration "
+                                "rows or refine parameters)")
     layer_metrics: list[dict[str, Any]] = notes.get("layers", [])
     for directory in (state_dir, out_dir):
         (directory / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
