@@ -4,13 +4,15 @@
 
 For each shape and layer count a random model directory is written (real config.json, real tensor shapes and
 vocabulary, float16 weights drawn on the GPU), then the measurement (16 × 2048 calibration tokens, the
-reference's default), the allocation at 4.0 bpw and the quantization (100 × 2048) run through the same
-functions as the build rules, each phase in a fresh process so that its peak CPU memory (ru_maxrss) and peak
+reference's default), the allocation at 4.0 bpw, the quantization (100 × 2048) and the tuning (the default
+100 steps of 2 rows, its layers streamed from host memory as a model of the real depth would be) run through the
+same functions as the build rules, each phase in a fresh process so that its peak CPU memory (ru_maxrss) and peak
 GPU memory (torch.cuda.max_memory_allocated) are its own. Calibration rows are random token ids.
 
 From one and two layers: per-layer time = T(2) − T(1) and fixed time (embedding, head, files) = T(1) − per
 layer, extrapolated to the real layer counts (32 and 80). Peak memory does not grow with the layer count (one
-layer's weights at a time), which the two runs check, except for the measurement's sensitivity probe: it
+layer's weights at a time), which the two runs check, except for the tuning, which keeps each layer's input of a
+step's rows for its backward pass (extrapolated linearly from the two runs), and the measurement's sensitivity probe: it
 carries one perturbed copy of its tokens per block measured so far through each later layer, so its memory
 grows with the depth and its time with the square of the depth. The `probe` phase measures that part as the
 last layer of the real model meets it: all 2L copies carried through one layer, then compared at the head;
@@ -41,7 +43,8 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1000, layers=4),
 }
-PHASES = ("measure", "quantize")  # run for each layer count; "probe" once per shape, on the 1-layer model
+PHASES = ("measure", "quantize", "tune")  # run for each layer count; "probe" once per shape, on the 1-layer model
+TUNE = {"steps": 100, "lr": 1e-3, "rows_per_step": 2}  # the recipe's defaults (TuneSpec)
 
 
 def write_model(directory: Path, shape: str, layers: int, device: str) -> None:
@@ -120,6 +123,7 @@ def run_phase(phase: str, model: Path, work: Path, rows: int, length: int, devic
     from exlbuild.quant.exl2.convert import allocate_strategy, quantize_model, strategy_from_json
     from exlbuild.quant.exl2.measure import measure_model
     from exlbuild.quant.exl2.measurement_json import read_measurement_dir, write_measurement_dir
+    from exlbuild.quant.exl2.tune import tune_model
 
     cfg = LlamaConfig.from_dir(model)
     ids = torch.randint(0, cfg.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
@@ -134,11 +138,14 @@ def run_phase(phase: str, model: Path, work: Path, rows: int, length: int, devic
         measurement = measure_model(model, ids, state_dir=work / "measure-state", device=device)
         write_measurement_dir(work, measurement)
         result = {}
-    else:
+    elif phase == "quantize":
         allocation = allocate_strategy(read_measurement_dir(work), cfg, 4.0)
         metrics = quantize_model(model, ids, strategy_from_json(allocation["strategy"]), 6, work / "quantized",
                                  state_dir=work / "quantize-state", device=device)
         result = {"bits_per_weight": metrics["bits_per_weight"]}
+    else:
+        metrics = tune_model(model, work / "quantized", work / "tuned", ids, **TUNE, device=device, stream_layers=True)
+        result = {"kl_first_pass": metrics["kl_first_pass"], "kl_last_pass": metrics["kl_last_pass"]}
     if gpu:
         torch.cuda.synchronize()
     return {**result, "phase": phase, "rows": rows, "length": length, "seconds": time.perf_counter() - t0,
@@ -161,7 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.phase:
         # probe: --rows carries the number of copies (2 × the real layer count) in its first place
-        rows = args.rows[PHASES.index(args.phase) if args.phase in PHASES else 0]
+        rows = args.rows[0 if args.phase in ("measure", "probe") else 1]
         print(json.dumps(run_phase(args.phase, args.model, args.work, rows, 2048, args.device)))
         return
 
@@ -204,9 +211,12 @@ def extrapolate(runs: list[dict]) -> list[dict]:
                 continue
             per_layer = by_layers[2]["seconds"] - by_layers[1]["seconds"]
             fixed = by_layers[1]["seconds"] - per_layer
+            peak_gpu = max(r["peak_gpu_bytes"] for r in by_layers.values())
+            if phase == "tune":  # each layer's input of a step's rows is kept: linear in the depth
+                peak_gpu = by_layers[1]["peak_gpu_bytes"] + (s["layers"] - 1) * (
+                    by_layers[2]["peak_gpu_bytes"] - by_layers[1]["peak_gpu_bytes"])
             row = {"shape": shape, "phase": phase, "layers": s["layers"], "per_layer_seconds": per_layer,
-                   "fixed_seconds": fixed, "seconds": fixed + s["layers"] * per_layer,
-                   "peak_gpu_bytes": max(r["peak_gpu_bytes"] for r in by_layers.values()),
+                   "fixed_seconds": fixed, "seconds": fixed + s["layers"] * per_layer, "peak_gpu_bytes": peak_gpu,
                    "peak_cpu_bytes": max(r["peak_cpu_bytes"] for r in by_layers.values())}
             if phase == "measure" and probe is not None:
                 row["probe_seconds"] = s["layers"] / 2 * probe["carry_seconds"] + probe["compare_seconds"]
@@ -228,7 +238,8 @@ def _device(device: str) -> str:
 def markdown(r: dict) -> str:
     gib = 2**30
     lines = [f"# Scale on {r['device']}: random weights in Llama-3 layer shapes", "",
-             "Measurement, then quantization at 4.0 bpw (head 6 bits); random calibration token rows.", "",
+             "Measurement, quantization at 4.0 bpw (head 6 bits), then the tuning (100 steps of 2 rows, layers "
+             "streamed); random calibration token rows.", "",
              "| shape | layers | phase | rows × 2048 | seconds | peak GPU GiB | peak CPU GiB |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for x in r["runs"]:
@@ -244,7 +255,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {x['shape']} | {x['copies']} × {x['tokens']} | {x['carry_seconds']:.2f} | "
                          f"{x['compare_seconds']:.2f} | {x['copies_bytes'] / gib:.2f} |")
     lines += ["", "Extrapolated to the real layer counts (per layer = T(2) − T(1), fixed = T(1) − per layer; the "
-              "measurement adds the probe: layers/2 carries + the head comparison, and its copies' memory):", "",
+              "measurement adds the probe: layers/2 carries + the head comparison, and its copies' memory; the tuning's "
+              "memory grows by one layer's input a layer):", "",
               "| shape | phase | layers | per layer s | fixed s | whole model | peak GPU GiB |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for x in r["extrapolated"]:

@@ -11,11 +11,25 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from exlbuild.errors import ExlbuildError
-from exlbuild.model.llama import forward_logits
+from exlbuild.model.checkpoint import layer_prefix, open_model
+from exlbuild.model.llama import decoder_layer, final_logits, forward_logits, rope_tables
 from exlbuild.quant.exl2.compile import compile_model
-from exlbuild.quant.exl2.convert import quantize_model
+from exlbuild.quant.exl2.convert import (
+    EMBEDDING_KEY,
+    FINAL_NORM_KEY,
+    GLOBALS_FILE,
+    HEAD_FILE,
+    HEAD_KEY,
+    decode_layer_weights,
+    layer_file,
+    linear_shapes,
+    linear_tensors,
+    quantize_model,
+)
 from exlbuild.quant.exl2.pack import dequantize, input_feature_groups
-from exlbuild.quant.exl2.tune import EAGER_STEPS, Adam, Multipliers, tune_model
+from exlbuild.quant.stream import LINEARS, NORMS
+from exlbuild.quant.exl2 import tune
+from exlbuild.quant.exl2.tune import EAGER_STEPS, Adam, Multipliers, next_token_kl, tune_model
 from model_fixtures import tiny_model
 from test_exl2_convert import QUANT_CONFIG, SHAPE, file_bytes, random_ids, strategy
 
@@ -170,9 +184,92 @@ def test_adam_takes_torch_optims_steps() -> None:
 
 def test_a_model_too_large_for_the_gpu_is_refused_before_tuning(quantized: dict, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both models' weights alone over the GPU's free memory: an error that says so and what to set, before
-    anything is loaded onto the GPU."""
+    """What the tuning needs even with its layers streamed over the GPU's free memory: an error that says so and
+    what to set, before anything is loaded onto the GPU."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 10, 80 << 30))
     with pytest.raises(ExlbuildError, match=r"the tuning .* GiB of GPU memory, but 0.0 GiB are free; set tune.steps=0"):
         tune_model(quantized["model"], quantized["tmp"] / "quantized", tmp_path / "out", quantized["ids"], steps=1,
                    lr=1e-3, rows_per_step=2, device="cuda")
+
+
+def test_streamed_layers_tune_to_the_same_bytes(quantized: dict, tmp_path: Path) -> None:
+    """Layers decoded at every use (how a model too large for the GPU is tuned) give what decoded-once layers give."""
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    for out, stream in (("resident", False), ("streamed", True)):
+        tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=4, lr=1e-2, rows_per_step=3,
+                   stream_layers=stream)
+    assert file_bytes(tmp_path / "resident") == file_bytes(tmp_path / "streamed")
+
+
+def test_next_token_kl_and_its_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KL(target ‖ model) of the next-token distributions, averaged over tokens, and its gradients with respect to
+    the states and the norm, whatever the slicing of the tokens."""
+    torch.manual_seed(0)
+    states, target = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    norm, head = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(11, 8, dtype=torch.float64)
+    target_norm, target_head = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(11, 8, dtype=torch.float64)
+    assert next_token_kl(target, norm, head, target, norm, head, 1e-5)[0].item() == pytest.approx(0, abs=1e-6)
+
+    leaf_states, leaf_norm = states.clone().requires_grad_(), norm.clone().requires_grad_()
+    log_q = F.log_softmax(F.linear(F.rms_norm(leaf_states, (8,), leaf_norm, 1e-5), head), -1)
+    log_p = F.log_softmax(F.linear(F.rms_norm(target, (8,), target_norm, 1e-5), target_head), -1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    expected_grads = torch.autograd.grad(expected, [leaf_states, leaf_norm])
+    for tokens_per_slice in (1, 3, 10):
+        monkeypatch.setattr(tune, "LOGIT_ELEMENTS", 11 * tokens_per_slice)
+        kl, grad_states, grad_norm = next_token_kl(states, norm, head, target, target_norm, target_head, 1e-5,
+                                                   grad=True)
+        torch.testing.assert_close(kl, expected.detach().float())
+        torch.testing.assert_close(grad_states, expected_grads[0])
+        torch.testing.assert_close(grad_norm, expected_grads[1])
+
+
+def test_the_step_follows_the_gradient_of_the_whole_model_s_kl(quantized: dict, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first step's gradient (layers run again in the backward pass, the KL a slice of tokens at a time) is the
+    gradient of the KL computed in one graph over the whole model, by each group's and norm's log-multiplier."""
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    grads = []
+
+    class RecordingAdam(Adam):
+        def step(self, grad: torch.Tensor, lr_factor: float | torch.Tensor = 1.0) -> None:
+            grads.append(grad.clone())
+            super().step(grad, lr_factor)
+
+    monkeypatch.setattr(tune, "Adam", RecordingAdam)
+    monkeypatch.setattr(tune, "LOGIT_ELEMENTS", 256 * 100)  # 100 tokens a slice
+    rows = 3
+    tune_model(model, tmp / "quantized", tmp_path / "tuned", ids, steps=1, lr=1e-3, rows_per_step=rows)
+
+    cfg, ckpt = open_model(model)
+    out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
+    batch = ids[:rows]
+    log_p = F.log_softmax(forward_logits(model, batch), dim=-1)
+    layers = [load_file(str(tmp / "quantized" / layer_file(i))) for i in range(cfg.num_hidden_layers)]
+    head_tensors = linear_tensors(load_file(str(tmp / "quantized" / HEAD_FILE)), HEAD_KEY)
+    globals_ = load_file(str(tmp / "quantized" / GLOBALS_FILE))
+    linear_scales, norm_leaves, feature_groups = [], [], []
+    x = F.embedding(batch, globals_[EMBEDDING_KEY].float())
+    rope = rope_tables(cfg, batch.shape[1])
+    for i, layer in enumerate(layers):
+        w = decode_layer_weights(layer, i, out_features, torch.device("cpu"))
+        for name in LINEARS:
+            tensors = linear_tensors(layer, layer_prefix(i) + name)
+            feature_groups.append(input_feature_groups(tensors))
+            linear_scales.append(torch.ones(len(feature_groups[-1]), requires_grad=True))
+            w[f"{name}.input_scale"] = linear_scales[-1]
+        for name in NORMS:
+            norm_leaves.append(w[name].clone().requires_grad_())
+            w[name] = norm_leaves[-1]
+        x = decoder_layer(x, w, cfg, rope)
+    feature_groups.append(input_feature_groups(head_tensors))
+    linear_scales.append(torch.ones(len(feature_groups[-1]), requires_grad=True))
+    norm_leaves.append(globals_[FINAL_NORM_KEY].float().requires_grad_())
+    head = dequantize(head_tensors, cfg.vocab_size).float()
+    log_q = F.log_softmax(final_logits(x, norm_leaves[-1] * linear_scales[-1], head, cfg.rms_norm_eps), dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / batch.numel()
+    scale_grads = torch.autograd.grad(kl, linear_scales + norm_leaves)
+    # d/d(log m) of a group's multiplier: the sum over its features of d/d(scale); of a norm's: d/d(weight) · weight.
+    expected = [torch.zeros(int(g.max()) + 1).index_add_(0, g, s) for g, s in zip(feature_groups, scale_grads)]
+    expected += [g * n.detach() for g, n in zip(scale_grads[len(linear_scales):], norm_leaves)]
+    torch.testing.assert_close(grads[0], torch.cat(expected), rtol=1e-4, atol=1e-7)

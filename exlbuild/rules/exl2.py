@@ -170,10 +170,12 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 5  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 6  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
     # 4: a plain Adam (torch.optim's fused one rounds differently)
     # 5: on the calibration's text rows only
+    # 6: the FP16 model's states computed once (its weights as stored, not via float16), layers checkpointed, the
+    #    KL in slices of tokens, the calibration perplexity through the block passes (TF32 on CUDA)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model

@@ -44,7 +44,7 @@ from exlbuild.errors import ExlbuildError
 from exlbuild.hashing import hash_bytes, hash_json
 from exlbuild.kernels.straight_through import straight_through_backward, straight_through_weight
 from exlbuild.model.checkpoint import Device, head_weight, layer_prefix, layer_weights, norm_weight, open_model
-from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, rope_tables
+from exlbuild.model.llama import Rope, decoder_layer, embed, rope_tables
 from exlbuild.quant.exl2.convert import (
     EMBEDDING_KEY,
     FINAL_NORM_KEY,
@@ -68,7 +68,15 @@ from exlbuild.quant.exl2.pack import (
     unpack_q_weight,
     unpack_scale_nibbles,
 )
-from exlbuild.quant.exl2.tune import Adam, Multipliers, ScaledLinear, ScaledNorm, deterministic_algorithms, run_steps
+from exlbuild.quant.exl2.tune import (
+    Adam,
+    Multipliers,
+    ScaledLinear,
+    ScaledNorm,
+    deterministic_algorithms,
+    next_token_kl,
+    run_steps,
+)
 from exlbuild.quant.stream import (
     LINEARS,
     NORMS,
@@ -208,20 +216,6 @@ class _StraightThroughWeight(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, Tensor]:
         grad_latent, grad_factor = straight_through_backward(grad, *ctx.saved_tensors)
         return grad_latent, None, None, None, grad_factor
-
-
-def next_token_kl(states: Tensor, norm_w: Tensor, head_w: Tensor, target_states: Tensor, target_norm_w: Tensor,
-                  target_head_w: Tensor, eps: float, tokens_per_chunk: int = 512) -> float:
-    """Mean over tokens of KL(target ‖ model): the next-token distributions from the final states `target_states`
-    (rows, length, hidden) through their final norm and head, against those from `states` through theirs; float32,
-    a few hundred tokens at a time (the logits of a whole row are vocabulary × length floats)."""
-    total = 0.0
-    flat, target_flat = states.flatten(0, -2), target_states.flatten(0, -2)
-    for x, t in zip(flat.split(tokens_per_chunk), target_flat.split(tokens_per_chunk)):
-        log_q = torch.log_softmax(final_logits(x.float(), norm_w, head_w, eps), dim=-1)
-        log_p = torch.log_softmax(final_logits(t.float(), target_norm_w, target_head_w, eps), dim=-1)
-        total += float(torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum"))
-    return total / flat.shape[0]
 
 
 # A layer's linears for their input features' factors: each (weight, factor of its inputs or None where the weight
@@ -481,8 +475,8 @@ def refine_model(
             target = (target_states, norm_weight(ckpt, torch.float32, device),
                       head_weight(ckpt, cfg, torch.float32, device), cfg.rms_norm_eps)
             judged = [tracked.index(r) for r in held_out]
-            before = next_token_kl(unrefined_states[judged].to(device), final_norm, head, *target)
-            after = next_token_kl(refined_states[judged], final_norm, head, *target)
+            before = next_token_kl(unrefined_states[judged].to(device), final_norm, head, *target)[0].item()
+            after = next_token_kl(refined_states[judged], final_norm, head, *target)[0].item()
             model_check = {"kl_before": before, "kl_after": after, "kept": after < before}
         final_states = refined_states[:metric_rows]  # `tracked` starts with the metric's rows
         if not model_check["kept"]:

@@ -7,7 +7,12 @@ which GPTQ, one linear at a time, cannot do.
 A group's q_scale_max multiplies every scale of its group (2.6), so a multiplier on it scales the input features
 that the group quantized; a norm weight scales one input feature of the linears after it. The rule reads and
 writes the quantization pass's layout (exlbuild.quant.exl2.convert: layers/, head, globals), changing only
-those tensors. The pass holds both models on the device (no layer streaming): it is for models that fit.
+those tensors.
+
+Memory: the unquantized model's final states of every row are computed once, one layer at a time; a step keeps
+only each quantized layer's input for the backward pass (the layer runs again there) and takes the KL a slice of
+tokens at a time. The decoded layers stay on the device where they fit; otherwise (70B-class) each is decoded
+from host memory whenever a step needs it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
@@ -30,13 +36,12 @@ from exlbuild.model.checkpoint import (
     Device,
     head_weight,
     layer_prefix,
-    layer_weights,
     model_bytes,
     norm_weight,
     open_model,
     require_device_memory,
 )
-from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, rope_tables
+from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, forward_hidden, rope_tables
 from exlbuild.quant.exl2.convert import (
     EMBEDDING_KEY,
     FINAL_NORM_KEY,
@@ -45,17 +50,18 @@ from exlbuild.quant.exl2.convert import (
     HEAD_KEY,
     LAYERS_DIR,
     calibration_perplexity,
-    decode_layer_weights,
     decode_linear,
     layer_file,
     linear_bias,
     linear_shapes,
     linear_tensors,
+    replay_layer,
 )
 from exlbuild.quant.exl2.pack import input_feature_groups
-from exlbuild.quant.stream import LINEARS, NORMS, check_calibration_ids
+from exlbuild.quant.stream import LINEARS, NORMS, check_calibration_ids, chunk_rows
 
 EAGER_STEPS = 3  # ordinary steps on CUDA before the step is captured as a graph
+LOGIT_ELEMENTS = 1 << 25  # logits of a slice of tokens in next_token_kl, at most
 
 
 class ScaledLinear:
@@ -188,32 +194,33 @@ def deterministic_algorithms() -> Iterator[None]:
 
 
 def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], steps: int, device: torch.device,
-              label: str | None = None) -> list[float]:
+              label: str | None = None, graph: bool = True) -> list[float]:
     """`steps` times: prepare(step), then train_step(), which returns the step's loss; the losses, read once at the
     end (no wait for the GPU within the loop). train_step may read only tensors that prepare fills in place: on
     CUDA, after EAGER_STEPS ordinary steps (on a side stream, as a capture requires), it is captured once as a
-    CUDA graph and replayed. A step is thousands of small kernels, and launching them one by one from Python
-    took longer than running them."""
+    CUDA graph and replayed (unless not `graph`: a step that waits for the device cannot be captured). A step is
+    thousands of small kernels, and launching them one by one from Python took longer than running them."""
     cuda = device.type == "cuda"
+    capture = cuda and graph
     losses = torch.zeros(steps, device=device)
-    graph, static_loss = None, None
+    captured, static_loss = None, None
     side = torch.cuda.Stream(device) if cuda else None
     if cuda:
         side.wait_stream(torch.cuda.current_stream(device))
     for step in progress.track(range(steps), label) if label else range(steps):
-        if cuda and step >= EAGER_STEPS:
-            if graph is None:
+        if capture and step >= EAGER_STEPS:
+            if captured is None:
                 # Captured on the side stream, once its steps are done (torch.cuda.graph would also empty the
                 # allocator's cache, a second lost here).
                 side.synchronize()
-                graph = torch.cuda.CUDAGraph()
+                captured = torch.cuda.CUDAGraph()
                 with torch.cuda.stream(side):
-                    graph.capture_begin()
+                    captured.capture_begin()
                     static_loss = train_step()
-                    graph.capture_end()
+                    captured.capture_end()
                 torch.cuda.current_stream(device).wait_stream(side)
             prepare(step)
-            graph.replay()
+            captured.replay()
             losses[step] = static_loss
         else:
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
@@ -222,16 +229,46 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
     if cuda:
         torch.cuda.current_stream(device).wait_stream(side)
     values = losses.tolist()
-    if graph is not None:
+    if captured is not None:
         # Give the graph's memory pool back. cuBLAS keeps a workspace per (handle, stream) for the process's life;
         # one first taken inside the capture lies in the graph's pool and would keep all of it (GBs) allocated, so
         # the workspaces go too (as PyTorch's own graph trees do). Even empty, the pool stays reserved until the
         # cache is emptied: one pool per tuned variant filled the H100 at the fifth.
         del static_loss
-        graph.reset()
+        captured.reset()
         torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
     return values
+
+
+def next_token_kl(states: Tensor, norm_w: Tensor, head_w: Tensor, target_states: Tensor, target_norm_w: Tensor,
+                  target_head_w: Tensor, eps: float, grad: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The mean over tokens of KL(target ‖ model): the next-token distributions of the final states `target_states`
+    (..., hidden) through their final norm and head, against those of `states` through theirs. Each side computes in
+    its head's dtype, the distributions in float32, a slice of tokens at a time: the logits of all tokens at once
+    are vocabulary × tokens floats (GBs at large vocabularies). Returns the KL as a 0-dim tensor (nothing waits for
+    the device) and, with `grad`, its gradients with respect to `states` and `norm_w`."""
+    flat, target_flat = states.flatten(0, -2), target_states.flatten(0, -2)
+    tokens = flat.shape[0]
+    per_slice = max(1, LOGIT_ELEMENTS // head_w.shape[0])
+    total = torch.zeros((), device=flat.device)
+    grad_states = torch.empty_like(flat) if grad else None
+    norm = norm_w.detach().requires_grad_(grad)
+    grad_norm = torch.zeros_like(norm_w) if grad else None
+    for start in range(0, tokens, per_slice):
+        x = flat[start:start + per_slice].detach().to(head_w.dtype).requires_grad_(grad)
+        with torch.no_grad():
+            t = target_flat[start:start + per_slice].to(target_head_w.dtype)
+            log_p = F.log_softmax(final_logits(t, target_norm_w, target_head_w, eps).float(), dim=-1)
+        with torch.enable_grad() if grad else torch.no_grad():
+            log_q = F.log_softmax(final_logits(x, norm, head_w, eps).float(), dim=-1)
+            kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / tokens
+        if grad:
+            grad_x, grad_n = torch.autograd.grad(kl, [x, norm])
+            grad_states[start:start + per_slice] = grad_x
+            grad_norm += grad_n
+        total += kl.detach()
+    return total, None if grad_states is None else grad_states.view_as(states), grad_norm
 
 
 def tune_model(
@@ -246,11 +283,14 @@ def tune_model(
     rope_alpha: float | None = None,
     device: Device = None,
     metric_rows: int = 16,
+    stream_layers: bool | None = None,
 ) -> dict[str, Any]:
     """Tune the quantization pass in `quantized_dir` towards the model in `model_dir` (module docstring) for
     `steps` Adam steps of `rows_per_step` calibration rows each (rows taken in order, cycling); write the result
-    to `out_dir` in the same layout. Returns metrics: the mean KL per token (nats) of the first and the last pass
-    over the rows, calibration_perplexity on the first `metric_rows` rows, seconds."""
+    to `out_dir` in the same layout. `stream_layers`: decode each layer from host memory whenever a step needs it
+    rather than keep every decoded layer on the device (None: only when they would take more than half of the
+    device's free memory). Returns metrics: the mean KL per token (nats) of the first and the last pass over the
+    rows, calibration_perplexity on the first `metric_rows` rows, seconds."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     ids = check_calibration_ids(ids, cfg)
@@ -262,9 +302,20 @@ def tune_model(
 
     # On CUDA both models run in bfloat16, weights and activations (the multipliers and their updates stay float32).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    both = 2 * model_bytes(cfg, dtype) - cfg.vocab_size * cfg.hidden_size * dtype.itemsize  # one embedding, shared
-    require_device_memory(both, device, "the tuning (tune.steps > 0: the FP16 and the quantized model on the GPU "
-                          "together, before any activation)", "set tune.steps=0 for this model")
+    rows, length = ids.shape
+    step_rows = min(rows_per_step, rows)
+    states_bytes = (rows + cfg.num_hidden_layers * step_rows) * length * cfg.hidden_size * dtype.itemsize
+    layer_bytes = (model_bytes(cfg, dtype) - 2 * cfg.vocab_size * cfg.hidden_size * dtype.itemsize) \
+        // cfg.num_hidden_layers
+    if stream_layers is None:
+        stream_layers = device.type == "cuda" and \
+            cfg.num_hidden_layers * layer_bytes > torch.cuda.mem_get_info(device)[0] // 2
+    require_device_memory(
+        states_bytes + 3 * cfg.vocab_size * cfg.hidden_size * dtype.itemsize
+        + (2 if stream_layers else cfg.num_hidden_layers) * layer_bytes, device,
+        "the tuning (tune.steps > 0: the FP16 model's final states of every calibration row, each layer's inputs "
+        "of a step's rows, the embedding and both heads, and the decoded layers)",
+        "set tune.steps=0 or lower tune.rows_per_step for this model")
     out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
     linears = [[ScaledLinear(linear_tensors(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
                              device, dtype) for name in LINEARS] for i, layer in enumerate(layers)]
@@ -274,65 +325,80 @@ def tune_model(
     all_linears = [linear for layer in linears for linear in layer] + [head]
     all_norms = [norm for layer in norms for norm in layer] + [final_norm]
     multipliers = Multipliers(all_linears, all_norms, device)
-    fixed = [{f"{name}.weight": decode_linear(linear.tensors, linear.key, linear.out_features, device, dtype)[0]
-              for name, linear in zip(LINEARS, layer)} for layer in linears]
-    student_head, _ = decode_linear(head.tensors, HEAD_KEY, cfg.vocab_size, device, dtype)
-    for layer, weights in zip(linears, fixed):
-        weights.update({f"{name}.bias": linear.bias for name, linear in zip(LINEARS, layer) if linear.bias is not None})
-    embedding = global_tensors[EMBEDDING_KEY].to(device, dtype)
-    teacher = [{k: v.to(dtype) for k, v in layer_weights(ckpt, cfg, i, torch.float16, device).items()}
-               for i in range(cfg.num_hidden_layers)]
-    teacher_norm = norm_weight(ckpt, torch.float16, device).to(dtype)
-    teacher_head = head_weight(ckpt, cfg, torch.float16, device).to(dtype)
-    rope = rope_tables(cfg, ids.shape[1], device)  # float32, for the perplexity of what is written
+    rope = rope_tables(cfg, length, device)  # float32, for the perplexity of what is written
     compute_rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
 
-    def hidden(x: Tensor, weights: Callable[[int], dict[str, Tensor]]) -> Tensor:
-        for i in range(cfg.num_hidden_layers):
-            x = decoder_layer(x, weights(i), cfg, compute_rope)
-        return x
+    # The FP16 model's part is the same at every step: its final states of every row, computed once, one layer at a
+    # time; only its head stays on the device.
+    targets = forward_hidden(ckpt, cfg, ids, dtype, device, batch_rows=chunk_rows(ids, cfg))
+    target_norm, target_head = norm_weight(ckpt, dtype, device), head_weight(ckpt, cfg, dtype, device)
 
-    def student_logits(x: Tensor) -> Tensor:
+    def decoded_layer(i: int) -> dict[str, Tensor]:
+        weights = {}
+        for name, linear in zip(LINEARS, linears[i]):
+            weights[f"{name}.weight"] = decode_linear(linear.tensors, linear.key, linear.out_features, device, dtype)[0]
+            if linear.bias is not None:
+                weights[f"{name}.bias"] = linear.bias
+        return weights
+
+    if stream_layers and device.type == "cuda":
+        # Each layer's tensors wait in page-locked host memory and are decoded on the device at every use (its
+        # forward, and again in the backward pass).
+        for layer in linears:
+            for linear in layer:
+                linear.tensors = {k: t.pin_memory() for k, t in linear.tensors.items()}
+    resident = [] if stream_layers else [decoded_layer(i) for i in range(cfg.num_hidden_layers)]
+
+    def fixed(i: int) -> dict[str, Tensor]:
+        return resident[i] if resident else decoded_layer(i)
+    student_head, _ = decode_linear(head.tensors, HEAD_KEY, cfg.vocab_size, device, dtype)
+    embedding = global_tensors[EMBEDDING_KEY].to(device, dtype)
+
+    def student_layer(x: Tensor, i: int, linear_factors: list[Tensor], norm_factors: list[Tensor]) -> Tensor:
+        w = dict(fixed(i))
+        for name, factor in zip(LINEARS, linear_factors):
+            w[f"{name}.input_scale"] = factor.to(dtype)
+        for name, norm, factor in zip(NORMS, norms[i], norm_factors):
+            w[name] = (norm.weight * factor).to(dtype)
+        return decoder_layer(x, w, cfg, compute_rope)
+
+    def train_step(batch: Tensor, batch_targets: Tensor) -> Tensor:
+        """One Adam step on the KL divergence over the rows `batch`; returns the KL (per token, nats)."""
         linear_factors, norm_factors = multipliers.expand()
         per_layer = len(LINEARS), len(NORMS)
-
-        def layer(i: int) -> dict[str, Tensor]:
-            w = dict(fixed[i])
-            for j, name in enumerate(LINEARS):
-                w[f"{name}.input_scale"] = linear_factors[i * per_layer[0] + j].to(dtype)
-            for j, (name, norm) in enumerate(zip(NORMS, norms[i])):
-                w[name] = (norm.weight * norm_factors[i * per_layer[1] + j]).to(dtype)
-            return w
-
+        x = embed(batch, embedding)
+        for i in range(cfg.num_hidden_layers):
+            # Each layer keeps only its input for the backward pass and runs again there: the activations of every
+            # layer at once would not fit at 70B.
+            x = checkpoint(student_layer, x, i, linear_factors[i * per_layer[0]:(i + 1) * per_layer[0]],
+                           norm_factors[i * per_layer[1]:(i + 1) * per_layer[1]],
+                           use_reentrant=False, preserve_rng_state=False)
         # The head's multipliers scale its input features, as the final norm's do.
         norm = (final_norm.weight * norm_factors[-1] * linear_factors[-1]).to(dtype)
-        return final_logits(hidden(x, layer), norm, student_head, cfg.rms_norm_eps)
-
-    def train_step(batch: Tensor) -> Tensor:
-        """One Adam step on the KL divergence over the rows `batch`; returns the KL (per token, nats)."""
-        x = embed(batch, embedding)
-        with torch.no_grad():
-            target = F.log_softmax(final_logits(hidden(x, teacher.__getitem__), teacher_norm, teacher_head,
-                                               cfg.rms_norm_eps).float(), dim=-1)
-        logits = student_logits(x).float()
-        kl = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="sum") / batch.numel()
-        (grad,) = torch.autograd.grad(kl, multipliers.log)
+        kl, grad_x, grad_norm = next_token_kl(x, norm, student_head, batch_targets, target_norm, target_head,
+                                              cfg.rms_norm_eps, grad=True)
+        (grad,) = torch.autograd.grad([x, norm], multipliers.log, grad_outputs=[grad_x, grad_norm])
         optimizer.step(grad)
-        return kl.detach()
+        return kl
 
     optimizer = Adam(multipliers.log, lr)
-    rows = ids.shape[0]
     device_ids = ids.to(device)
-    step_rows = min(rows_per_step, rows)
     static_batch = device_ids[:step_rows].clone()
+    static_targets = targets[:step_rows].clone()
 
     def prepare(step: int) -> None:
-        static_batch.copy_(device_ids[(torch.arange(step_rows, device=device) + step * step_rows) % rows])
+        batch_rows = (torch.arange(step_rows, device=device) + step * step_rows) % rows
+        static_batch.copy_(device_ids[batch_rows])
+        static_targets.copy_(targets[batch_rows])
 
     with deterministic_algorithms():
-        kl_per_step = run_steps(lambda: train_step(static_batch), prepare, steps, device, "tuning")
+        # Streamed layers are decoded at every step, which reads their group layout on the host: no CUDA graph.
+        kl_per_step = run_steps(lambda: train_step(static_batch, static_targets), prepare, steps, device, "tuning",
+                                graph=not stream_layers)
     if not all(math.isfinite(k) for k in kl_per_step):
         raise ExlbuildError("tuning diverged (the KL divergence became NaN or infinite); lower tune.lr")
+    del targets, static_targets, target_head, embedding
+    resident.clear()
 
     out_layers = []
     for i, layer in enumerate(layers):
@@ -351,7 +417,7 @@ def tune_model(
         metric_ids = ids[: min(metric_rows, rows)].to(device)
         x = embed(metric_ids, global_tensors[EMBEDDING_KEY].to(device, torch.float32))
         for i, layer in enumerate(out_layers):
-            x = decoder_layer(x, decode_layer_weights(layer, i, out_features, device), cfg, rope)
+            replay_layer(x, layer, i, out_features, cfg, rope)
         head_decoded, _ = decode_linear(linear_tensors(head_out, HEAD_KEY), HEAD_KEY, cfg.vocab_size, device,
                                         torch.float32)
         ppl = calibration_perplexity(x, metric_ids, globals_out[FINAL_NORM_KEY].to(device).float(), head_decoded,
