@@ -1,6 +1,6 @@
 """Large models simulated with random weights in real layer shapes: time and peak memory of the EXL2 passes.
 
-    python bench/scale.py --name h100 [--shapes llama3-8b llama3-70b] [--layers 1 2]
+    python bench/scale.py --name h100 [--shapes llama3-8b llama3-70b] [--layers 1 2] [--phases measure quantize tune]
 
 For each shape and layer count a random model directory is written (real config.json, real tensor shapes and
 vocabulary, float16 weights drawn on the GPU), then the measurement (16 × 2048 calibration tokens, the
@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs=2, type=int, default=[16, 100], metavar=("MEASURE", "QUANTIZE"),
                     help="calibration rows of 2048 tokens for the measurement and the quantization")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                    help="a phase needs the ones before it (a measurement of fewer rows serves the quantization)")
     ap.add_argument("--phase", choices=(*PHASES, "probe"), help=argparse.SUPPRESS)  # internal: run one phase
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,8 +189,8 @@ def main() -> None:
             t0 = time.perf_counter()
             write_model(work / "model", shape, layers, args.device)
             print(f"{shape}, {layers} layer(s): model written in {time.perf_counter() - t0:.1f} s", flush=True)
-            runs += [phase_run(phase, shape, layers, work, args.rows) for phase in PHASES]
-        if 1 in args.layers:
+            runs += [phase_run(phase, shape, layers, work, args.rows) for phase in PHASES if phase in args.phases]
+        if 1 in args.layers and "measure" in args.phases:
             copies = 2 * SHAPES[shape]["layers"]
             runs.append(phase_run("probe", shape, 1, args.work / f"{shape}-1", [copies, copies]))
     result = {"device": _device(args.device), "runs": runs, "extrapolated": extrapolate(runs)}
