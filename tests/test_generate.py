@@ -70,12 +70,18 @@ def test_sampling_follows_the_model_s_distribution(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cached_steps_on_cuda_give_the_full_forward_s_logits(tmp_path: Path) -> None:
     """The same check in bfloat16 on CUDA (where the one-token attention once went to cuDNN), and the rows repeat
-    with the seed there too."""
+    with the seed there too. bfloat16 alone moves this model's logits by ~2 % (measured on the H100), so the cached
+    steps are held to the whole forward's own bfloat16 error, against float32 on the CPU."""
     model_dir = tiny_model(tmp_path)
     ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(0))
     model = CachedModel(model_dir, rows=3, length=40, dtype=torch.bfloat16, device=torch.device("cuda"))
     stepped = torch.stack([model.step(ids[:, t].cuda()) for t in range(ids.shape[1])], dim=1).cpu()
-    full = forward_logits(model_dir, ids)
-    assert ((stepped - full).norm() / full.norm()).item() < 2e-2  # bfloat16 weights and activations
+    exact = forward_logits(model_dir, ids)
+    whole = forward_logits(model_dir, ids, dtype=torch.bfloat16, device="cuda").cpu().float()
+
+    def error(logits: torch.Tensor) -> float:
+        return ((logits - exact).norm() / exact.norm()).item()
+
+    assert error(stepped) < 1.5 * error(whole) + 1e-3, (error(stepped), error(whole))
     rows = sample_rows(model_dir, rows=4, length=24, seed=5, device="cuda")
     assert torch.equal(rows, sample_rows(model_dir, rows=4, length=24, seed=5, device="cuda"))
