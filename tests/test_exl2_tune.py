@@ -242,7 +242,7 @@ def test_the_step_follows_the_gradient_of_the_whole_model_s_kl(quantized: dict, 
     rows = 3
     tune_model(model, tmp / "quantized", tmp_path / "tuned", ids, steps=1, lr=1e-3, rows_per_step=rows)
 
-    cfg, ckpt = open_model(model)
+    cfg, _ = open_model(model)
     out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
     batch = ids[:rows]
     log_p = F.log_softmax(forward_logits(model, batch), dim=-1)
