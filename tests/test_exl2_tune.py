@@ -197,8 +197,9 @@ def test_streamed_layers_tune_to_the_same_bytes(quantized: dict, tmp_path: Path)
     """Layers decoded at every use (how a model too large for the GPU is tuned) give what decoded-once layers give."""
     tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
     for out, stream in (("resident", False), ("streamed", True)):
-        tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=4, lr=1e-2, rows_per_step=3,
-                   stream_layers=stream)
+        metrics = tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=4, lr=1e-2, rows_per_step=3,
+                             stream_layers=stream)
+        assert metrics["streamed_layers"] is stream
     assert file_bytes(tmp_path / "resident") == file_bytes(tmp_path / "streamed")
 
 

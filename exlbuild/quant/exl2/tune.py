@@ -290,7 +290,7 @@ def tune_model(
     to `out_dir` in the same layout. `stream_layers`: decode each layer from host memory whenever a step needs it
     rather than keep every decoded layer on the device (None: only when they would take more than half of the
     device's free memory). Returns metrics: the mean KL per token (nats) of the first and the last pass over the
-    rows, calibration_perplexity on the first `metric_rows` rows, seconds."""
+    rows, calibration_perplexity on the first `metric_rows` rows, whether the layers were streamed, seconds."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     ids = check_calibration_ids(ids, cfg)
@@ -433,6 +433,7 @@ def tune_model(
         "kl_first_pass": sum(kl_per_step[:per_pass]) / len(kl_per_step[:per_pass]) if kl_per_step else None,
         "kl_last_pass": sum(kl_per_step[-per_pass:]) / len(kl_per_step[-per_pass:]) if kl_per_step else None,
         "calibration_perplexity": ppl,
+        "streamed_layers": stream_layers,
         "seconds": time.perf_counter() - started,
     }
 
