@@ -11,7 +11,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exlbuild.errors import ExlbuildError
-from exlbuild.model.checkpoint import INDEX_NAME, Checkpoint, expected_tensors, head_weight, open_model
+from exlbuild.model.checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    expected_tensors,
+    free_device_memory,
+    head_weight,
+    open_model,
+    require_device_memory,
+)
 from exlbuild.model.config import SUPPORTED_ARCHITECTURES, LlamaConfig
 from exlbuild.model.llama import forward_logits
 from model_fixtures import edit_config, hf_logits, tiny_model
@@ -159,3 +167,16 @@ def test_index_names_missing_shard(tmp_path: Path) -> None:
     (sharded / shard).unlink()
     with pytest.raises(ExlbuildError, match=f"names shard {shard}"):
         Checkpoint(sharded)
+
+
+def test_memory_the_allocator_holds_unused_counts_as_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build's earlier steps leave blocks in PyTorch's cache: reusable, so a check counts them as free."""
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    cuda = torch.device("cuda")
+    assert free_device_memory(cuda) == 4 * gib
+    require_device_memory(4 * gib, cuda, "this", "that")
+    with pytest.raises(ExlbuildError, match=r"this needs 4.5 GiB of GPU memory, but 4.0 GiB are free; that"):
+        require_device_memory(4 * gib + gib // 2, cuda, "this", "that")

@@ -212,12 +212,19 @@ def model_bytes(cfg: LlamaConfig, dtype: torch.dtype) -> int:
     return (cfg.num_hidden_layers * layer + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * dtype.itemsize
 
 
+def free_device_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on the CUDA device `device`: what the driver has free and what
+    PyTorch's allocator holds cached but unused (earlier steps of a build leave their blocks there)."""
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
+
+
 def require_device_memory(need: int, device: torch.device, what: str, instead: str) -> None:
     """Stop, saying what needs `need` bytes and what to do `instead`, unless the CUDA device `device` has that much
     free: before loading, rather than run out of memory half-way. Other devices are not checked."""
     if device.type != "cuda":
         return
-    free = torch.cuda.mem_get_info(device)[0]
+    free = free_device_memory(device)
     if need > free:
         raise ExlbuildError(f"{what} needs {need / 2**30:.1f} GiB of GPU memory, but {free / 2**30:.1f} GiB are free; "
                             f"{instead}")

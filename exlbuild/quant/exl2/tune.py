@@ -34,6 +34,7 @@ from exlbuild import progress
 from exlbuild.errors import ExlbuildError
 from exlbuild.model.checkpoint import (
     Device,
+    free_device_memory,
     head_weight,
     layer_prefix,
     model_bytes,
@@ -309,7 +310,7 @@ def tune_model(
         // cfg.num_hidden_layers
     if stream_layers is None:
         stream_layers = device.type == "cuda" and \
-            cfg.num_hidden_layers * layer_bytes > torch.cuda.mem_get_info(device)[0] // 2
+            cfg.num_hidden_layers * layer_bytes > free_device_memory(device) // 2
     require_device_memory(
         states_bytes + 3 * cfg.vocab_size * cfg.hidden_size * dtype.itemsize
         + (2 if stream_layers else cfg.num_hidden_layers) * layer_bytes, device,
