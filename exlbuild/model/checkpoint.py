@@ -205,11 +205,16 @@ def layer_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def layer_bytes(cfg: LlamaConfig, dtype: torch.dtype) -> int:
+    """The bytes of one decoder layer's weights in `dtype`."""
+    return sum(math.prod(shape) for shape in layer_tensor_shapes(cfg).values()) * dtype.itemsize
+
+
 def model_bytes(cfg: LlamaConfig, dtype: torch.dtype) -> int:
     """The bytes of the model's weights in `dtype`, the head counted apart from the embedding (a forward that holds
     the whole model keeps both tables, also when they are tied)."""
-    layer = sum(math.prod(shape) for shape in layer_tensor_shapes(cfg).values())
-    return (cfg.num_hidden_layers * layer + 2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * dtype.itemsize
+    tables = (2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * dtype.itemsize
+    return cfg.num_hidden_layers * layer_bytes(cfg, dtype) + tables
 
 
 def free_device_memory(device: torch.device) -> int:

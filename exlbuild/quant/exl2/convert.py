@@ -195,13 +195,13 @@ def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, devic
 
 
 def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[str, int],
-                         device: torch.device) -> dict[str, Tensor]:
-    """Decoder layer i of the quantization pass's layout (a file's dict of full names) as the forward's float32
-    weights, its linears decoded as the loader decodes them."""
-    weights = {name: tensors[layer_prefix(i) + name].to(device, torch.float32) for name in NORMS}
+                         device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Decoder layer i of the quantization pass's layout (a file's dict of full names) as the forward's weights in
+    `dtype`, its linears decoded as the loader decodes them."""
+    weights = {name: tensors[layer_prefix(i) + name].to(device, dtype) for name in NORMS}
     for name in LINEARS:
         key = layer_prefix(i) + name
-        weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, torch.float32)
+        weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, dtype)
         weights[f"{name}.weight"] = weight
         if bias is not None:
             weights[f"{name}.bias"] = bias

@@ -37,7 +37,7 @@ from exlbuild.model.checkpoint import (
     free_device_memory,
     head_weight,
     layer_prefix,
-    model_bytes,
+    layer_bytes,
     norm_weight,
     open_model,
     require_device_memory,
@@ -51,6 +51,7 @@ from exlbuild.quant.exl2.convert import (
     HEAD_KEY,
     LAYERS_DIR,
     calibration_perplexity,
+    decode_layer_weights,
     decode_linear,
     layer_file,
     linear_bias,
@@ -306,17 +307,20 @@ def tune_model(
     rows, length = ids.shape
     step_rows = min(rows_per_step, rows)
     states_bytes = (rows + cfg.num_hidden_layers * step_rows) * length * cfg.hidden_size * dtype.itemsize
-    layer_bytes = (model_bytes(cfg, dtype) - 2 * cfg.vocab_size * cfg.hidden_size * dtype.itemsize) \
-        // cfg.num_hidden_layers
+    decoded_bytes = layer_bytes(cfg, dtype)
     if stream_layers is None:
         stream_layers = device.type == "cuda" and \
-            cfg.num_hidden_layers * layer_bytes > free_device_memory(device) // 2
+            cfg.num_hidden_layers * decoded_bytes > free_device_memory(device) // 2
     require_device_memory(
         states_bytes + 3 * cfg.vocab_size * cfg.hidden_size * dtype.itemsize
-        + (2 if stream_layers else cfg.num_hidden_layers) * layer_bytes, device,
+        + (2 if stream_layers else cfg.num_hidden_layers) * decoded_bytes, device,
         "the tuning (tune.steps > 0: the FP16 model's final states of every calibration row, each layer's inputs "
         "of a step's rows, the embedding and both heads, and the decoded layers)",
         "set tune.steps=0 or lower tune.rows_per_step for this model")
+    if stream_layers and device.type == "cuda":
+        # Each layer's tensors wait in page-locked host memory and are decoded on the device at every use (its
+        # forward, and again in the backward pass).
+        layers = [{k: t.pin_memory() for k, t in layer.items()} for layer in layers]
     out_features = {name: shape.out_features for name, shape in linear_shapes(cfg).items()}
     linears = [[ScaledLinear(linear_tensors(layer, layer_prefix(i) + name), layer_prefix(i) + name, out_features[name],
                              device, dtype) for name in LINEARS] for i, layer in enumerate(layers)]
@@ -335,23 +339,13 @@ def tune_model(
     target_norm, target_head = norm_weight(ckpt, dtype, device), head_weight(ckpt, cfg, dtype, device)
 
     def decoded_layer(i: int) -> dict[str, Tensor]:
-        weights = {}
-        for name, linear in zip(LINEARS, linears[i]):
-            weights[f"{name}.weight"] = decode_linear(linear.tensors, linear.key, linear.out_features, device, dtype)[0]
-            if linear.bias is not None:
-                weights[f"{name}.bias"] = linear.bias
-        return weights
+        return decode_layer_weights(layers[i], i, out_features, device, dtype)  # its norms: see student_layer
 
-    if stream_layers and device.type == "cuda":
-        # Each layer's tensors wait in page-locked host memory and are decoded on the device at every use (its
-        # forward, and again in the backward pass).
-        for layer in linears:
-            for linear in layer:
-                linear.tensors = {k: t.pin_memory() for k, t in linear.tensors.items()}
     resident = [] if stream_layers else [decoded_layer(i) for i in range(cfg.num_hidden_layers)]
 
     def fixed(i: int) -> dict[str, Tensor]:
         return resident[i] if resident else decoded_layer(i)
+
     student_head, _ = decode_linear(head.tensors, HEAD_KEY, cfg.vocab_size, device, dtype)
     embedding = global_tensors[EMBEDDING_KEY].to(device, dtype)
 
