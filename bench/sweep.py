@@ -1,7 +1,7 @@
 """The full sweep of a recipe on the GPU machine: one measurement, then every variant; times, peak GPU memory
 and perplexities into bench/results/sweep-<name>.json and a markdown table beside it.
 
-    python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [overrides ...]
+    python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [--jobs N] [overrides ...]
 
 The build runs through the CLI in a fresh store (so every step is really built) and its wall time is the
 `total_seconds`; each step's own time and peak GPU memory come from its artifact's manifest.
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="results file suffix, e.g. h100")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--work", type=Path, default=None, help="build here (default: a temporary folder)")
+    ap.add_argument("--jobs", type=int, default=1, help="exlbuild -j: targets built at once")
     args = ap.parse_intermixed_args()  # overrides before or after the options
 
     work = args.work or Path(tempfile.mkdtemp(prefix="exlbuild-sweep-"))
@@ -36,7 +37,7 @@ def main() -> None:
     shutil.copy(args.recipe, recipe)
     cli = [sys.executable, "-m", "exlbuild.cli"]
     t0 = time.perf_counter()
-    subprocess.run(cli + [str(recipe), *args.overrides], check=True)
+    subprocess.run(cli + [str(recipe), "-j", str(args.jobs), *args.overrides], check=True)
     total = time.perf_counter() - t0
 
     status = json.loads(subprocess.run(cli + ["status", str(recipe), "--json", *args.overrides], check=True,
@@ -57,7 +58,7 @@ def main() -> None:
         "device": env.get("gpu", "cpu"),
         "model": Path(section["recipe"]["model"]["gguf"] or section["recipe"]["model"]["path"]).name,
         "recipe": args.recipe.name, "overrides": args.overrides, "environment": env,
-        "steps": steps, "total_seconds": round(total, 1),
+        "jobs": args.jobs, "steps": steps, "total_seconds": round(total, 1),
         "fp16_perplexity": report and report["fp16_perplexity"],
         "variants": report and report["variants"],
     }
@@ -70,7 +71,7 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     lines = [f"# Sweep on {r['device']}: {r['recipe']} {' '.join(r['overrides'])}".rstrip(), "",
-             f"Whole build (fresh store): {r['total_seconds']:.1f} s", "",
+             f"Whole build (fresh store, {r.get('jobs', 1)} at a time): {r['total_seconds']:.1f} s", "",
              "| step | kind | seconds | peak GPU memory (MiB) |", "| --- | --- | ---: | ---: |"]
     for s in r["steps"]:
         peak = f"{s['peak_gpu_bytes'] / 2**20:.0f}" if s["peak_gpu_bytes"] else "–"

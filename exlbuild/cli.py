@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     b = command("build", _build, "build every stale target of a recipe (the default command)")
     b.add_argument("--frozen", action="store_true", help="fail instead of building if exlbuild.lock would change")
+    b.add_argument("-j", "--jobs", type=_positive, default=1, metavar="N",
+                   help="build up to N targets at once, each in a worker process (on a host with several GPUs, "
+                        "worker k uses GPU k modulo their count); default 1")
     command("plan", _plan, "say which targets would be built, and why, without building")
     s = command("status", _status, "list the targets and their states")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -80,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the forward runs (auto: the GPU if there is one, as builds do)")
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,7 +135,7 @@ def _build(args: argparse.Namespace) -> int:
         say = (lambda m: None) if args.quiet else _err
         try:
             with progress.display(enabled=not args.quiet and sys.stderr.isatty()):
-                outcomes = runner.build(s.graph, s.store, s.previous, say)
+                outcomes = runner.build(s.graph, s.store, s.previous, say, jobs=args.jobs)
         except runner.BuildFailed as failed:
             lockfile.write(s.recipe, s.graph, s.store)
             if not args.quiet:

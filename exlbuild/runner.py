@@ -53,31 +53,138 @@ def status(graph: Graph, store: Store, previous: dict[str, Any]) -> list[NodeSta
     return out
 
 
-def build(graph: Graph, store: Store, previous: dict[str, Any], say: Callable[[str], None]) -> list[Outcome]:
-    """Build every stale node in order. Stops at the first failure (its dependents cannot be built)."""
+def build(graph: Graph, store: Store, previous: dict[str, Any], say: Callable[[str], None],
+          jobs: int = 1) -> list[Outcome]:
+    """Build every stale node, inputs first; `jobs` > 1 builds up to that many at once, each in a worker process
+    (`_build_in_parallel`). Stops at the first failure: its dependents cannot be built, and no other node is
+    started after it."""
+    statuses = status(graph, store, previous)
+    if jobs > 1:
+        return _build_in_parallel(statuses, store, say, jobs)
     outcomes: list[Outcome] = []
-    for st in status(graph, store, previous):
-        node = st.node
+    for st in statuses:
         start = time.perf_counter()
-        if st.state == UP_TO_DATE:
-            state = UP_TO_DATE
-        else:
+        state = UP_TO_DATE
+        if st.state == STALE:
             try:
-                with store.lock(node.key, on_wait=lambda who: say(f"waiting for {node.name}: {who} is building it")):
-                    if store.has(node.rule_name, node.key):
-                        state = REUSED
-                    else:
-                        say(f"building {node.name} ({node.kind}): {'; '.join(st.reasons)}")
-                        _build_one(node, store)
-                        state = BUILT
+                state = _build_locked(st, store, say)
             except BaseException as e:
-                outcomes.append(Outcome(node, FAILED, time.perf_counter() - start))
+                outcomes.append(Outcome(st.node, FAILED, time.perf_counter() - start))
                 raise BuildFailed(outcomes, e) from e
-        if node.export_dir is not None and store.export(node.rule_name, node.key, node.export_dir):
-            say(f"exported {node.name} to {node.export_dir}")
-        seconds = time.perf_counter() - start if state != UP_TO_DATE else 0.0
-        outcomes.append(Outcome(node, state, seconds, _size(node, store)))
+        outcomes.append(_finished(st.node, state, time.perf_counter() - start, store, say))
     return outcomes
+
+
+def _build_locked(st: NodeStatus, store: Store, say: Callable[[str], None]) -> str:
+    """Build a stale node under its lock, unless another process published it meanwhile: BUILT or REUSED."""
+    node = st.node
+    with store.lock(node.key, on_wait=lambda who: say(f"waiting for {node.name}: {who} is building it")):
+        if store.has(node.rule_name, node.key):
+            return REUSED
+        say(f"building {node.name} ({node.kind}): {'; '.join(st.reasons)}")
+        _build_one(node, store)
+        return BUILT
+
+
+def _finished(node: Node, state: str, seconds: float, store: Store, say: Callable[[str], None]) -> Outcome:
+    """The outcome of a node that is up to date, built or reused, its export refreshed."""
+    if node.export_dir is not None and store.export(node.rule_name, node.key, node.export_dir):
+        say(f"exported {node.name} to {node.export_dir}")
+    return Outcome(node, state, seconds if state != UP_TO_DATE else 0.0, _size(node, store))
+
+
+def _build_in_parallel(statuses: list[NodeStatus], store: Store, say: Callable[[str], None],
+                       jobs: int) -> list[Outcome]:
+    """Up to `jobs` stale nodes at once, each as soon as its inputs are there, in a pool of worker processes
+    (spawned: a forked CUDA context is unusable). Processes rather than threads because the rules set
+    process-wide switches (deterministic kernels, TF32) around their own work. Worker k builds on GPU k modulo the
+    GPUs there are, so that a sweep's variants spread over a multi-GPU host. The per-artifact locks are those of
+    separate builds, and what a node writes does not depend on where it was built. The workers' messages come
+    back through a queue and are said here, in order, while they run."""
+    import concurrent.futures as futures
+    import contextlib
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("spawn")
+    slots, messages = context.Queue(), context.Queue()
+    for k in range(jobs):
+        slots.put(k)
+
+    def relay() -> None:
+        while True:
+            try:
+                say(messages.get_nowait())
+            except queue.Empty:
+                return
+
+    done = {st.node.name for st in statuses if st.state == UP_TO_DATE}
+    outcomes = {st.node.name: _finished(st.node, UP_TO_DATE, 0.0, store, say)
+                for st in statuses if st.state == UP_TO_DATE}
+    waiting = [st for st in statuses if st.state == STALE]
+    running: dict[futures.Future, tuple[NodeStatus, float, contextlib.ExitStack]] = {}
+    failure: BaseException | None = None
+    with futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                                     initargs=(slots, messages)) as pool:
+        try:
+            while running or (waiting and failure is None):
+                ready = [st for st in waiting if all(d.name in done for d in st.node.deps.values())]
+                for st in ready[: jobs - len(running)] if failure is None else []:
+                    waiting.remove(st)
+                    bar = contextlib.ExitStack()
+                    bar.enter_context(progress.task(st.node.name, None))
+                    running[pool.submit(_build_in_worker, st, store.root)] = (st, time.perf_counter(), bar)
+                if not running:
+                    break  # what is left waits for a node that failed
+                finished, _ = futures.wait(running, timeout=0.2, return_when=futures.FIRST_COMPLETED)
+                relay()
+                for future in finished:
+                    st, start, bar = running.pop(future)
+                    bar.close()
+                    seconds = time.perf_counter() - start
+                    try:
+                        state = future.result()
+                    except BaseException as e:
+                        outcomes[st.node.name] = Outcome(st.node, FAILED, seconds)
+                        failure = failure or e
+                        continue
+                    done.add(st.node.name)
+                    outcomes[st.node.name] = _finished(st.node, state, seconds, store, say)
+        except BaseException as e:  # an interrupt: the workers, in the same process group, got it too
+            failure = failure or e
+            pool.shutdown(cancel_futures=True)
+    relay()
+    ordered = [outcomes[st.node.name] for st in statuses if st.node.name in outcomes]
+    if failure is not None:
+        ordered.sort(key=lambda o: o.state == FAILED)  # the failed node last, as a sequential build has it
+        raise BuildFailed(ordered, failure) from failure
+    return ordered
+
+
+_worker: dict[str, Any] = {}  # a worker process's message queue and store
+
+
+def _start_worker(slots: Any, messages: Any) -> None:
+    """A worker process's first step: take a slot number and build on that GPU (modulo their count)."""
+    slot = slots.get()
+    _worker["messages"] = messages
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(slot % torch.cuda.device_count())
+
+
+def _build_in_worker(st: NodeStatus, store_root: Path) -> str:
+    if _worker.get("store") is None or _worker["store"].root != store_root:
+        _worker["store"] = Store(store_root)
+    try:
+        return _build_locked(st, _worker["store"], _worker["messages"].put)
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # what this worker keeps cached is not free to the others on its GPU
 
 
 class BuildFailed(Exception):

@@ -3,7 +3,9 @@
     source dir ──► text ──► upper ──► joined
                     └──────────────────┘
 
-Every rule run appends a line to the file $ENGINE_TEST_LOG, so tests can count how often each rule really ran.
+Every rule run appends a line to the file $ENGINE_TEST_LOG (its name, process and start time), so tests can count
+how often each rule really ran, and where and when. `upper` fails while $ENGINE_TEST_UPPER_FAILS is set (the
+environment reaches worker processes, which a monkeypatch does not).
 `slow` runs in steps of `step_seconds`, checkpointing each finished step into ctx.state.
 """
 
@@ -23,7 +25,7 @@ from exlbuild.store import Store
 def log_run(name: str, extra: str = "") -> None:
     log = Path(os.environ["ENGINE_TEST_LOG"])
     with open(log, "a") as f:
-        f.write(f"{name} {os.getpid()} {extra}\n")
+        f.write(f"{name} {os.getpid()} {time.time():.3f} {extra}\n")
 
 
 class Text(Rule):
@@ -43,6 +45,8 @@ class Upper(Rule):
 
     def run(self, ctx: BuildContext):
         log_run(self.name)
+        if os.environ.get("ENGINE_TEST_UPPER_FAILS"):
+            raise RuntimeError("upper failed on purpose")
         (ctx.out / "upper.txt").write_text((ctx.inputs["text"] / "text.txt").read_text().upper())
 
 
@@ -83,12 +87,12 @@ def make_graph(src: Path, sep: str = " ", steps: int = 1, step_seconds: float = 
     return Graph([joined])
 
 
-def run(store_root: Path, src: Path, **kw) -> list:
+def run(store_root: Path, src: Path, jobs: int = 1, **kw) -> list:
     store = Store(store_root)
     graph = make_graph(src, **kw)
     graph.resolve(store.hashes)
     try:
-        return build(graph, store, {}, say=lambda m: print(m, flush=True))
+        return build(graph, store, {}, say=lambda m: print(m, flush=True), jobs=jobs)
     finally:
         store.close()
 

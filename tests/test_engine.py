@@ -187,6 +187,43 @@ def test_failed_rule_publishes_nothing(env, monkeypatch):
     assert store.has("text", graph["text"].key)  # what was finished before stays
 
 
+def test_parallel_build_runs_independent_targets_at_once(env):
+    """-j 2: `slow` (no inputs but the source) and the text → upper chain are built at the same time in two worker
+    processes; everything is built once, with the keys and bytes of a sequential build."""
+    src, store_root, log = env
+    kw = {"steps": 8, "step_seconds": 0.5}
+    outcomes = engine_graph.run(store_root, src, jobs=2, **kw)
+    assert states(outcomes) == {"src": UP_TO_DATE, "text": BUILT, "upper": BUILT, "slow": BUILT, "joined": BUILT}
+    started = {name: (pid, float(t)) for name, pid, t, *_ in (line.split() for line in log.read_text().splitlines())}
+    assert started["slow"][0] != os.getpid() and started["slow"][0] != started["upper"][0]
+    # upper starts while slow sleeps (a sequential build starts upper before slow)
+    assert started["slow"][1] < started["upper"][1] < started["slow"][1] + 8 * 0.5
+    sequential = engine_graph.run(store_root.with_name("sequential"), src, **kw)
+    store, graph = resolved(store_root, src, **kw)
+    other = Store(store_root.with_name("sequential"))
+    for outcome in sequential[1:]:
+        node = outcome.node
+        assert graph[node.name].key == node.key
+        assert store.manifest(node.rule_name, node.key)["files"] == other.manifest(node.rule_name, node.key)["files"]
+
+
+def test_parallel_build_stops_at_a_failure(env, monkeypatch):
+    """A failing target in a worker: the error comes back, nothing of it is published, what was started beside it
+    finishes and stays, its dependents are not built."""
+    src, store_root, log = env
+    monkeypatch.setenv("ENGINE_TEST_UPPER_FAILS", "1")
+    from exlbuild.runner import BuildFailed
+
+    with pytest.raises(BuildFailed) as e:
+        engine_graph.run(store_root, src, jobs=2, steps=4, step_seconds=0.25)
+    assert "upper failed on purpose" in str(e.value.cause)
+    assert e.value.outcomes[-1].node.name == "upper" and e.value.outcomes[-1].state == "failed"
+    store, graph = resolved(store_root, src, steps=4, step_seconds=0.25)
+    assert not store.has("upper", graph["upper"].key) and not store.has("joined", graph["joined"].key)
+    assert store.has("text", graph["text"].key) and store.has("slow", graph["slow"].key)
+    assert "joined" not in runs(log)
+
+
 def _spawn(store_root: Path, src: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(SCRIPT), str(store_root), str(src), json.dumps(kw)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())

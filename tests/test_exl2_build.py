@@ -137,6 +137,27 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
 
 
 @pytest.mark.slow
+def test_a_parallel_sweep_writes_what_a_sequential_one_does(project, tmp_path, capsys):
+    """`-j 2`: the variants are built two at a time in worker processes, with the keys and bytes of a sequential
+    build, and the workers' messages reach the build's own output."""
+    sequential = shutil.copytree(project, tmp_path / "sequential")
+    fits = ["refine.steps=2", "tune.steps=2", "eval.text=null"]
+    code, out, err = run_cli(capsys, project / "recipe.yaml", "-j", "2", *fits)
+    assert code == 0, err
+    assert "building exl2-3.0bpw/tuned " in err and "| exl2-4.0bpw |" in out
+    code, _, err = run_cli(capsys, sequential / "recipe.yaml", *fits)
+    assert code == 0, err
+
+    def files(root: Path) -> dict[str, dict]:
+        """Every artifact's file hashes but the report's (it records the times of the passes)."""
+        return {f"{m.parent.parent.name}/{m.parent.name}": json.loads(m.read_text())["files"]
+                for m in (root / ".exlbuild" / "store").glob("*/*/manifest.json") if m.parent.parent.name != "report"}
+
+    built = files(project)
+    assert built == files(sequential) and len(built) == 13
+
+
+@pytest.mark.slow
 def test_exllamav2_measurement_as_input(project, capsys):
     measurement = FIXTURES / "exllamav2_tiny_measurement.json"
     code, out, err = run_cli(capsys, project / "recipe.yaml", f"measurement.file={measurement}", "sweep.bits=[4.0]",
