@@ -10,6 +10,7 @@ The build runs through the CLI in a fresh store (so every step is really built) 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import shutil
 import subprocess
@@ -50,9 +51,12 @@ def main() -> None:
             continue
         manifest = json.loads((store / t["rule"] / t["key"] / "manifest.json").read_text())
         steps.append({"name": t["name"], "kind": t["kind"], "seconds": manifest["seconds"],
-                      "peak_gpu_bytes": manifest["metrics"].get("peak_gpu_bytes")})
+                      "started": manifest["started"], "peak_gpu_bytes": manifest["metrics"].get("peak_gpu_bytes")})
         if t["rule"] == "report":
             report = json.loads((Path(t["out_dir"]) / "report.json").read_text())
+    first = min(datetime.datetime.fromisoformat(s["started"]) for s in steps)
+    for s in steps:  # when each step started, in whole seconds after the first (-j runs several at once)
+        s["started_s"] = (datetime.datetime.fromisoformat(s["started"]) - first).total_seconds()
     env = manifest["environment"]
     result = {
         "device": env.get("gpu", "cpu"),
@@ -72,10 +76,10 @@ def main() -> None:
 def markdown(r: dict) -> str:
     lines = [f"# Sweep on {r['device']}: {r['recipe']} {' '.join(r['overrides'])}".rstrip(), "",
              f"Whole build (fresh store, {r.get('jobs', 1)} at a time): {r['total_seconds']:.1f} s", "",
-             "| step | kind | seconds | peak GPU memory (MiB) |", "| --- | --- | ---: | ---: |"]
+             "| step | kind | started (s) | seconds | peak GPU memory (MiB) |", "| --- | --- | ---: | ---: | ---: |"]
     for s in r["steps"]:
         peak = f"{s['peak_gpu_bytes'] / 2**20:.0f}" if s["peak_gpu_bytes"] else "–"
-        lines.append(f"| {s['name']} | {s['kind']} | {s['seconds']:.1f} | {peak} |")
+        lines.append(f"| {s['name']} | {s['kind']} | {s['started_s']:.0f} | {s['seconds']:.1f} | {peak} |")
     if r["variants"]:
         lines += ["", f"FP16 perplexity: {r['fp16_perplexity']:.3f}" if r["fp16_perplexity"] else "", "",
                   "| variant | decoder bpw | eval ppl | vs FP16 | calibration ppl |", "| --- | ---: | ---: | ---: | ---: |"]
