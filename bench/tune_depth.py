@@ -7,6 +7,9 @@ here each model (random weights in the shape, written by scale.write_model) is q
 block at ~4 bits on 4 rows, then tuned for 3 steps of 2 rows on 100 × 2048 random rows with its layers streamed
 (as a model of the real depth is). What a layer adds is its input of the step's rows, kept for the backward pass;
 two depths above one give that slope (a one-layer model's backward computes no gradient for its layer's input).
+The slope is taken from the tuning's own memory, its peak less what the process held when it began (cuBLAS keeps a
+workspace per stream the quantization used, 32 MiB each on the H100, more in one run than in another), and the
+extrapolation adds back what the deepest run held before.
 """
 
 from __future__ import annotations
@@ -56,6 +59,20 @@ def measure(shape: str, layers: int, rows: int, length: int, work: Path, device:
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else 0, "allocated_before_bytes": before}
 
 
+def summary(runs: list[dict], real_layers: int) -> dict:
+    """The runs, the tuning's own bytes a layer (the slope of peak less what was held before), and the peak at the
+    real depth: the deepest run's own peak plus that slope for each further layer, plus what it held before."""
+    first, last = runs[0], runs[-1]
+
+    def own(run: dict) -> int:
+        return run["peak_gpu_bytes"] - run["allocated_before_bytes"]
+
+    per_layer = (own(last) - own(first)) / (last["layers"] - first["layers"])
+    peak = own(last) + (real_layers - last["layers"]) * per_layer + last["allocated_before_bytes"]
+    return {"runs": runs, "per_layer_bytes": per_layer,
+            "extrapolated": {"layers": real_layers, "peak_gpu_bytes": peak}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-70b", choices=list(SHAPES))
@@ -72,13 +89,8 @@ def main() -> None:
         runs.append(measure(args.shape, layers, args.rows, args.length, work, args.device))
         shutil.rmtree(work)
         print(json.dumps(runs[-1]), flush=True)
-    first, last = runs[0], runs[-1]
-    per_layer = (last["peak_gpu_bytes"] - first["peak_gpu_bytes"]) / (last["layers"] - first["layers"])
-    real = SHAPES[args.shape]["layers"]
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "runs": runs,
-              "per_layer_bytes": per_layer,
-              "extrapolated": {"layers": real,
-                               "peak_gpu_bytes": last["peak_gpu_bytes"] + (real - last["layers"]) * per_layer}}
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              **summary(runs, SHAPES[args.shape]["layers"])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["extrapolated"]))
