@@ -194,8 +194,8 @@ def test_parallel_build_runs_independent_targets_at_once(env):
     kw = {"steps": 8, "step_seconds": 0.5}
     outcomes = engine_graph.run(store_root, src, jobs=2, **kw)
     assert states(outcomes) == {"src": UP_TO_DATE, "text": BUILT, "upper": BUILT, "slow": BUILT, "joined": BUILT}
-    started = {name: (pid, float(t)) for name, pid, t, *_ in (line.split() for line in log.read_text().splitlines())}
-    assert started["slow"][0] != os.getpid() and started["slow"][0] != started["upper"][0]
+    started = {name: (int(pid), float(t)) for name, pid, t, *_ in (line.split() for line in log.read_text().splitlines())}
+    assert os.getpid() not in (started["slow"][0], started["upper"][0]) and started["slow"][0] != started["upper"][0]
     # upper starts while slow sleeps (a sequential build starts upper before slow)
     assert started["slow"][1] < started["upper"][1] < started["slow"][1] + 8 * 0.5
     sequential = engine_graph.run(store_root.with_name("sequential"), src, **kw)
@@ -205,6 +205,8 @@ def test_parallel_build_runs_independent_targets_at_once(env):
         node = outcome.node
         assert graph[node.name].key == node.key
         assert store.manifest(node.rule_name, node.key)["files"] == other.manifest(node.rule_name, node.key)["files"]
+    store.close()
+    other.close()
 
 
 def test_parallel_build_stops_at_a_failure(env, monkeypatch):
