@@ -7,9 +7,9 @@ here each model (random weights in the shape, written by scale.write_model) is q
 block at ~4 bits on 4 rows, then tuned for 3 steps of 2 rows on 100 × 2048 random rows with its layers streamed
 (as a model of the real depth is). What a layer adds is its input of the step's rows, kept for the backward pass;
 two depths above one give that slope (a one-layer model's backward computes no gradient for its layer's input).
-The slope is taken from the tuning's own memory, its peak less what the process held when it began (cuBLAS keeps a
-workspace per stream the quantization used, 32 MiB each on the H100, more in one run than in another), and the
-extrapolation adds back what the deepest run held before.
+The slope is taken from the tuning's own memory, its peak less what the process held when it began (most likely
+cuBLAS workspaces, one per stream the quantization used, 32 MiB each on the H100: more in one run than in
+another), and the extrapolation adds back what the deepest run held before.
 """
 
 from __future__ import annotations
