@@ -5,7 +5,8 @@
 
 Every rule run appends a line to the file $ENGINE_TEST_LOG (its name, process and start time), so tests can count
 how often each rule really ran, and where and when. `upper` fails while $ENGINE_TEST_UPPER_FAILS is set (the
-environment reaches worker processes, which a monkeypatch does not).
+environment reaches worker processes, which a monkeypatch does not). While $ENGINE_TEST_RENDEZVOUS names a file,
+`slow` creates it as it starts and `text` waits for it: a build then succeeds only if the two run at once.
 `slow` runs in steps of `step_seconds`, checkpointing each finished step into ctx.state.
 """
 
@@ -34,6 +35,14 @@ class Text(Rule):
 
     def run(self, ctx: BuildContext):
         log_run(self.name)
+        rendezvous = os.environ.get("ENGINE_TEST_RENDEZVOUS")
+        if rendezvous:
+            waited = 0.0
+            while not Path(rendezvous).exists():
+                if waited > 60:
+                    raise RuntimeError("text: slow never started")
+                time.sleep(0.05)
+                waited += 0.05
         words = (ctx.inputs["src"] / "words.txt").read_text().split()
         (ctx.out / "text.txt").write_text(ctx.params["sep"].join(words))
         return {"words": len(words)}
@@ -59,6 +68,8 @@ class Slow(Rule):
     def run(self, ctx: BuildContext):
         done = len(list(ctx.state.glob("step-*")))
         log_run(self.name, f"start={done}")
+        if os.environ.get("ENGINE_TEST_RENDEZVOUS"):
+            Path(os.environ["ENGINE_TEST_RENDEZVOUS"]).touch()
         for i in range(done, ctx.params["steps"]):
             time.sleep(ctx.params["step_seconds"])
             (ctx.state / f"step-{i:03d}").write_text(str(i))
