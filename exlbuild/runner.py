@@ -161,11 +161,20 @@ def _build_in_parallel(statuses: list[NodeStatus], store: Store, say: Callable[[
     return ordered
 
 
-_worker: dict[str, Any] = {}  # a worker process's message queue and store
+_worker: dict[str, Any] = {"busy": False}  # a worker process's message queue and store, and whether it is building
 
 
 def _start_worker(slots: Any, messages: Any) -> None:
-    """A worker process's first step: take a slot number and build on that GPU (modulo their count)."""
+    """A worker process's first step: take a slot number and build on that GPU (modulo their count). An interrupt
+    (Ctrl-C reaches every process of the terminal's group) stops the target being built, which fails the build as
+    in a sequential one; a worker waiting for its next target lets it pass instead of dying with a traceback."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if _worker["busy"]:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
     slot = slots.get()
     _worker["messages"] = messages
     try:
@@ -179,9 +188,11 @@ def _start_worker(slots: Any, messages: Any) -> None:
 def _build_in_worker(st: NodeStatus, store_root: Path) -> str:
     if _worker.get("store") is None or _worker["store"].root != store_root:
         _worker["store"] = Store(store_root)
+    _worker["busy"] = True
     try:
         return _build_locked(st, _worker["store"], _worker["messages"].put)
     finally:
+        _worker["busy"] = False
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # what this worker keeps cached is not free to the others on its GPU

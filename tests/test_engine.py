@@ -263,6 +263,35 @@ def test_sigkill_mid_rule_then_resume(env):
     assert not store.work_dir("slow", key).exists()  # checkpoints go once published
 
 
+def test_parallel_build_interrupted_then_resumed(env):
+    """Ctrl-C (SIGINT to the build's process group) during a -j 2 build: the target being built stops
+    unpublished, the idle worker lets the signal pass (it died with a traceback of its own before), and the next
+    build resumes from the checkpoints."""
+    src, store_root, log = env
+    kw = {"steps": 40, "step_seconds": 0.1}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store_root), str(src), json.dumps({**kw, "jobs": 2})],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            start_new_session=True,  # its own process group, as a terminal's job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    store, graph = resolved(store_root, src, **kw)
+    key = graph["slow"].key
+    state = store.work_dir("slow", key) / "state"
+    deadline = time.time() + 60
+    while len(list(state.glob("step-*"))) < 3:
+        assert time.time() < deadline, "the slow rule never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert "recv_bytes" not in err  # no worker died waiting on its task queue
+    assert not store.has("slow", key) and not store.has("joined", graph["joined"].key)
+    done_before = len(list(state.glob("step-*")))
+    again = engine_graph.run(store_root, src, jobs=2, **kw)
+    assert states(again)["slow"] == BUILT and states(again)["joined"] == BUILT
+    starts = [line for line in log.read_text().splitlines() if line.startswith("slow")]
+    assert starts[0].endswith("start=0") and starts[1].endswith(f"start={done_before}") and done_before >= 3
+
+
 def test_two_concurrent_builds_build_each_artifact_once(env):
     src, store_root, log = env
     kw = {"steps": 4, "step_seconds": 0.25}
