@@ -227,9 +227,21 @@ def test_parallel_build_stops_at_a_failure(env, monkeypatch):
     assert "joined" not in runs(log)
 
 
-def _spawn(store_root: Path, src: Path, **kw) -> subprocess.Popen:
+def _spawn(store_root: Path, src: Path, own_group: bool = False, **kw) -> subprocess.Popen:
+    """engine_graph.py building in a subprocess; `own_group`: in a process group of its own, as a terminal's job,
+    with the interrupt's default action (so that a SIGINT to the group reaches it and its workers)."""
+    group = {"start_new_session": True, "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
     return subprocess.Popen([sys.executable, str(SCRIPT), str(store_root), str(src), json.dumps(kw)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            **(group if own_group else {}))
+
+
+def _wait_for_checkpoints(state: Path, steps: int) -> None:
+    """Until the slow rule has checkpointed `steps` steps in `state`."""
+    deadline = time.time() + 60
+    while len(list(state.glob("step-*"))) < steps:
+        assert time.time() < deadline, "the slow rule never started"
+        time.sleep(0.05)
 
 
 def _final_states(proc: subprocess.Popen) -> dict[str, str]:
@@ -245,10 +257,7 @@ def test_sigkill_mid_rule_then_resume(env):
     store, graph = resolved(store_root, src, **kw)
     key = graph["slow"].key
     state = store.work_dir("slow", key) / "state"
-    deadline = time.time() + 60
-    while len(list(state.glob("step-*"))) < 2:
-        assert time.time() < deadline, "the slow rule never started"
-        time.sleep(0.05)
+    _wait_for_checkpoints(state, 2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not store.has("slow", key)  # never visible as published
@@ -269,17 +278,11 @@ def test_parallel_build_interrupted_then_resumed(env):
     build resumes from the checkpoints."""
     src, store_root, log = env
     kw = {"steps": 40, "step_seconds": 0.1}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(store_root), str(src), json.dumps({**kw, "jobs": 2})],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-                            start_new_session=True,  # its own process group, as a terminal's job
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _spawn(store_root, src, own_group=True, jobs=2, **kw)
     store, graph = resolved(store_root, src, **kw)
     key = graph["slow"].key
     state = store.work_dir("slow", key) / "state"
-    deadline = time.time() + 60
-    while len(list(state.glob("step-*"))) < 3:
-        assert time.time() < deadline, "the slow rule never started"
-        time.sleep(0.05)
+    _wait_for_checkpoints(state, 3)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
