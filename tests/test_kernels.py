@@ -23,6 +23,16 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from exlbuild.kernels.decoder_ops import (
+    gated_activation_reference,
+    gated_activation_triton,
+    relative_error_reference,
+    relative_error_triton,
+    rms_norm_reference,
+    rms_norm_triton,
+    rotary_reference,
+    rotary_triton,
+)
 from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step_reference, gptq_block_step_triton
 from exlbuild.kernels.pack import (
     decode_layer_reference,
@@ -45,6 +55,8 @@ from exlbuild.kernels.straight_through import (
     straight_through_weight_reference,
     straight_through_weight_triton,
 )
+from exlbuild.model.config import LlamaConfig
+from exlbuild.model.llama import Rope, decoder_layer, rope_tables
 from exlbuild.quant.exl2.options import BIT_WIDTHS, MLP_CANDIDATES, Group, QuantOption, head_option
 from exlbuild.quant.exl2.quantize import quantize_options
 from exlbuild.quant.gptq import prepare_hessian
@@ -256,6 +268,127 @@ def straight_through(device: str, real: bool, seed: int) -> None:
             reference = straight_through_backward_reference(grad.to(device), *inputs)
             assert same(ours[0], reference[0]), f"{dtype}: latent gradients differ"
             torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-5 * float(reference[1].abs().max()))
+
+
+def values_and_gradients(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor | None,
+                         differentiated: int, *args: object) -> list[torch.Tensor]:
+    """fn(*inputs, *args) and the gradients of <output, grad> (of the output itself if grad is None) with respect to
+    the first `differentiated` inputs."""
+    leaves = [t.detach().clone().requires_grad_(k < differentiated) for k, t in enumerate(inputs)]
+    out = fn(*leaves, *args)
+    return [out.detach(), *torch.autograd.grad(out, leaves[:differentiated], grad)]
+
+
+def close(ours: torch.Tensor, reference: torch.Tensor, ulps: float, where: str) -> None:
+    """Equal within `ulps` units of the last place of the dtype, relative to the reference's largest value (the
+    kernels sum in another order than torch; a few values near zero carry the error of their large terms)."""
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype, f"{where}: {ours.shape} {ours.dtype}"
+    tolerance = ulps * torch.finfo(reference.dtype).eps * float(reference.abs().max().float())
+    error = float((ours.float() - reference.float()).abs().max())
+    assert error <= tolerance, f"{where}: differs by {error:.3g} (allowed {tolerance:.3g})"
+
+
+def decoder_dtypes(real: bool) -> list[torch.dtype]:
+    """bfloat16 (the fits' compute dtype) on the GPU, float16 in the interpreter (numpy has no bfloat16); float32
+    (the passes over all rows) on both."""
+    return [torch.bfloat16, torch.float32] if real else [torch.float16, torch.float32]
+
+
+@check
+def decoder_rms_norm(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    for rows, hidden in [(4 * 2048, 576), (3, 8192)] if real else [(37, 72)]:
+        for dtype in decoder_dtypes(real):
+            x = (torch.randn(rows, hidden, generator=g) * (torch.rand(rows, 1, generator=g) * 100)).to(dtype)
+            weight = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+            grad = torch.randn(rows, hidden, generator=g).to(dtype)
+            inputs = [x.to(device), weight.to(device)]
+            ours = values_and_gradients(rms_norm_triton, inputs, grad.to(device), 2, 1e-5)
+            reference = values_and_gradients(rms_norm_reference, inputs, grad.to(device), 2, 1e-5)
+            for name, a, b in zip(("output", "x's gradient", "weight's gradient"), ours, reference):
+                close(a, b, 4, f"{name}, {dtype} {rows}×{hidden}, seed {seed}")
+
+
+@check
+def decoder_rotary(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    for batch, seq, heads, head_dim in [(4, 2048, 9, 64), (1, 16, 64, 128)] if real else [(2, 5, 3, 8)]:
+        for dtype in decoder_dtypes(real):
+            x = torch.randn(batch, seq, heads, head_dim, generator=g).to(dtype)
+            # Tables whose halves differ (the model's repeat them): each half must be read where it belongs.
+            cos, sin = (torch.randn(seq, head_dim, generator=g).to(dtype) for _ in range(2))
+            grad = torch.randn(x.shape, generator=g).to(dtype)
+            inputs = [t.to(device) for t in (x, cos, sin)]
+            ours = values_and_gradients(rotary_triton, inputs, grad.to(device), 1)
+            reference = values_and_gradients(rotary_reference, inputs, grad.to(device), 1)
+            for name, a, b in zip(("output", "x's gradient"), ours, reference):
+                assert same(a, b), f"{name} differs: {dtype} {tuple(x.shape)}, seed {seed}"
+
+
+@check
+def decoder_gated_activation(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    for shape in [(4, 2048, 1536)] if real else [(2, 7, 40)]:
+        for dtype in decoder_dtypes(real):
+            gate, up, grad = (torch.randn(shape, generator=g) * 4).to(dtype), torch.randn(shape, generator=g).to(dtype), \
+                torch.randn(shape, generator=g).to(dtype)
+            inputs = [gate.to(device), up.to(device)]
+            ours = values_and_gradients(gated_activation_triton, inputs, grad.to(device), 2)
+            reference = values_and_gradients(gated_activation_reference, inputs, grad.to(device), 2)
+            for name, a, b in zip(("output", "gate's gradient", "up's gradient"), ours, reference):
+                close(a, b, 2, f"{name}, {dtype} {shape}, seed {seed}")
+
+
+@check
+def refine_relative_error(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    for shape in [(4, 2048, 576)] if real else [(2, 9, 72)]:
+        for dtype in decoder_dtypes(real):
+            target = torch.randn(shape, generator=g) * (torch.rand(*shape[:-1], 1, generator=g) * 50)
+            y = (target + torch.randn(shape, generator=g)).to(dtype)
+            target[0, 0], y[0, 0] = 0, 0  # a zero target (its norm is clamped), matched
+            inputs = [y.to(device), target.half().to(device)]
+            ours = values_and_gradients(relative_error_triton, inputs, None, 1)
+            reference = values_and_gradients(relative_error_reference, inputs, None, 1)
+            close(ours[0], reference[0], 64, f"loss, {dtype} {shape}, seed {seed}")  # a mean of thousands of sums
+            close(ours[1], reference[1], 2, f"y's gradient, {dtype} {shape}, seed {seed}")
+
+
+@check
+def decoder_layer_paths(device: str, real: bool, seed: int) -> None:
+    """A whole decoder layer forward and backward with the kernels against the references: the kernels' small
+    differences (sums in another order) must stay small through the layer."""
+    g = generator(seed)
+    hidden, inter, heads, kv_heads, head_dim, rows, seq = (576, 1536, 9, 3, 64, 2, 2048) if real else \
+        (64, 96, 4, 2, 16, 2, 12)
+    cfg = LlamaConfig("LlamaForCausalLM", hidden, inter, 1, heads, kv_heads, head_dim, 1000, 1e-5, 10000.0, None,
+                      4096, False, False, False, False, None, None, None)
+    dtype = torch.bfloat16 if real else torch.float32
+    shapes = {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+              "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    weights = {f"{k}.weight": torch.randn(shape, generator=g) / shape[1] ** 0.5 for k, shape in shapes.items()}
+    weights.update({k: torch.rand(hidden, generator=g) + 0.5 for k in ("input_layernorm.weight",
+                                                                        "post_attention_layernorm.weight")})
+    weights = {k: v.to(device, dtype) for k, v in weights.items()}
+    x = (torch.randn(rows, seq, hidden, generator=g) * 3).to(device, dtype)
+    rope = rope_tables(cfg, seq, device)
+    rope = Rope(rope.cos.to(dtype), rope.sin.to(dtype))
+    grad = torch.randn(x.shape, generator=g).to(device, dtype)
+    results = []
+    for mode in ("triton", "reference"):
+        leaves = {k: v.clone().requires_grad_() for k, v in weights.items()}
+        inputs = x.clone().requires_grad_()
+        with kernels(mode):
+            out = decoder_layer(inputs, leaves, cfg, rope)
+            grads = torch.autograd.grad(out, [inputs, *leaves.values()], grad)
+        results.append([out.detach(), *grads])
+    names = ["output", "input's gradient", *(f"{k}'s gradient" for k in weights)]
+    # Within a few roundings of the compute dtype, relative to each tensor's size (float32 in the interpreter).
+    allowed = 0.02 if real else 1e-5
+    for name, ours, reference in zip(names, *results):
+        error = float((ours.float() - reference.float()).norm() / reference.float().norm())
+        assert error < allowed, f"{name}: relative error {error:.3g}, seed {seed}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from exlbuild import progress
+from exlbuild.kernels.decoder_ops import gated_activation, rms_norm, rotary
 from exlbuild.model.checkpoint import (
     Checkpoint,
     Device,
@@ -83,16 +84,7 @@ def rope_tables(cfg: LlamaConfig, seq_len: int, device: Device = None) -> Rope:
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate (batch, seq, heads, head_dim) by position; pairs are (i, i + head_dim/2). (In this layout, that of the
     projections, the elementwise work runs on contiguous memory.)"""
-    cos, sin = rope.cos[: x.shape[1], None].to(x.dtype), rope.sin[: x.shape[1], None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 whatever the compute dtype, as the reference implementations do.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return rotary(x, rope.cos[: x.shape[1]].to(x.dtype), rope.sin[: x.shape[1]].to(x.dtype))
 
 
 def embed(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -172,11 +164,6 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, cfg: LlamaConfig, rope:
                 probs = torch.baddbmm(bias, heads.reshape(-1, len(positions), cfg.head_dim), keys.mT).softmax(-1)
                 received[r : r + rows] += probs.sum(1).view(-1, group, t).sum(1)
     return (received / cfg.num_attention_heads).reshape(*lead, t)
-
-
-def gated_activation(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The MLP's hidden activation, silu(gate) · up (the input of down_proj)."""
-    return F.silu(gate) * up
 
 
 def attention_block(

@@ -42,6 +42,7 @@ from torch import Tensor
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
 from exlbuild.hashing import hash_bytes, hash_json
+from exlbuild.kernels.decoder_ops import relative_error
 from exlbuild.kernels.straight_through import straight_through_backward, straight_through_weight
 from exlbuild.model.checkpoint import Device, head_weight, layer_prefix, layer_weights, norm_weight, open_model
 from exlbuild.model.llama import Rope, decoder_layer, embed, rope_tables
@@ -223,12 +224,6 @@ class _StraightThroughWeight(torch.autograd.Function):
 ScaledWeights = Callable[[list[Tensor]], list[tuple[Tensor, "Tensor | None"]]]
 
 
-def _relative_error(y: Tensor, target: Tensor) -> Tensor:
-    """Mean over tokens of |y − target|² / |target|², in float32."""
-    y, target = y.float(), target.float()
-    return ((y - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-30)).mean()
-
-
 class _Part:
     """One part's fit: its row slices' latent values in one flat tensor (the optimizer's), their scales, and the
     layer's other weights decoded and fixed."""
@@ -392,7 +387,7 @@ def refine_model(
                 for name, norm, factor in zip(NORMS, norms, norm_factors):
                     w[name] = (norm.weight * factor).to(dtype)
                 y = decoder_layer(quantized_states[batch].to(dtype), w, cfg, compute_rope)
-                return _relative_error(y, unquantized_states[batch])
+                return relative_error(y, unquantized_states[batch])
 
             def judged_loss() -> float:
                 """The layer's loss on the held-out rows, with the current codes and multipliers."""

@@ -1,0 +1,97 @@
+"""The fits' steps with the decoder layer's fused kernels (exlbuild.kernels.decoder_ops) against the same work as
+PyTorch expressions (their references, which CUDA ran before the kernels existed), on one machine: the
+refinement (200 steps a layer) and the tuning (100 steps) of 4 random SmolLM2-shaped layers (bench/scale.py), 100 x
+2048 rows, and whether each variant writes the same bytes. Variants replace functions of exlbuild.model.llama and
+exlbuild.quant.exl2.refine for the run (monkeypatched; nothing here is used by builds):
+
+- reference: RMSNorm, the rotary embedding, the gated activation and the refinement's loss as PyTorch expressions;
+- fused: the code as it is (a Triton kernel each way for each of them);
+- fused_gqa: also attention with enable_gqa=True instead of copied key/value heads (another summation order in the
+  backward; would need a quality run).
+
+    python bench/fit_step_variants.py /tmp/fit-step-variants.json
+"""
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from scale import write_model
+from tune_depth import fixed_strategy
+
+import exlbuild.model.llama as llama
+import exlbuild.quant.exl2.refine as refine
+from exlbuild.kernels import decoder_ops
+from exlbuild.quant.exl2.convert import quantize_model
+from exlbuild.quant.exl2.tune import tune_model
+
+PATCHED = [(llama, "rms_norm"), (llama, "rotary"), (llama, "gated_activation"), (llama, "attention"),
+           (refine, "relative_error")]
+BASE = {(module, name): getattr(module, name) for module, name in PATCHED}
+REFERENCES = {(llama, "rms_norm"): decoder_ops.rms_norm_reference, (llama, "rotary"): decoder_ops.rotary_reference,
+              (llama, "gated_activation"): decoder_ops.gated_activation_reference,
+              (refine, "relative_error"): decoder_ops.relative_error_reference}
+
+
+def attention_gqa(q, k, v, cfg, rope):
+    *lead, t, _ = q.shape
+    q, k = llama.apply_rope(llama._split_heads(q, cfg), rope), llama.apply_rope(llama._split_heads(k, cfg), rope)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), llama._split_heads(v, cfg).transpose(1, 2)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
+
+
+VARIANTS = {"reference": REFERENCES, "fused": {}, "fused_gqa": {(llama, "attention"): attention_gqa}}
+
+
+def digest(d):
+    h = hashlib.sha256()
+    for p in sorted(Path(d).rglob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, result
+
+
+def main() -> None:
+    work = Path("/tmp/exlbuild-fit-step-variants")
+    write_model(work / "model", "smollm2", 4, "cuda")
+    ids = torch.randint(0, 49152, (100, 2048), generator=torch.Generator().manual_seed(0))
+    quantize_model(work / "model", ids, fixed_strategy(4), 6, work / "quantized", device="cuda")
+    fits = {"refine": (200, lambda out, n: refine.refine_model(work / "model", work / "quantized", out, ids, n, 0.01, 4,
+                                                                device="cuda")),
+            "tune": (100, lambda out, n: tune_model(work / "model", work / "quantized", out, ids, steps=n, lr=1e-3,
+                                                    rows_per_step=2, device="cuda"))}
+    results = {"device": torch.cuda.get_device_name()}
+    for name, patch in VARIANTS.items():
+        for (module, attr), f in {**BASE, **patch}.items():
+            setattr(module, attr, f)
+        results[name] = {}
+        for fit, (steps, run) in fits.items():
+            try:
+                run(work / f"{name}-{fit}-warm", steps)
+                seconds = {n: timed(lambda: run(work / f"{name}-{fit}-{n}", n))[0] for n in (0, steps)}
+                results[name][fit] = {"step_ms": (seconds[steps] - seconds[0]) / (steps * (4 if fit == "refine" else 1))
+                                      * 1e3, "fixed_s": seconds[0], "total_s": seconds[steps],
+                                      "digest": digest(work / f"{name}-{fit}-{steps}")}
+            except Exception as e:  # a form PyTorch refuses here (under deterministic kernels, say) is a result too
+                results[name][fit] = {"error": repr(e)[:400]}
+            print(name, fit, json.dumps(results[name][fit]), flush=True)
+    for (module, attr), f in BASE.items():
+        setattr(module, attr, f)
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/fit-step-variants.json")
+    out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
