@@ -166,9 +166,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 @jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, POSITIONS, SEQ, HEADS, HALF,
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, POSITIONS, SEQ, HEADS, HALF: tl.constexpr,
                    BACKWARD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
-    # x viewed as (positions, heads, 2·HALF); element e of a position's first halves is (head e // HALF, e % HALF).
+    # x viewed as (positions, heads, 2·HALF); element e of a position's first halves is (head e // HALF, e % HALF)
+    # (HALF a constant: a power of two in every Llama, so a shift and a mask).
     positions = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     e = tl.arange(0, BLOCK_E)
     head, j = e // HALF, e % HALF
@@ -199,8 +200,8 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     block_e = _next_power_of_2(heads * half)
     block_p = max(1, 2048 // block_e)
     # Without contracting a product and a sum into one fused multiply-add, the float32 case rounds as torch does.
-    launch(_rotary_kernel, (-(-positions // block_p),), x.device, x, cos, sin, out, positions, seq, heads, half,
-           BACKWARD=backward, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4, enable_fp_fusion=False)
+    launch(_rotary_kernel, (-(-positions // block_p),), x.device, x, cos, sin, out, positions, seq, heads,
+           HALF=half, BACKWARD=backward, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4, enable_fp_fusion=False)
     return out
 
 
