@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from exlbuild.kernels.adam import adam_update_reference, adam_update_triton
 from exlbuild.kernels.decoder_ops import (
     gated_activation_reference,
     gated_activation_triton,
@@ -389,6 +390,24 @@ def decoder_layer_paths(device: str, real: bool, seed: int) -> None:
     for name, ours, reference in zip(names, *results):
         error = float((ours.float() - reference.float()).norm() / reference.float().norm())
         assert error < allowed, f"{name}: relative error {error:.3g}, seed {seed}"
+
+
+@check
+def adam(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    size = 3_500_000 if real else 3000  # SmolLM2's codes of one layer, or spanning a few blocks
+    param = torch.randn(size, generator=g)
+    states = [[param.clone().to(device), torch.zeros(size, device=device), torch.zeros(size, device=device)]
+              for _ in range(2)]
+    betas = (0.9, 0.999)
+    for t in range(1, 4):  # moments from zero, then after updates; a tensor step size (a schedule) and a float one
+        grad = (torch.randn(size, generator=g) * 10 ** float(torch.randint(-3, 3, (1,), generator=g))).to(device)
+        c1, c2 = (torch.tensor(1 - b**t, device=device) for b in betas)
+        step = 0.01 * torch.tensor(0.5 + 0.1 * t, device=device) if t % 2 else 0.01
+        for update, state in zip((adam_update_triton, adam_update_reference), states):
+            update(*state[:1], grad, *state[1:], step, c1, c2, betas, 1e-8)
+        for name, ours, reference in zip(("parameter", "mean", "square"), *states):
+            close(ours, reference, 4, f"{name} after step {t}, seed {seed}")
 
 
 # ---------------------------------------------------------------------------------------------

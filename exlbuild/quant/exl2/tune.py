@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
+from exlbuild.kernels.adam import adam_update
 from exlbuild.model.checkpoint import (
     Device,
     free_device_memory,
@@ -167,11 +168,8 @@ class Adam:
         """One update; `lr_factor` scales the learning rate (a schedule)."""
         b1, b2 = self.betas
         self.count += 1
-        self.mean.lerp_(grad, 1 - b1)
-        self.square.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        unbiased_mean = self.mean / (1 - b1 ** self.count).to(self.param.dtype)
-        unbiased_square = self.square / (1 - b2 ** self.count).to(self.param.dtype)
-        self.param.sub_(self.lr * lr_factor * unbiased_mean / (unbiased_square.sqrt() + self.eps))
+        c1, c2 = ((1 - b ** self.count).to(self.param.dtype) for b in (b1, b2))
+        adam_update(self.param, grad, self.mean, self.square, self.lr * lr_factor, c1, c2, self.betas, self.eps)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,67 @@
+"""One Adam update (exlbuild.quant.exl2.tune.Adam) of a float32 tensor in place: one kernel reading the parameter,
+its gradient and both moments once and writing them once, where the update as PyTorch expressions takes ~9
+elementwise passes over the tensor (the refinement's codes: a few million values a step, every step).
+
+With gradient g, moments m and v, bias corrections c1 = 1 − β1ᵗ and c2 = 1 − β2ᵗ and step size α (the learning
+rate times its schedule's factor):
+
+    m ← m + (1 − β1)(g − m),    v ← β2·v + (1 − β2)·g²,    p ← p − α·(m / c1) / (√(v / c2) + ε)
+
+The kernel computes the same operations in float32 in the same order; the GPU may contract a product and a sum into
+one fused multiply-add, so results agree with the reference to float32 rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from exlbuild.kernels.runtime import jit, launch, tl, use_triton
+
+
+def adam_update_reference(param: Tensor, grad: Tensor, mean: Tensor, square: Tensor, step_size: float | Tensor,
+                          c1: Tensor, c2: Tensor, betas: tuple[float, float], eps: float) -> None:
+    b1, b2 = betas
+    mean.lerp_(grad, 1 - b1)
+    square.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    param.sub_(step_size * (mean / c1) / ((square / c2).sqrt() + eps))
+
+
+@jit
+def _adam_kernel(param_ptr, grad_ptr, mean_ptr, square_ptr, step_ptr, c1_ptr, c2_ptr, N, b1, b2, eps,
+                 BLOCK: tl.constexpr):
+    at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = at < N
+    g = tl.load(grad_ptr + at, mask=mask, other=0.0)
+    m = tl.load(mean_ptr + at, mask=mask, other=0.0)
+    v = tl.load(square_ptr + at, mask=mask, other=0.0)
+    p = tl.load(param_ptr + at, mask=mask, other=0.0)
+    m = m + (1 - b1) * (g - m)  # torch.lerp's form for a weight under 1/2
+    v = v * b2 + g * g * (1 - b2)
+    p = p - tl.load(step_ptr) * (m / tl.load(c1_ptr)) / (tl.sqrt(v / tl.load(c2_ptr)) + eps)
+    tl.store(mean_ptr + at, m, mask=mask)
+    tl.store(square_ptr + at, v, mask=mask)
+    tl.store(param_ptr + at, p, mask=mask)
+
+
+_BLOCK = 1024
+
+
+def adam_update_triton(param: Tensor, grad: Tensor, mean: Tensor, square: Tensor, step_size: float | Tensor,
+                       c1: Tensor, c2: Tensor, betas: tuple[float, float], eps: float) -> None:
+    if not all(t.is_contiguous() and t.dtype == torch.float32 for t in (param, grad, mean, square)):
+        raise ValueError("the Adam kernel updates contiguous float32 tensors")
+    if not isinstance(step_size, Tensor):  # a fill, not a copy from the host: it may be captured in a CUDA graph
+        step_size = torch.full((), step_size, dtype=torch.float32, device=param.device)
+    launch(_adam_kernel, (-(-param.numel() // _BLOCK),), param.device, param, grad, mean, square,
+           step_size.float(), c1.float(), c2.float(), param.numel(), *betas, eps, BLOCK=_BLOCK, num_warps=4)
+
+
+def adam_update(param: Tensor, grad: Tensor, mean: Tensor, square: Tensor, step_size: float | Tensor, c1: Tensor,
+                c2: Tensor, betas: tuple[float, float], eps: float) -> None:
+    """Update param, mean and square in place (module docstring); c1, c2 and a tensor step_size are 0-dim, on
+    param's device. Triton on CUDA, else the reference."""
+    if use_triton(param, grad, mean, square):
+        adam_update_triton(param, grad, mean, square, step_size, c1, c2, betas, eps)
+    else:
+        adam_update_reference(param, grad, mean, square, step_size, c1, c2, betas, eps)
