@@ -1,11 +1,12 @@
-"""The fits' steps with the decoder layer's fused kernels (exlbuild.kernels.decoder_ops) against the same work as
+"""The fits' steps with the fused kernels (exlbuild.kernels.decoder_ops and adam) against the same work as
 PyTorch expressions (their references, which CUDA ran before the kernels existed), on one machine: the
 refinement (200 steps a layer) and the tuning (100 steps) of 4 random SmolLM2-shaped layers (bench/scale.py), 100 x
 2048 rows, and whether each variant writes the same bytes. Variants replace functions of exlbuild.model.llama and
 exlbuild.quant.exl2.refine for the run (monkeypatched; nothing here is used by builds):
 
-- reference: RMSNorm, the rotary embedding, the gated activation and the refinement's loss as PyTorch expressions;
-- fused: the code as it is (a Triton kernel each way for each of them);
+- reference: RMSNorm, the rotary embedding, the gated activation, the refinement's loss and Adam's update as
+  PyTorch expressions;
+- fused: the code as it is (a Triton kernel each way for each of them, one for Adam);
 - fused_gqa: also attention with enable_gqa=True instead of copied key/value heads (another summation order in the
   backward; would need a quality run).
 
@@ -25,16 +26,17 @@ from tune_depth import fixed_strategy
 
 import exlbuild.model.llama as llama
 import exlbuild.quant.exl2.refine as refine
-from exlbuild.kernels import decoder_ops
+import exlbuild.quant.exl2.tune as tune
+from exlbuild.kernels import adam, decoder_ops
 from exlbuild.quant.exl2.convert import quantize_model
-from exlbuild.quant.exl2.tune import tune_model
 
 PATCHED = [(llama, "rms_norm"), (llama, "rotary"), (llama, "gated_activation"), (llama, "attention"),
-           (refine, "relative_error")]
+           (refine, "relative_error"), (tune, "adam_update")]
 BASE = {(module, name): getattr(module, name) for module, name in PATCHED}
 REFERENCES = {(llama, "rms_norm"): decoder_ops.rms_norm_reference, (llama, "rotary"): decoder_ops.rotary_reference,
               (llama, "gated_activation"): decoder_ops.gated_activation_reference,
-              (refine, "relative_error"): decoder_ops.relative_error_reference}
+              (refine, "relative_error"): decoder_ops.relative_error_reference,
+              (tune, "adam_update"): adam.adam_update_reference}
 
 
 def attention_gqa(q, k, v, cfg, rope):
@@ -70,7 +72,7 @@ def main() -> None:
     quantize_model(work / "model", ids, fixed_strategy(4), 6, work / "quantized", device="cuda")
     fits = {"refine": (200, lambda out, n: refine.refine_model(work / "model", work / "quantized", out, ids, n, 0.01, 4,
                                                                 device="cuda")),
-            "tune": (100, lambda out, n: tune_model(work / "model", work / "quantized", out, ids, steps=n, lr=1e-3,
+            "tune": (100, lambda out, n: tune.tune_model(work / "model", work / "quantized", out, ids, steps=n, lr=1e-3,
                                                     rows_per_step=2, device="cuda"))}
     results = {"device": torch.cuda.get_device_name()}
     for name, patch in VARIANTS.items():
