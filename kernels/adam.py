@@ -28,16 +28,16 @@ def adam_update_reference(param: Tensor, grad: Tensor, mean: Tensor, square: Ten
 
 
 @jit
-def _adam_kernel(param_ptr, grad_ptr, mean_ptr, square_ptr, step_ptr, c1_ptr, c2_ptr, N, b1, b2, eps,
-                 BLOCK: tl.constexpr):
+def _adam_kernel(param_ptr, grad_ptr, mean_ptr, square_ptr, step_ptr, c1_ptr, c2_ptr, N, one_minus_b1, b2,
+                 one_minus_b2, eps, BLOCK: tl.constexpr):
     at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = at < N
     g = tl.load(grad_ptr + at, mask=mask, other=0.0)
     m = tl.load(mean_ptr + at, mask=mask, other=0.0)
     v = tl.load(square_ptr + at, mask=mask, other=0.0)
     p = tl.load(param_ptr + at, mask=mask, other=0.0)
-    m = m + (1 - b1) * (g - m)  # torch.lerp's form for a weight under 1/2
-    v = v * b2 + g * g * (1 - b2)
+    m = m + one_minus_b1 * (g - m)  # torch.lerp's form for a weight under 1/2
+    v = v * b2 + g * g * one_minus_b2
     p = p - tl.load(step_ptr) * (m / tl.load(c1_ptr)) / (tl.sqrt(v / tl.load(c2_ptr)) + eps)
     tl.store(mean_ptr + at, m, mask=mask)
     tl.store(square_ptr + at, v, mask=mask)
@@ -51,10 +51,11 @@ def adam_update_triton(param: Tensor, grad: Tensor, mean: Tensor, square: Tensor
                        c1: Tensor, c2: Tensor, betas: tuple[float, float], eps: float) -> None:
     if not all(t.is_contiguous() and t.dtype == torch.float32 for t in (param, grad, mean, square)):
         raise ValueError("the Adam kernel updates contiguous float32 tensors")
+    b1, b2 = betas  # 1 − β taken here in double precision, as the reference's scalars are (in float32 it is 1e-5 off)
     if not isinstance(step_size, Tensor):  # a fill, not a copy from the host: it may be captured in a CUDA graph
         step_size = torch.full((), step_size, dtype=torch.float32, device=param.device)
     launch(_adam_kernel, (-(-param.numel() // _BLOCK),), param.device, param, grad, mean, square,
-           step_size.float(), c1.float(), c2.float(), param.numel(), *betas, eps, BLOCK=_BLOCK, num_warps=4)
+           step_size.float(), c1.float(), c2.float(), param.numel(), 1 - b1, b2, 1 - b2, eps, BLOCK=_BLOCK, num_warps=4)
 
 
 def adam_update(param: Tensor, grad: Tensor, mean: Tensor, square: Tensor, step_size: float | Tensor, c1: Tensor,

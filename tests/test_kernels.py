@@ -336,8 +336,9 @@ def decoder_gated_activation(device: str, real: bool, seed: int) -> None:
             inputs = [gate.to(device), up.to(device)]
             ours = values_and_gradients(gated_activation_triton, inputs, grad.to(device), 2)
             reference = values_and_gradients(gated_activation_reference, inputs, grad.to(device), 2)
+            # The GPU's float32 exp and division are approximations a few units of the last place off.
             for name, a, b in zip(("output", "gate's gradient", "up's gradient"), ours, reference):
-                close(a, b, 2, f"{name}, {dtype} {shape}, seed {seed}")
+                close(a, b, 8, f"{name}, {dtype} {shape}, seed {seed}")
 
 
 @check
