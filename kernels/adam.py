@@ -7,8 +7,9 @@ rate times its schedule's factor):
 
     m ← m + (1 − β1)(g − m),    v ← β2·v + (1 − β2)·g²,    p ← p − α·(m / c1) / (√(v / c2) + ε)
 
-The kernel computes the same operations in float32 in the same order; the GPU may contract a product and a sum into
-one fused multiply-add, so results agree with the reference to float32 rounding, not bit for bit.
+The kernel computes the same operations in float32 in the same order, but the GPU may contract a product and a sum
+into one fused multiply-add and takes its fast square root and division: results agree with the reference to a few
+units of float32's last place, not bit for bit.
 """
 
 from __future__ import annotations
