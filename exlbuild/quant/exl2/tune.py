@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
@@ -170,6 +169,26 @@ class Adam:
         self.count += 1
         c1, c2 = ((1 - b ** self.count).to(self.param.dtype) for b in (b1, b2))
         adam_update(self.param, grad, self.mean, self.square, self.lr * lr_factor, c1, c2, self.betas, self.eps)
+
+
+class _Recomputed(torch.autograd.Function):
+    """fn(*inputs), keeping only the inputs for the backward pass, which runs fn again with gradients on (activation
+    checkpointing). torch.utils.checkpoint does the same but imports PyTorch's compiler stack on its first call
+    (the same ~900 modules as torch.optim, ~1 s), once a build."""
+
+    @staticmethod
+    def forward(ctx, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)  # (autograd records nothing inside a Function's forward)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        inputs = [t.detach().requires_grad_(wanted) for t, wanted in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs)
+        grads = iter(torch.autograd.grad(out, [t for t in inputs if t.requires_grad], grad))
+        return None, *(next(grads) if t.requires_grad else None for t in inputs)
 
 
 @contextlib.contextmanager
@@ -363,9 +382,10 @@ def tune_model(
         for i in range(cfg.num_hidden_layers):
             # Each layer keeps only its input for the backward pass and runs again there: the activations of every
             # layer at once would not fit at 70B.
-            x = checkpoint(student_layer, x, i, linear_factors[i * per_layer[0]:(i + 1) * per_layer[0]],
-                           norm_factors[i * per_layer[1]:(i + 1) * per_layer[1]],
-                           use_reentrant=False, preserve_rng_state=False)
+            factors = [*linear_factors[i * per_layer[0]:(i + 1) * per_layer[0]],
+                       *norm_factors[i * per_layer[1]:(i + 1) * per_layer[1]]]
+            x = _Recomputed.apply(lambda x, *f, i=i: student_layer(x, i, f[:per_layer[0]], f[per_layer[0]:]), x,
+                                  *factors)
         # The head's multipliers scale its input features, as the final norm's do.
         norm = (final_norm.weight * norm_factors[-1] * linear_factors[-1]).to(dtype)
         kl, grad_x, grad_norm = next_token_kl(x, norm, student_head, batch_targets, target_norm, target_head,
