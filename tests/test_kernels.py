@@ -281,12 +281,15 @@ def values_and_gradients(fn: Callable[..., torch.Tensor], inputs: list[torch.Ten
 
 
 def close(ours: torch.Tensor, reference: torch.Tensor, ulps: float, where: str) -> None:
-    """Equal within `ulps` units of the last place of the dtype, relative to the reference's largest value (the
-    kernels sum in another order than torch; a few values near zero carry the error of their large terms)."""
+    """Equal within `ulps` units of the last place of the dtype, relative to the largest value of the reference's
+    row (last dim), which is a token's or a weight's: the kernels sum in another order than torch, and a few values
+    near zero carry the error of their large terms; rows of very different sizes are each held to their own."""
     assert ours.shape == reference.shape and ours.dtype == reference.dtype, f"{where}: {ours.shape} {ours.dtype}"
-    tolerance = ulps * torch.finfo(reference.dtype).eps * float(reference.abs().max().float())
-    error = float((ours.float() - reference.float()).abs().max())
-    assert error <= tolerance, f"{where}: differs by {error:.3g} (allowed {tolerance:.3g})"
+    size = reference.float().abs()
+    size = size.amax(dim=-1, keepdim=True) if size.dim() else size
+    excess = (ours.float() - reference.float()).abs() / (ulps * torch.finfo(reference.dtype).eps * size)
+    worst = float(excess.nan_to_num(0.0).max())  # (0/0 where a row is all zeros in both)
+    assert worst <= 1, f"{where}: differs by {worst * ulps:.3g} units of the last place (allowed {ulps})"
 
 
 def decoder_dtypes(real: bool) -> list[torch.dtype]:
@@ -353,7 +356,7 @@ def refine_relative_error(device: str, real: bool, seed: int) -> None:
             ours = values_and_gradients(relative_error_triton, inputs, None, 1)
             reference = values_and_gradients(relative_error_reference, inputs, None, 1)
             close(ours[0], reference[0], 64, f"loss, {dtype} {shape}, seed {seed}")  # a mean of thousands of sums
-            close(ours[1], reference[1], 2, f"y's gradient, {dtype} {shape}, seed {seed}")
+            close(ours[1], reference[1], 4, f"y's gradient, {dtype} {shape}, seed {seed}")
 
 
 @check
