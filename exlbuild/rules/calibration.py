@@ -17,7 +17,8 @@ GENERATED = {"dataset": "generated", "seed": 0, "temperature": 1.0}  # sampling 
 
 class Calibration(Rule):
     name = "calibration"
-    version = 2  # 2: which rows are running text (TEXT_ROWS), beside the ids
+    version = 3  # 2: which rows are running text (TEXT_ROWS), beside the ids; 3: generated rows sampled through
+    # the Triton norms, rotary embedding and activation on CUDA (other roundings; the default mix is unchanged)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         import torch

@@ -18,7 +18,7 @@ class Evaluate(Rule):
     """Perplexity of a model directory (FP16 or quantized) on the recipe's evaluation text."""
 
     name = "eval"
-    version = 1
+    version = 2  # 2: the forward's norms, rotary embedding and activation as Triton kernels on CUDA
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.eval import evaluate
