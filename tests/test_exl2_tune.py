@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -275,3 +277,20 @@ def test_the_step_follows_the_gradient_of_the_whole_model_s_kl(quantized: dict, 
     expected = [torch.zeros(int(g.max()) + 1).index_add_(0, g, s) for g, s in zip(feature_groups, scale_grads)]
     expected += [g * n.detach() for g, n in zip(scale_grads[len(linear_scales):], norm_leaves)]
     torch.testing.assert_close(grads[0], torch.cat(expected), rtol=1e-4, atol=1e-7)
+
+
+def test_the_tuning_imports_no_compiler(quantized: dict, tmp_path: Path) -> None:
+    """torch.utils.checkpoint and torch.optim import PyTorch's compiler stack (torch._dynamo, ~900 modules, ~1 s)
+    when first used; the tuning uses neither (tune._Recomputed, tune.Adam), so a build's first tuned variant does
+    not pay for it. In a fresh process, as a build's."""
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_exl2_convert import random_ids\n"
+        "from exlbuild.quant.exl2.tune import tune_model\n"
+        f"tune_model({str(quantized['model'])!r}, {str(quantized['tmp'] / 'quantized')!r}, {str(tmp_path)!r}, "
+        "random_ids(256), steps=2, lr=1e-3, rows_per_step=2)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'the tuning imported torch._dynamo'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
