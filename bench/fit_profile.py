@@ -5,6 +5,7 @@ listed by their GPU time beside the wall time.
     python bench/fit_profile.py [--shape smollm2] [--layers 4] [--steps 200] --out /tmp/fit-profile.txt
 
 Each fit runs once untimed first, so that compiling, the allocator and the first launches fall outside the profile.
+bench/fit_step_variants.py times the same fits (`random_fits`, `timed_fit`).
 After the kernels, each fit's fixed part (a run of 0 steps) is listed by exlbuild function in host time (cProfile).
 """
 
@@ -16,6 +17,7 @@ import io
 import pstats
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.autograd import DeviceType
@@ -24,9 +26,42 @@ from torch.profiler import ProfilerActivity, profile
 from scale import SHAPES, write_model
 from tune_depth import fixed_strategy
 
+import exlbuild.quant.exl2.refine as refine
+import exlbuild.quant.exl2.tune as tune
 from exlbuild.quant.exl2.convert import quantize_model
-from exlbuild.quant.exl2.refine import refine_model
-from exlbuild.quant.exl2.tune import tune_model
+
+Fit = Callable[[Path, int], Any]  # fit(out_dir, steps)
+
+
+def random_fits(work: Path, shape: str, layers: int, rows: int, length: int, device: str) -> dict[str, Fit]:
+    """A random model of `layers` layers in `shape` under `work`, quantized with one fixed option per block, and its
+    two fits at the recipe's defaults (the refinement: rate 0.01, 4 rows a step; the tuning: 1e-3, 2 rows). The fits
+    are looked up in their modules at each call, so that a bench may replace a module's functions in between."""
+    write_model(work / "model", shape, layers, device)
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (rows, length), generator=torch.Generator().manual_seed(0))
+    quantize_model(work / "model", ids, fixed_strategy(layers), 6, work / "quantized", device=device)
+    return {
+        "refine": lambda out, steps: refine.refine_model(work / "model", work / "quantized", out, ids, steps, 0.01, 4,
+                                                         device=device),
+        "tune": lambda out, steps: tune.tune_model(work / "model", work / "quantized", out, ids, steps=steps, lr=1e-3,
+                                                   rows_per_step=2, device=device),
+    }
+
+
+def timed_fit(name: str, fit: Fit, steps: int, layers: int, work: Path, sync: Callable[[], None]) -> dict[str, float]:
+    """One untimed run of `steps` (compiling, the allocator and the first launches), then runs of 0 and `steps`:
+    their seconds, and the milliseconds a step (a refinement step is one layer's, so it divides by the layers too).
+    Writes to work/NAME-warmup, NAME-0 and NAME-STEPS."""
+    fit(work / f"{name}-warmup", steps)
+    seconds = {}
+    for n in (0, steps):
+        sync()
+        t = time.perf_counter()
+        fit(work / f"{name}-{n}", n)
+        sync()
+        seconds[n] = time.perf_counter() - t
+    step_ms = (seconds[steps] - seconds[0]) / (steps * (layers if name == "refine" else 1)) * 1e3
+    return {"step_ms": step_ms, "fixed_s": seconds[0], "total_s": seconds[steps]}
 
 
 def main() -> None:
@@ -40,16 +75,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/exlbuild-fit-profile"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    vocab = SHAPES[args.shape]["vocab_size"]
-    write_model(args.work / "model", args.shape, args.layers, args.device)
-    ids = torch.randint(0, vocab, (args.rows, args.length), generator=torch.Generator().manual_seed(0))
-    quantize_model(args.work / "model", ids, fixed_strategy(args.layers), 6, args.work / "quantized", device=args.device)
-    fits = {
-        "refine": lambda out, steps: refine_model(args.work / "model", args.work / "quantized", out, ids, steps,
-                                                  0.01, 4, device=args.device),
-        "tune": lambda out, steps: tune_model(args.work / "model", args.work / "quantized", out, ids, steps=steps,
-                                              lr=1e-3, rows_per_step=2, device=args.device),
-    }
+    fits = random_fits(args.work, args.shape, args.layers, args.rows, args.length, args.device)
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -57,14 +83,7 @@ def main() -> None:
     report = [f"{args.shape}, {args.layers} layers, {args.rows} x {args.length} rows, {device_name}"]
     for name, fit in fits.items():
         steps = args.steps if name == "refine" else 100
-        fit(args.work / f"{name}-warmup", steps)
-        seconds = {}
-        for n in (0, steps):
-            sync()
-            t = time.perf_counter()
-            fit(args.work / f"{name}-{n}", n)
-            sync()
-            seconds[n] = time.perf_counter() - t
+        timing = timed_fit(name, fit, steps, args.layers, args.work, sync)
         with profile(activities=activities) as prof:
             t = time.perf_counter()
             fit(args.work / f"{name}-profiled", steps)
@@ -73,9 +92,9 @@ def main() -> None:
         events = prof.key_averages()
         # Kernels and copies only: an operator's row repeats the device time of the kernels it launched.
         gpu = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6
-        per_step = (seconds[steps] - seconds[0]) / (steps * (args.layers if name == "refine" else 1))
-        report += ["", f"## {name}: {steps} steps; 0 steps {seconds[0]:.2f} s, {steps} steps {seconds[steps]:.2f} s "
-                   f"({per_step * 1e3:.3f} ms a step); profiled run {wall:.2f} s wall, {gpu:.2f} s of GPU time",
+        report += ["", f"## {name}: {steps} steps; 0 steps {timing['fixed_s']:.2f} s, {steps} steps "
+                   f"{timing['total_s']:.2f} s ({timing['step_ms']:.3f} ms a step); profiled run {wall:.2f} s wall, "
+                   f"{gpu:.2f} s of GPU time",
                    events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
                                 max_name_column_width=110)]
         # The fixed part (0 steps) by exlbuild function, in host time: where it waits for the GPU, the call that

@@ -16,19 +16,18 @@ exlbuild.quant.exl2.refine for the run (monkeypatched; nothing here is used by b
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scale import write_model
-from tune_depth import fixed_strategy
+from fit_profile import random_fits, timed_fit
 
 import exlbuild.model.llama as llama
 import exlbuild.quant.exl2.refine as refine
 import exlbuild.quant.exl2.tune as tune
 from exlbuild.kernels import adam, decoder_ops
-from exlbuild.quant.exl2.convert import quantize_model
+
+LAYERS = 4
 
 PATCHED = [(llama, "rms_norm"), (llama, "rotary"), (llama, "gated_activation"), (llama, "attention"),
            (refine, "relative_error"), (tune, "adam_update")]
@@ -57,35 +56,19 @@ def digest(d):
     return h.hexdigest()[:16]
 
 
-def timed(fn):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t, result
-
-
 def main() -> None:
     work = Path("/tmp/exlbuild-fit-step-variants")
-    write_model(work / "model", "smollm2", 4, "cuda")
-    ids = torch.randint(0, 49152, (100, 2048), generator=torch.Generator().manual_seed(0))
-    quantize_model(work / "model", ids, fixed_strategy(4), 6, work / "quantized", device="cuda")
-    fits = {"refine": (200, lambda out, n: refine.refine_model(work / "model", work / "quantized", out, ids, n, 0.01, 4,
-                                                                device="cuda")),
-            "tune": (100, lambda out, n: tune.tune_model(work / "model", work / "quantized", out, ids, steps=n, lr=1e-3,
-                                                    rows_per_step=2, device="cuda"))}
+    fits = random_fits(work, "smollm2", LAYERS, 100, 2048, "cuda")
     results = {"device": torch.cuda.get_device_name()}
     for name, patch in VARIANTS.items():
         for (module, attr), f in {**BASE, **patch}.items():
             setattr(module, attr, f)
         results[name] = {}
-        for fit, (steps, run) in fits.items():
+        for fit, run in fits.items():
+            steps = 200 if fit == "refine" else 100
             try:
-                run(work / f"{name}-{fit}-warm", steps)
-                seconds = {n: timed(lambda: run(work / f"{name}-{fit}-{n}", n))[0] for n in (0, steps)}
-                results[name][fit] = {"step_ms": (seconds[steps] - seconds[0]) / (steps * (4 if fit == "refine" else 1))
-                                      * 1e3, "fixed_s": seconds[0], "total_s": seconds[steps],
-                                      "digest": digest(work / f"{name}-{fit}-{steps}")}
+                results[name][fit] = timed_fit(fit, run, steps, LAYERS, work / name, torch.cuda.synchronize)
+                results[name][fit]["digest"] = digest(work / name / f"{fit}-{steps}")
             except Exception as e:  # a form PyTorch refuses here (under deterministic kernels, say) is a result too
                 results[name][fit] = {"error": repr(e)[:400]}
             print(name, fit, json.dumps(results[name][fit]), flush=True)
