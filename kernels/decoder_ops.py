@@ -255,8 +255,9 @@ def _gated_backward_kernel(grad_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_pt
     g = tl.load(gate_ptr + at, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + at, mask=mask, other=0.0).to(tl.float32)
     dtype = grad_gate_ptr.dtype.element_ty
+    # ∂/∂up is G times the forward's silu(gate), as the forward rounded it (what the reference's product saved).
+    tl.store(grad_up_ptr + at, (d * _silu(g).to(dtype).to(tl.float32)).to(dtype), mask=mask)
     sigmoid = 1.0 / (1.0 + tl.exp(-g))
-    tl.store(grad_up_ptr + at, (d * (g * sigmoid).to(dtype).to(tl.float32)).to(dtype), mask=mask)
     grad_silu = (d * u).to(dtype).to(tl.float32)
     tl.store(grad_gate_ptr + at, (grad_silu * sigmoid * (1.0 + g * (1.0 - sigmoid))).to(dtype), mask=mask)
 
