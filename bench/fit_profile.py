@@ -1,12 +1,13 @@
-"""Where the refinement's and the tuning's time goes on the GPU: both run under torch.profiler on a random model in
-a real layer shape (bench/scale.py), quantized with one fixed option per block (~4 bits), and the kernels are
-listed by their GPU time beside the wall time.
+"""Where the quantization pass's, the refinement's and the tuning's time goes on the GPU: each runs under
+torch.profiler on a random model in a real layer shape (bench/scale.py), quantized with one fixed option per block
+(~4 bits), and the kernels are listed by their GPU time beside the wall time.
 
     python bench/fit_profile.py [--shape smollm2] [--layers 4] [--steps 200] --out /tmp/fit-profile.txt
 
 Each fit runs once untimed first, so that compiling, the allocator and the first launches fall outside the profile.
 bench/fit_step_variants.py times the same fits (`random_fits`, `timed_fit`).
-After the kernels, each fit's fixed part (a run of 0 steps) is listed by exlbuild function in host time (cProfile).
+After the kernels, the quantization pass and each fit's fixed part (a run of 0 steps) are listed by exlbuild
+function in host time (cProfile).
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ Fit = Callable[[Path, int], Any]  # fit(out_dir, steps)
 
 def random_fits(work: Path, shape: str, layers: int, rows: int, length: int, device: str) -> dict[str, Fit]:
     """A random model of `layers` layers in `shape` under `work`, quantized with one fixed option per block, and its
-    two fits at the recipe's defaults (the refinement: rate 0.01, 4 rows a step; the tuning: 1e-3, 2 rows). The fits
-    are looked up in their modules at each call, so that a bench may replace a module's functions in between."""
+    two fits at the recipe's defaults (the refinement: rate 0.01, 4 rows a step; the tuning: 1e-3, 2 rows); under
+    "quantize", that quantization pass itself (steps ignored). The fits are looked up in their modules at each call,
+    so that a bench may replace a module's functions in between."""
     write_model(work / "model", shape, layers, device)
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (rows, length), generator=torch.Generator().manual_seed(0))
-    quantize_model(work / "model", ids, fixed_strategy(layers), 6, work / "quantized", device=device)
+
+    def quantize(out: Path, steps: int) -> Any:
+        return quantize_model(work / "model", ids, fixed_strategy(layers), 6, out, device=device)
+
+    quantize(work / "quantized", 0)
     return {
+        "quantize": quantize,
         "refine": lambda out, steps: refine.refine_model(work / "model", work / "quantized", out, ids, steps, 0.01, 4,
                                                          device=device),
         "tune": lambda out, steps: tune.tune_model(work / "model", work / "quantized", out, ids, steps=steps, lr=1e-3,
@@ -82,8 +89,13 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     report = [f"{args.shape}, {args.layers} layers, {args.rows} x {args.length} rows, {device_name}"]
     for name, fit in fits.items():
-        steps = args.steps if name == "refine" else 100
-        timing = timed_fit(name, fit, steps, args.layers, args.work, sync)
+        steps = {"quantize": 0, "refine": args.steps, "tune": 100}[name]
+        if steps:
+            timing = timed_fit(name, fit, steps, args.layers, args.work, sync)
+            title = (f"## {name}: {steps} steps; 0 steps {timing['fixed_s']:.2f} s, {steps} steps "
+                     f"{timing['total_s']:.2f} s ({timing['step_ms']:.3f} ms a step)")
+        else:  # the quantization pass ran once in random_fits: compiling and first launches are behind it
+            title = f"## {name}"
         with profile(activities=activities) as prof:
             t = time.perf_counter()
             fit(args.work / f"{name}-profiled", steps)
@@ -92,13 +104,11 @@ def main() -> None:
         events = prof.key_averages()
         # Kernels and copies only: an operator's row repeats the device time of the kernels it launched.
         gpu = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6
-        report += ["", f"## {name}: {steps} steps; 0 steps {timing['fixed_s']:.2f} s, {steps} steps "
-                   f"{timing['total_s']:.2f} s ({timing['step_ms']:.3f} ms a step); profiled run {wall:.2f} s wall, "
-                   f"{gpu:.2f} s of GPU time",
+        report += ["", f"{title}; profiled run {wall:.2f} s wall, {gpu:.2f} s of GPU time",
                    events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
                                 max_name_column_width=110)]
         # The fixed part (0 steps) by exlbuild function, in host time: where it waits for the GPU, the call that
-        # synchronises carries the wait.
+        # synchronises carries the wait. (Sorted by own time too: the cumulative list names the callers.)
         host = cProfile.Profile()
         host.enable()
         fit(args.work / f"{name}-fixed", 0)
@@ -106,7 +116,10 @@ def main() -> None:
         host.disable()
         text = io.StringIO()
         pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats("exlbuild", 30)
-        report += [f"### {name}, 0 steps: host time by exlbuild function (cProfile, cumulative)", text.getvalue()]
+        pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
+        report += [f"### {name}{', 0 steps' if steps else ''}: host time by exlbuild function (cProfile, cumulative), "
+                   "then by own time",
+                   text.getvalue()]
         print("\n".join(report[-4:]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(report) + "\n")
