@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
 from exlbuild.errors import ExlbuildError
 from exlbuild.model.checkpoint import open_model
-from exlbuild.model.gguf_import import _unpermute, import_gguf
+from exlbuild.model.gguf_import import _unpermute, import_gguf, read_gguf
 from exlbuild.model.llama import forward_logits
 from model_fixtures import hf_smollm, sample_text, smollm_dir, smollm_gguf  # noqa: F401 (fixture)
 
@@ -96,3 +97,56 @@ def test_rejects_other_architectures(tmp_path: Path) -> None:
         import_gguf(tmp_path / "x.gguf", tmp_path / "out")
     with pytest.raises(ExlbuildError, match="does not exist"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+
+
+def test_reader_agrees_with_gguf_package(tmp_path: Path) -> None:
+    """read_gguf gives the metadata values and tensor bytes that the gguf package's own reader gives, for every
+    value type, arrays of them, an alignment other than the default, and quantized and float tensors."""
+    path = tmp_path / "x.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_custom_alignment(64)
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -5)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -30000)
+    writer.add_int32("t.i32", -(2**31))
+    writer.add_uint64("t.u64", 2**63 + 5)
+    writer.add_int64("t.i64", -(2**62))
+    writer.add_float32("t.f32", 1e-5)
+    writer.add_float64("t.f64", 0.1)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo ▁ wörld")
+    writer.add_array("t.strings", ["a", "", "ĠĠ", "<|im_start|>"])
+    writer.add_array("t.ints", [3, -1, 7])
+    writer.add_array("t.floats", [0.5, -2.25])
+    writer.add_array("t.empty", [])
+    rng = np.random.default_rng(0)
+    floats = rng.standard_normal((3, 64)).astype(np.float32)
+    writer.add_tensor("a.weight", floats)
+    writer.add_tensor("b.weight", floats.astype(np.float16))
+    q8 = gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("c.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    metadata, tensors = read_gguf(path)
+    expected = gguf.GGUFReader(path)
+    assert metadata == {name: field.contents() for name, field in expected.fields.items()
+                        if not name.startswith("GGUF.")}
+    assert [t.name for t in tensors] == [t.name for t in expected.tensors]
+    for ours, theirs in zip(tensors, expected.tensors):
+        assert ours.dims == tuple(int(d) for d in theirs.shape) and ours.tensor_type == theirs.tensor_type
+        np.testing.assert_array_equal(gguf.quants.dequantize(ours.data, ours.tensor_type),
+                                      gguf.quants.dequantize(theirs.data, theirs.tensor_type))
+
+
+def test_rejects_truncated_files(tmp_path: Path) -> None:
+    for size in (2, 1000, 400_000, 50_000_000):  # the header, the table of values, the vocabulary, the weights
+        path = tmp_path / "cut.gguf"
+        with open(smollm_gguf(), "rb") as f:
+            path.write_bytes(f.read(size))
+        with pytest.raises(ExlbuildError, match=f"{path} is not a readable GGUF file"):
+            import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

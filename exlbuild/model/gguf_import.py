@@ -3,14 +3,20 @@
 The demo model ships only as a quantized GGUF; dequantizing it once gives an ordinary FP16 model that the rest of
 exlbuild treats like any Hugging Face checkpoint. Every dimension is read from the GGUF metadata. The output is
 byte-identical from run to run: fixed tensor order, sorted JSON keys.
+
+The file's metadata and tensor table are parsed here (`read_gguf`); the gguf package supplies the format's constants
+and the dequantization of each quantization type. (Its own reader makes a numpy view of the mapped file for every
+value: 4 s for the 49,152 tokens and 48,900 merges of the demo model's vocabulary, against 0.1 s here.)
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
@@ -50,21 +56,105 @@ _CONTROL = int(gguf.TokenType.CONTROL)
 _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
 
 
+# Scalar value types of GGUF metadata: their struct formats (little-endian).
+_SCALAR_FORMATS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    dims: tuple[int, ...]  # as the file lists them: innermost first
+    tensor_type: gguf.GGMLQuantizationType
+    data: np.ndarray  # its bytes in the mapped file, (rows..., bytes per row) as gguf.quants.dequantize takes them
+
+
+def _unpack_all(f: BinaryIO, fmt: str) -> tuple[Any, ...]:
+    size = struct.calcsize(fmt)
+    raw = f.read(size)
+    if len(raw) != size:
+        raise ValueError("the file ends inside its header")
+    return struct.unpack(fmt, raw)
+
+
+def _unpack(f: BinaryIO, fmt: str) -> Any:
+    return _unpack_all(f, fmt)[0]
+
+
+def _string(f: BinaryIO) -> str:
+    length = _unpack(f, "<Q")
+    raw = f.read(length)
+    if len(raw) != length:
+        raise ValueError("the file ends inside its header")
+    return raw.decode("utf-8")
+
+
+def _value(f: BinaryIO, kind: int) -> Any:
+    """One metadata value of GGUF type `kind`: a Python scalar, a str, or a list of either."""
+    kind = gguf.GGUFValueType(kind)
+    if kind == gguf.GGUFValueType.STRING:
+        return _string(f)
+    if kind == gguf.GGUFValueType.ARRAY:
+        item_kind, count = _unpack(f, "<I"), _unpack(f, "<Q")
+        if item_kind in _SCALAR_FORMATS:  # one read and one unpack for the whole array
+            fmt = _SCALAR_FORMATS[gguf.GGUFValueType(item_kind)]
+            return list(_unpack_all(f, f"<{count}{fmt[1]}"))
+        return [_value(f, item_kind) for _ in range(count)]
+    return _unpack(f, _SCALAR_FORMATS[kind])
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
+    """The metadata (key → value) and tensors of a GGUF file (version 2 or 3), the tensors' data mapped, not read.
+    Raises ValueError or OSError where the file is not one."""
+    with open(path, "rb") as f:
+        if _unpack(f, "<I") != gguf.GGUF_MAGIC:
+            raise ValueError("it does not start with the GGUF magic number")
+        version = _unpack(f, "<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_values = _unpack(f, "<Q"), _unpack(f, "<Q")
+        metadata = {}
+        for _ in range(n_values):
+            key = _string(f)
+            metadata[key] = _value(f, _unpack(f, "<I"))
+        table = []
+        for _ in range(n_tensors):
+            name = _string(f)
+            dims = tuple(_unpack(f, "<Q") for _ in range(_unpack(f, "<I")))
+            table.append((name, dims, gguf.GGMLQuantizationType(_unpack(f, "<I")), _unpack(f, "<Q")))
+        alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        data_start = -(-f.tell() // alignment) * alignment
+    mapped = np.memmap(path, mode="r")
+    tensors = []
+    for name, dims, tensor_type, offset in table:
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(tuple(reversed(dims)), tensor_type)
+        start = data_start + offset
+        data = mapped[start : start + int(np.prod(byte_shape))]
+        if data.size != int(np.prod(byte_shape)):
+            raise ValueError(f"tensor {name} lies past the end of the file")
+        tensors.append(GGUFTensor(name, dims, tensor_type, data.reshape(byte_shape)))
+    return metadata, tensors
+
+
 def import_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Write model.safetensors, config.json, tokenizer.json, tokenizer_config.json and generation_config.json."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ExlbuildError(f"GGUF file {gguf_path} does not exist")
     try:
-        reader = gguf.GGUFReader(gguf_path)
-    except (ValueError, OSError) as e:
+        metadata, gguf_tensors = read_gguf(gguf_path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
         raise ExlbuildError(f"{gguf_path} is not a readable GGUF file: {e}") from None
-    meta = _Metadata(reader, gguf_path)
+    meta = _Metadata(metadata, gguf_path)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ExlbuildError(f"{gguf_path}: GGUF architecture {arch!r} is not supported; supported: llama")
 
-    tensors = _convert_tensors(reader, meta, gguf_path)
+    tensors = _convert_tensors(gguf_tensors, meta, gguf_path)
     config = _config(meta, tensors)
     tokenizer_json, tokenizer_config = _tokenizer(meta, config)
 
@@ -78,19 +168,15 @@ def import_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 class _Metadata:
-    def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
-        self.reader, self.path = reader, path
-
-    def has(self, key: str) -> bool:
-        return key in self.reader.fields
+    def __init__(self, values: dict[str, Any], path: Path) -> None:
+        self.values, self.path = values, path
 
     def get(self, key: str, default: Any = ...) -> Any:
-        field = self.reader.get_field(key)
-        if field is None:
+        if key not in self.values:
             if default is ...:
                 raise ExlbuildError(f"{self.path}: GGUF metadata lacks '{key}'")
             return default
-        return field.contents()
+        return self.values[key]
 
     def integer(self, key: str) -> int:
         value = self.get(key)
@@ -131,8 +217,10 @@ def _layer_sort_key(hf_name: str) -> tuple[int, int, str]:
     return (0 if hf_name.startswith("model.embed_tokens") else 2, 0, hf_name)
 
 
-def _convert_tensors(reader: gguf.GGUFReader, meta: _Metadata, path: Path) -> dict[str, torch.Tensor]:
-    names = {t.name: _hf_name(t.name) for t in reader.tensors}
+def _convert_tensors(gguf_tensors: list[GGUFTensor], meta: _Metadata, path: Path) -> dict[str, torch.Tensor]:
+    names = {t.name: _hf_name(t.name) for t in gguf_tensors}
+    if len(names) != len(gguf_tensors):
+        raise ExlbuildError(f"{path}: tensor names repeat")
     unknown = sorted(n for n, hf in names.items() if hf is None)
     if unknown:
         raise ExlbuildError(f"{path}: tensors with no Hugging Face Llama equivalent: {', '.join(unknown)}")
@@ -142,8 +230,8 @@ def _convert_tensors(reader: gguf.GGUFReader, meta: _Metadata, path: Path) -> di
     }
 
     converted: dict[str, torch.Tensor] = {}
-    for t in track(sorted(reader.tensors, key=lambda t: _layer_sort_key(names[t.name])), "import GGUF"):
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
+    for t in track(sorted(gguf_tensors, key=lambda t: _layer_sort_key(names[t.name])), "import GGUF"):
+        shape = tuple(reversed(t.dims))
         try:
             array = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
