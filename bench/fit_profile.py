@@ -55,11 +55,20 @@ def random_fits(work: Path, shape: str, layers: int, rows: int, length: int, dev
     }
 
 
-def timed_fit(name: str, fit: Fit, steps: int, layers: int, work: Path, sync: Callable[[], None]) -> dict[str, float]:
-    """One untimed run of `steps` (compiling, the allocator and the first launches), then runs of 0 and `steps`:
-    their seconds, and the milliseconds a step (a refinement step is one layer's, so it divides by the layers too).
-    Writes to work/NAME-warmup, NAME-0 and NAME-STEPS."""
+def timed_fit(name: str, fit: Fit, steps: int, layers: int, work: Path, sync: Callable[[], None],
+              first: cProfile.Profile | None = None) -> dict[str, float]:
+    """A first run of `steps` (compiling, the allocator and the first launches; under the profiler `first` if given),
+    then runs of 0 and `steps`: their seconds, and the milliseconds a step (a refinement step is one layer's, so it
+    divides by the layers too). Writes to work/NAME-warmup, NAME-0 and NAME-STEPS."""
+    sync()
+    t = time.perf_counter()
+    if first is not None:
+        first.enable()
     fit(work / f"{name}-warmup", steps)
+    sync()
+    if first is not None:
+        first.disable()
+    first_s = time.perf_counter() - t
     seconds = {}
     for n in (0, steps):
         sync()
@@ -68,7 +77,7 @@ def timed_fit(name: str, fit: Fit, steps: int, layers: int, work: Path, sync: Ca
         sync()
         seconds[n] = time.perf_counter() - t
     step_ms = (seconds[steps] - seconds[0]) / (steps * (layers if name == "refine" else 1)) * 1e3
-    return {"step_ms": step_ms, "fixed_s": seconds[0], "total_s": seconds[steps]}
+    return {"step_ms": step_ms, "fixed_s": seconds[0], "total_s": seconds[steps], "first_s": first_s}
 
 
 def main() -> None:
@@ -90,10 +99,12 @@ def main() -> None:
     report = [f"{args.shape}, {args.layers} layers, {args.rows} x {args.length} rows, {device_name}"]
     for name, fit in fits.items():
         steps = {"quantize": 0, "refine": args.steps, "tune": 100}[name]
+        first = cProfile.Profile()
         if steps:
-            timing = timed_fit(name, fit, steps, args.layers, args.work, sync)
+            timing = timed_fit(name, fit, steps, args.layers, args.work, sync, first)
             title = (f"## {name}: {steps} steps; 0 steps {timing['fixed_s']:.2f} s, {steps} steps "
-                     f"{timing['total_s']:.2f} s ({timing['step_ms']:.3f} ms a step)")
+                     f"{timing['total_s']:.2f} s ({timing['step_ms']:.3f} ms a step), the process's first run "
+                     f"{timing['first_s']:.2f} s")
         else:  # the quantization pass ran once in random_fits: compiling and first launches are behind it
             title = f"## {name}"
         with profile(activities=activities) as prof:
@@ -120,6 +131,11 @@ def main() -> None:
         report += [f"### {name}{', 0 steps' if steps else ''}: host time by exlbuild function (cProfile, cumulative), "
                    "then by own time",
                    text.getvalue()]
+        if steps:  # what the process's first run pays more than the later ones: compiling, loading, imports
+            text = io.StringIO()
+            pstats.Stats(first, stream=text).sort_stats("cumulative").print_stats(40)
+            report += [f"### {name}, the process's first run: host time by function (cProfile, cumulative)",
+                       text.getvalue()]
         print("\n".join(report[-4:]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(report) + "\n")
