@@ -329,11 +329,13 @@ def refine_model(
 
     def run(states: Tensor, weights: dict[str, Tensor]) -> None:
         """Every row of `states` (on the device or in host memory) through one layer, in place, a chunk of rows at a
-        time on the device in float32 (TF32 matrix products on CUDA, as the quantization pass's)."""
+        time on the device in float32 (TF32 matrix products on CUDA, as the quantization pass's). Rows in host
+        memory cross in their own dtype and are converted on the device: a copy that also converts does it on the
+        host, through a pageable float32 buffer twice their size (~0.15 s of each SmolLM2 layer for 26 rows)."""
         with torch.no_grad(), tf32_matmuls(device):
             for r in range(0, states.shape[0], chunk):
-                x = states[r : r + chunk].to(device, torch.float32)
-                states[r : r + chunk].copy_(decoder_layer(x, weights, cfg, rope))
+                x = states[r : r + chunk].to(device).float()
+                states[r : r + chunk].copy_(decoder_layer(x, weights, cfg, rope).to(states.dtype))
 
     # What the finished layers in `state_dir` depend on, so that those of other inputs are never resumed from.
     fingerprint = hash_json({"ids": hash_bytes(ids.numpy().tobytes()), "shape": list(ids.shape),
