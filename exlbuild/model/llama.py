@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlbuild import progress
 from exlbuild.kernels.decoder_ops import gated_activation, rms_norm, rotary
@@ -32,6 +33,11 @@ from exlbuild.model.checkpoint import (
 from exlbuild.model.config import LlamaConfig
 
 Capture = Callable[[str, torch.Tensor], None]
+
+# Attention kernels in order of preference. Not cuDNN's, which PyTorch prefers for float16 and bfloat16 on Hopper:
+# it builds a plan for every new shape on its first call in a process (0.4–1.3 s each on the H100, paid by the first
+# variant of every build), where flash attention is as fast from the first call (bench/results/sdpa-probe-h100.json).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Which captured tensor is the input of each linear layer (k/v share one input, as do gate/up). attn_kv_input is
 # attn_input with every token scaled by the square root of the attention it receives: an error in the key or value
@@ -135,7 +141,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
         b, kv_heads, _, d = k.shape
         k, v = (y[:, :, None].expand(b, kv_heads, cfg.num_kv_groups, t, d).reshape(b, -1, t, d) for y in (k, v))
     mask = _attention_mask(cfg, t, q.device)
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    dtype = q.dtype
+    if q.is_cuda and dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        # Where float32 products may take TF32's 10-bit mantissas (the calibration passes: stream.pass_precision),
+        # attention takes float16's 10 bits: flash attention instead of float32's ~5× slower kernel.
+        q, k, v = q.half(), k.half(), v.half()
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).to(dtype)
     return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
 
 

@@ -71,11 +71,12 @@ def chunk_rows(x: Tensor, cfg: LlamaConfig) -> int:
 
 
 @contextmanager
-def tf32_matmuls(device: torch.device) -> Iterator[None]:
-    """Float32 matrix products in TF32 on CUDA within the block (the calibration forward, the Hessians, the
-    measurement's candidate outputs): several times faster on tensor cores, and inputs rounded to TF32's 10
-    mantissa bits are as fine as the float16 the states are held in. GPTQ itself (prepare_hessian,
-    quantize_options) runs outside, in full float32. No effect on other devices."""
+def pass_precision(device: torch.device) -> Iterator[None]:
+    """The calibration passes' precision on CUDA (the block passes, the Hessians, the measurement's candidate
+    outputs): float32 matrix products in TF32, several times faster on tensor cores, and, following that setting,
+    attention on float16 copies of q, k and v (exlbuild.model.llama.attention: flash attention, ~5× faster than
+    float32's kernel). Both round their inputs to 10 mantissa bits, as fine as the float16 the states are held in.
+    GPTQ itself (prepare_hessian, quantize_options) runs outside, in full float32. No effect on other devices."""
     if device.type != "cuda":
         yield
         return
@@ -106,20 +107,21 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
     hook = capture if hessians else None
     step = chunk_rows(x, cfg)
     rows = x.shape[0] if hessians or out is None else out.shape[0]  # rows past `out` matter only for Hessians
+    finite = torch.ones((), dtype=torch.bool, device=x.device)  # read once at the end: a read waits for the GPU
     for start in range(0, rows, step):
         chunk = x[start:start + step].float()
-        with tf32_matmuls(x.device):
+        with pass_precision(x.device):
             if block == "attention":
                 y = attention_block(chunk, w32, cfg, rope, hook)
             else:
                 y = mlp_block(chunk, w32, cfg, hook)
         if out is not None and start < out.shape[0]:
             kept = y[:out.shape[0] - start].to(out.dtype)
-            if not torch.isfinite(kept).all():
-                raise ExlbuildError(
-                    f"{module}: outputs NaN or values beyond the range of {str(out.dtype).removeprefix('torch.')} "
-                    "on the calibration rows")
+            finite &= torch.isfinite(kept).all()
             out[start:start + kept.shape[0]] = kept
+    if not finite:
+        raise ExlbuildError(f"{module}: outputs NaN or values beyond the range of "
+                            f"{str(out.dtype).removeprefix('torch.')} on the calibration rows")
     return {point: a.hessian() for point, a in acc.items()}
 
 

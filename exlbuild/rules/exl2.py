@@ -77,10 +77,11 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 8  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
+    version = 9  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
     # 5: k/v Hessians weighted by the attention each token receives; 6: TF32 block passes on CUDA;
     # 7: received attention summed over slices of query positions in rows of more than ~4,000 tokens
     # 8: RMSNorm, the rotary embedding and silu(gate)·up as Triton kernels on CUDA (other float roundings)
+    # 9: the block passes' attention on float16 q, k, v on CUDA (stream.pass_precision)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -134,9 +135,9 @@ class Quantize(Rule):
     """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
 
     name = "exl2-quantized"
-    version = 7  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
+    version = 8  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
     # 4: k/v Hessians weighted by received attention; 5: TF32 block passes on CUDA; 6: as measurement 7;
-    # 7: as measurement 8
+    # 7: as measurement 8; 8: as measurement 9
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json
@@ -156,13 +157,14 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 7  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 8  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
     # 4: on the calibration's text rows only
     # 5: the whole refinement dropped unless it lowered the model's next-token KL on the held-out rows
     # 6: the group multipliers scale the weights, not the linears' inputs (the fused straight-through kernels;
     #    written here in e93d08e, but the number itself stayed 5 until 7)
     # 7: the layer's norms, rotary embedding, activation, the loss and Adam's update as Triton kernels on CUDA
+    # 8: the passes over all rows with float16 attention on CUDA, as measurement 9
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
@@ -174,13 +176,15 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 7  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 8  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
     # 4: a plain Adam (torch.optim's fused one rounds differently)
     # 5: on the calibration's text rows only
     # 6: the FP16 model's states computed once (its weights as stored, not via float16), layers checkpointed, the
     #    KL in slices of tokens, the calibration perplexity through the block passes (TF32 on CUDA)
     # 7: the layer's norms, rotary embedding and activation and Adam's update as Triton kernels on CUDA
+    # 8: the FP16 model's states with flash attention on CUDA, not cuDNN's (llama.ATTENTION_BACKENDS); the
+    #    calibration perplexity's passes with float16 attention (measurement 9)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model

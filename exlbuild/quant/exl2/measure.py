@@ -67,7 +67,7 @@ from exlbuild.quant.stream import (
     check_calibration_ids,
     relative_error,
     run_block,
-    tf32_matmuls,
+    pass_precision,
 )
 
 CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": MLP_CANDIDATES}
@@ -207,7 +207,7 @@ def measure_block(
         chosen = {p: linear.select(candidates, x.device) for p, linear in linears.items()}
         chunk = max(1, EVAL_ELEMENTS // (len(candidates) * tokens * width))
         for start in range(0, rows, chunk):
-            with tf32_matmuls(x.device):
+            with pass_precision(x.device):
                 y = candidate_outputs(block, x[start : start + chunk].float(), w, chosen, cfg, rope)
             ref = y_ref[start : start + chunk]
             # relative_error is the row mean of a chunk; weigh it by the chunk's rows for the mean over all rows.
@@ -237,7 +237,7 @@ def measure_block(
     c = min(range(n), key=lambda j: abs(measured[j].total_bits / weights - PROBE_BITS))
     chosen = {p: linear.select([c], x.device) for p, linear in linears.items()}
     probe_x = x[: probe[0], : probe[1]].float()
-    with tf32_matmuls(x.device):
+    with pass_precision(x.device):
         return measured, y_ref, candidate_outputs(block, probe_x, w, chosen, cfg, rope)[0].to(x.dtype)
 
 

@@ -86,7 +86,7 @@ from exlbuild.quant.stream import (
     check_calibration_ids,
     chunk_rows,
     resume_point,
-    tf32_matmuls,
+    pass_precision,
 )
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
@@ -332,7 +332,7 @@ def refine_model(
         time on the device in float32 (TF32 matrix products on CUDA, as the quantization pass's). Rows in host
         memory cross in their own dtype and are converted on the device: a copy that also converts does it on the
         host, through a pageable float32 buffer twice their size (~0.15 s of each SmolLM2 layer for 26 rows)."""
-        with torch.no_grad(), tf32_matmuls(device):
+        with torch.no_grad(), pass_precision(device):
             for r in range(0, states.shape[0], chunk):
                 x = states[r : r + chunk].to(device).float()
                 states[r : r + chunk].copy_(decoder_layer(x, weights, cfg, rope).to(states.dtype))
