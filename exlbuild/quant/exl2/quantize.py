@@ -91,6 +91,14 @@ def quantize_options(
     for o, layout in enumerate(layouts):
         for g, group in enumerate(layout):
             starts[group.start][group.rows].append((o, g))
+    # Per start row, its batches: (group length, members, their options as an index on the device). The indices
+    # are copied over at once: one made from a list at every group start is a host-to-device copy that waits for
+    # the GPU.
+    batches = [(a, rows, members) for a, by_rows in starts.items() for rows, members in by_rows.items()]
+    flat = torch.tensor([o for *_, members in batches for o, _ in members], device=device)
+    searches: dict[int, list[tuple[int, list[tuple[int, int]], Tensor]]] = defaultdict(list)
+    for (a, rows, members), index in zip(batches, flat.split([len(members) for *_, members in batches])):
+        searches[a].append((rows, members, index))
 
     # The float32 work copy is filled from the permuted weight in its own dtype (half the bytes of a float32
     # intermediate for an fp16 weight: 2 GB less at a 128256 × 8192 head).
@@ -107,8 +115,7 @@ def quantize_options(
     row_weights = factor.diagonal().square().reciprocal()
     for a in range(0, in_features, BLOCK_ROWS):
         e = a + BLOCK_ROWS
-        for rows, members in starts[a].items():
-            chosen = [o for o, _ in members]
+        for rows, members, chosen in searches[a]:
             group_nibbles, group_max = find_group_scales(
                 work[chosen, a : a + rows], row_bits[chosen, a], row_weights[a : a + rows]
             )
