@@ -138,7 +138,7 @@ def test_measure_block(model_dir: Path, block: str) -> None:
     c = min(range(len(candidates)), key=lambda j: abs(candidates[j].total_bits / weights - measure.PROBE_BITS))
     assert 3.5 < candidates[c].total_bits / weights < 4.5
     assert probe.shape == x.shape and probe.dtype == x.dtype
-    assert relative_error(probe, y_ref) == pytest.approx(1 - candidates[c].accuracy, rel=1e-3)
+    assert relative_error(probe, y_ref).item() == pytest.approx(1 - candidates[c].accuracy, rel=1e-3)
 
 
 def test_measure_block_aborts_naming_the_module(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
@@ -240,7 +240,7 @@ def test_sensitivity_carries_each_blocks_perturbation_to_the_output(
             key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
             if key == inject:
                 e = (x.float() + deltas[key]).to(STATE_DTYPE)
-                assert result.sensitivity[key].error == pytest.approx(relative_error(e, x), rel=1e-4)
+                assert result.sensitivity[key].error == pytest.approx(relative_error(e, x).item(), rel=1e-4)
                 x = e
         return x
 

@@ -264,7 +264,7 @@ def quantize_block(
         packed.update({f"{key}.{suffix}": t.contiguous().cpu() for suffix, t in tensors.items()})
     del hessians, prepared
     run_block(block, x, decoded_w, cfg, rope, out=x, module=f"{module} (quantized)")
-    return packed, relative_error(x[:error_rows], reference)
+    return packed, relative_error(x[:error_rows], reference).item()
 
 
 def replay_layer(x: Tensor, tensors: dict[str, Tensor], i: int, out_features: dict[str, int], cfg: LlamaConfig,

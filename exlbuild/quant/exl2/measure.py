@@ -210,9 +210,10 @@ def measure_block(
             with pass_precision(x.device):
                 y = candidate_outputs(block, x[start : start + chunk].float(), w, chosen, cfg, rope)
             ref = y_ref[start : start + chunk]
-            # relative_error is the row mean of a chunk; weigh it by the chunk's rows for the mean over all rows.
-            error_sums[first : first + len(candidates)] += torch.tensor(
-                [relative_error(y_c, ref) * ref.shape[0] for y_c in y], dtype=torch.float64)
+            # Each candidate's relative_error (the row mean of the chunk), read once for all of them (a read waits
+            # for the GPU), weighed by the chunk's rows for the mean over all rows.
+            errors = torch.stack([relative_error(y_c, ref) for y_c in y]).cpu()
+            error_sums[first : first + len(candidates)] += errors.double() * ref.shape[0]
         del chosen
     if torch.isnan(error_sums).any():
         raise ExlbuildError(f"{module}: a quantized candidate of this block outputs NaN on the calibration rows")
@@ -325,7 +326,7 @@ def measure_model(
                                                            probe=probe if probe_tokens else None)
                 del w_block
                 if probe_tokens:
-                    probe_errors.append(relative_error(probe_out, x[: probe[0], : probe[1]]))
+                    probe_errors.append(relative_error(probe_out, x[: probe[0], : probe[1]]).item())
                     perturbed[len(probe_errors) - 1] = probe_out
             del w  # free this layer before the next one loads
             if checkpoint:
