@@ -67,6 +67,10 @@ class RefineSpec:
     rows_per_step: int = 4
     # A layer with more weights is fitted in parts of at most this many (the fit's memory: ~20 bytes a weight).
     weights_per_fit: int = 1 << 27
+    # Only variants of fewer bits per weight are refined; the others go from quantized to tuned. At 5.0 and 6.0 bpw
+    # the refinement measured no better than none (bench/results/quality-h100.md) for ~15 s a SmolLM2 variant and
+    # ~2.5 h a 70B one.
+    below_bits: float = 5.0
 
 
 @dataclass
@@ -377,6 +381,9 @@ def validate(recipe: LoadedRecipe) -> None:
 
     _at_least(where, "measurement.probe_tokens", spec.measurement.probe_tokens, 0)
     _at_least(where, "refine.weights_per_fit", spec.refine.weights_per_fit, 1)
+    if not spec.refine.below_bits > 0:
+        raise ExlbuildError(f"{where}: refine.below_bits: {spec.refine.below_bits} is out of range; it must be > 0 "
+                            "(variants below it are refined; 8.1 refines every variant)")
     if spec.measurement.file:
         p = recipe.resolve(spec.measurement.file)
         if not p.is_file():

@@ -220,6 +220,7 @@ BAD_RECIPES = {
     "negative refining steps": (RECIPE, ["refine.steps=-1"], "refine.steps: -1 is out of range"),
     "refining rate above 1": (RECIPE, ["refine.lr=2"], "refine.lr: 2.0 is out of range; it must be in (0, 1]"),
     "no weights a refining fit": (RECIPE, ["refine.weights_per_fit=0"], "refine.weights_per_fit: 0 is out of range"),
+    "refining below no bitrate": (RECIPE, ["refine.below_bits=0"], "refine.below_bits: 0.0 is out of range"),
     "tuning rate of zero": (RECIPE, ["tune.lr=0"], "tune.lr: 0.0 is out of range; it must be in (0, 1]"),
 }
 

@@ -54,6 +54,25 @@ def project(tmp_path, model_template) -> Path:
     return recipe_project(tmp_path, model_template, RECIPE, calibration_paragraphs=150, eval_paragraphs=100)
 
 
+def test_only_variants_below_refine_below_bits_are_refined(project, capsys):
+    """refine.below_bits (default 5.0): a variant at or above it goes from its quantized tensors straight to the
+    tuning; the threshold is not part of a refined variant's key (it decides whether the node exists)."""
+    recipe = project / "recipe.yaml"
+
+    def fits(*overrides: str) -> dict[str, dict]:
+        code, out, err = run_cli(capsys, "status", recipe, "sweep.bits=[4.0,5.0]", "refine.steps=3", "tune.steps=5",
+                                 "eval.text=null", *overrides, "--json")
+        assert code == 0, err
+        return {t["name"]: t for t in json.loads(out)["targets"] if t["kind"] in ("refined", "tuned")}
+
+    default, everything = fits(), fits("refine.below_bits=8.1")
+    assert sorted(default) == ["exl2-4.0bpw/refined", "exl2-4.0bpw/tuned", "exl2-5.0bpw/tuned"]
+    assert sorted(everything) == ["exl2-4.0bpw/refined", "exl2-4.0bpw/tuned", "exl2-5.0bpw/refined",
+                                  "exl2-5.0bpw/tuned"]
+    assert default["exl2-4.0bpw/refined"]["key"] == everything["exl2-4.0bpw/refined"]["key"]
+    assert default["exl2-5.0bpw/tuned"]["key"] != everything["exl2-5.0bpw/tuned"]["key"]  # tuned from quantized
+
+
 @pytest.mark.slow
 def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     recipe = project / "recipe.yaml"

@@ -7,7 +7,8 @@
                                                      ─► <variant>/tuned ─► <variant> (compiled)
 
 <variant>/refined and <variant>/tuned (each from model, calibration and the tensors before it) exist only with
-refine.steps > 0 and tune.steps > 0; without them the next step takes the tensors before.
+refine.steps > 0 (and the variant's bits below refine.below_bits) and tune.steps > 0; without them the next step
+takes the tensors before.
 
 Rules only move data between the store and the algorithms in exlbuild.quant.exl2.
 """
@@ -237,10 +238,12 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
                      params={"head_bits": variant.head_bits, "rope": rope},
                      deps={"model": model, "calibration": calibration, "allocation": allocation}, info=info)
     made = [allocation, quantized]
-    for step, rule, fit in (("refined", Refine(), recipe.spec.refine), ("tuned", Tune(), recipe.spec.tune)):
-        if fit.steps:
-            made.append(Node(f"{name}/{step}", step, rule=rule,
-                             params={**dataclasses.asdict(fit), "rope": rope},
+    refine = dataclasses.asdict(recipe.spec.refine)
+    # Whether a variant is refined at all is the graph's choice, not part of what its refined tensors are.
+    refined = variant.bits < refine.pop("below_bits")
+    for step, rule, params in (("refined", Refine(), refine), ("tuned", Tune(), dataclasses.asdict(recipe.spec.tune))):
+        if params["steps"] and (step != "refined" or refined):
+            made.append(Node(f"{name}/{step}", step, rule=rule, params={**params, "rope": rope},
                              deps={"model": model, "calibration": calibration, "quantized": made[-1]}, info=info))
     c = recipe.spec.calibration
     dataset = f"({c.dataset})" if c.dataset in ("default", "generated") else Path(c.dataset).name
