@@ -164,3 +164,16 @@ def test_corrupt_config_file(tmp_path, name):
 def test_import_is_light():
     code = "import sys, exlbuild.model.tokenizer; assert 'torch' not in sys.modules and 'tokenizers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_loaded_once_until_a_file_changes(tmp_path, bpe_dir):
+    """A directory's tokenizer is parsed once per process; changing any file it is read from loads it again."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(bpe_dir, model_dir)
+    first = load_tokenizer(model_dir)
+    assert load_tokenizer(model_dir) is first
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "</s>"}))
+    changed = load_tokenizer(model_dir)
+    assert changed is not first and (first.bos_id, changed.bos_id) == (0, 1)
