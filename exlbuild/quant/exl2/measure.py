@@ -65,9 +65,9 @@ from exlbuild.quant.stream import (
     LayerCheckpoint,
     block_weights,
     check_calibration_ids,
+    pass_precision,
     relative_error,
     run_block,
-    pass_precision,
 )
 
 CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": MLP_CANDIDATES}

@@ -85,8 +85,8 @@ from exlbuild.quant.stream import (
     LayerCheckpoint,
     check_calibration_ids,
     chunk_rows,
-    resume_point,
     pass_precision,
+    resume_point,
 )
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
@@ -329,9 +329,9 @@ def refine_model(
 
     def run(states: Tensor, weights: dict[str, Tensor]) -> None:
         """Every row of `states` (on the device or in host memory) through one layer, in place, a chunk of rows at a
-        time on the device in float32 (TF32 matrix products on CUDA, as the quantization pass's). Rows in host
-        memory cross in their own dtype and are converted on the device: a copy that also converts does it on the
-        host, through a pageable float32 buffer twice their size (~0.15 s of each SmolLM2 layer for 26 rows)."""
+        time on the device in float32 (on CUDA at the quantization pass's precision: stream.pass_precision). Rows in
+        host memory cross in their own dtype and are converted on the device: a copy that also converts does it on
+        the host, through a pageable float32 buffer twice their size (~0.15 s of each SmolLM2 layer for 26 rows)."""
         with torch.no_grad(), pass_precision(device):
             for r in range(0, states.shape[0], chunk):
                 x = states[r : r + chunk].to(device).float()
