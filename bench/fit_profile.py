@@ -7,18 +7,20 @@ torch.profiler on a random model in a real layer shape (bench/scale.py), quantiz
 Each fit runs once untimed first, so that compiling, the allocator and the first launches fall outside the profile.
 bench/fit_step_variants.py times the same fits (`random_fits`, `timed_fit`).
 After the kernels, the quantization pass and each fit's fixed part (a run of 0 steps) are listed by exlbuild
-function in host time (cProfile).
+function in host time (cProfile), then each fit's first run in the process; each fit's title line also says what its
+CUDA graph captures cost (a further run with capture_begin and capture_end timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.autograd import DeviceType
@@ -80,6 +82,36 @@ def timed_fit(name: str, fit: Fit, steps: int, layers: int, work: Path, sync: Ca
     return {"step_ms": step_ms, "fixed_s": seconds[0], "total_s": seconds[steps], "first_s": first_s}
 
 
+@contextlib.contextmanager
+def capture_times() -> Iterator[dict[str, float]]:
+    """Seconds spent in CUDA graph captures while the block runs: waiting for the device before capture_begin (a
+    synchronize put in front of it here), capture_begin itself, and capture_end (the graph's instantiation), with
+    the number of captures."""
+    times = {"captures": 0, "wait_s": 0.0, "begin_s": 0.0, "end_s": 0.0}
+    graph = torch.cuda.CUDAGraph
+    begin, end = graph.capture_begin, graph.capture_end
+
+    def timed_begin(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        begin(self, *args, **kwargs)
+        times["captures"] += 1
+        times["wait_s"] += t1 - t0
+        times["begin_s"] += time.perf_counter() - t1
+
+    def timed_end(self, *args, **kwargs):
+        t = time.perf_counter()
+        end(self, *args, **kwargs)
+        times["end_s"] += time.perf_counter() - t
+
+    graph.capture_begin, graph.capture_end = timed_begin, timed_end
+    try:
+        yield times
+    finally:
+        graph.capture_begin, graph.capture_end = begin, end
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="smollm2", choices=list(SHAPES))
@@ -105,6 +137,12 @@ def main() -> None:
             title = (f"## {name}: {steps} steps; 0 steps {timing['fixed_s']:.2f} s, {steps} steps "
                      f"{timing['total_s']:.2f} s ({timing['step_ms']:.3f} ms a step), the process's first run "
                      f"{timing['first_s']:.2f} s")
+            if cuda:
+                with capture_times() as captured:
+                    fit(args.work / f"{name}-captures", steps)
+                title += (f"; {captured['captures']} graph captures: {captured['wait_s']:.3f} s waiting for the "
+                          f"device before them, {captured['begin_s']:.3f} s in capture_begin, "
+                          f"{captured['end_s']:.3f} s in capture_end")
         else:  # the quantization pass ran once in random_fits: compiling and first launches are behind it
             title = f"## {name}"
         with profile(activities=activities) as prof:
