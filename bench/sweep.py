@@ -51,7 +51,8 @@ def main() -> None:
             continue
         manifest = json.loads((store / t["rule"] / t["key"] / "manifest.json").read_text())
         steps.append({"name": t["name"], "kind": t["kind"], "seconds": manifest["seconds"],
-                      "started": manifest["started"], "peak_gpu_bytes": manifest["metrics"].get("peak_gpu_bytes")})
+                      "started": manifest["started"], "peak_gpu_bytes": manifest["metrics"].get("peak_gpu_bytes"),
+                      "fit_steps_seconds": manifest["metrics"].get("seconds_steps")})
         if t["rule"] == "report":
             report = json.loads((Path(t["out_dir"]) / "report.json").read_text())
     first = min(datetime.datetime.fromisoformat(s["started"]) for s in steps)
@@ -76,10 +77,12 @@ def main() -> None:
 def markdown(r: dict) -> str:
     lines = [f"# Sweep on {r['device']}: {r['recipe']} {' '.join(r['overrides'])}".rstrip(), "",
              f"Whole build (fresh store, {r.get('jobs', 1)} at a time): {r['total_seconds']:.1f} s", "",
-             "| step | kind | started (s) | seconds | peak GPU memory (MiB) |", "| --- | --- | ---: | ---: | ---: |"]
+             "| step | kind | started (s) | seconds | of it, fit steps | peak GPU memory (MiB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for s in r["steps"]:
         peak = f"{s['peak_gpu_bytes'] / 2**20:.0f}" if s["peak_gpu_bytes"] else "–"
-        lines.append(f"| {s['name']} | {s['kind']} | {s['started_s']:.0f} | {s['seconds']:.1f} | {peak} |")
+        fit = f"{s['fit_steps_seconds']:.1f}" if s.get("fit_steps_seconds") is not None else "–"
+        lines.append(f"| {s['name']} | {s['kind']} | {s['started_s']:.0f} | {s['seconds']:.1f} | {fit} | {peak} |")
     if r["variants"]:
         lines += ["", f"FP16 perplexity: {r['fp16_perplexity']:.3f}" if r["fp16_perplexity"] else "", "",
                   "| variant | decoder bpw | eval ppl | vs FP16 | calibration ppl |", "| --- | ---: | ---: | ---: | ---: |"]

@@ -293,7 +293,8 @@ def refine_model(
     same layout; `state_dir` holds the finished layers to resume from (a temporary directory when None). Returns
     metrics: per layer that loss before and after, the parts fitted and kept, and the codes changed; the model's
     held-out KL before and after and whether the refinement was kept; the codes changed in what is written; the
-    calibration perplexity of what is written (first METRIC_ROWS rows); seconds."""
+    calibration perplexity of what is written (first METRIC_ROWS rows); seconds (in all, and of the steps, their graph
+    captures included)."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     ids = check_calibration_ids(ids, cfg)
@@ -347,6 +348,7 @@ def refine_model(
     start, notes = resume_point(checkpoint, fingerprint, "a refinement of other inputs (model config, calibration "
                                 "rows or refine parameters)")
     layer_metrics: list[dict[str, Any]] = notes.get("layers", [])
+    steps_seconds = 0.0  # of this run's fits (not of layers finished before a resume)
     for directory in (state_dir, out_dir):
         (directory / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
     with deterministic_algorithms(), checkpoint:
@@ -421,7 +423,9 @@ def refine_model(
                                                 % len(training)])
                     decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
 
+                steps_started = time.perf_counter()
                 run_steps(train_step, prepare, steps, device)
+                steps_seconds += time.perf_counter() - steps_started
                 # A fit that did not lower the loss on rows it was not trained on (a rate too high for the
                 # calibration rows, say) is dropped: those codes and the multipliers stay as they were.
                 saved = [codes[s.linear].codes[s.rows].clone() for s in slices]
@@ -491,4 +495,5 @@ def refine_model(
         "model_check": model_check,
         "codes_changed": sum(m["codes_changed"] for m in layer_metrics) if model_check["kept"] else 0,
         "seconds": time.perf_counter() - started,
+        "seconds_steps": steps_seconds,
     }
