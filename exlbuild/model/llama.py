@@ -144,7 +144,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
     dtype = q.dtype
     if q.is_cuda and dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         # Where float32 products may take TF32's 10-bit mantissas (the calibration passes: stream.pass_precision),
-        # attention takes float16's 10 bits: flash attention instead of float32's ~5× slower kernel.
+        # attention takes float16's 10 bits: flash attention instead of float32's ~5× slower kernel. (q, k and v
+        # project normalized states: far inside float16's range; an overflow would fail the pass's finite check.)
         q, k, v = q.half(), k.half(), v.half()
     with sdpa_kernel(ATTENTION_BACKENDS):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).to(dtype)
