@@ -67,9 +67,9 @@ class RefineSpec:
     rows_per_step: int = 4
     # A layer with more weights is fitted in parts of at most this many (the fit's memory: ~20 bytes a weight).
     weights_per_fit: int = 1 << 27
-    # Only variants of fewer bits per weight are refined; the others go from quantized to tuned. At 5.0 and 6.0 bpw
-    # the refinement measured no better than none (bench/results/quality-h100.md) for ~15 s a SmolLM2 variant and
-    # ~2.5 h a 70B one.
+    # Only variants of fewer bits per weight are refined; the others go from quantized to tuned. At 5.0 bpw the
+    # refinement lowered perplexity by 0.1-0.2 %, at 6.0 by nothing (bench/results/quality-h100.md, session 17), for
+    # ~15 s a SmolLM2 variant and ~2.5 h a 70B one.
     below_bits: float = 5.0
 
 
