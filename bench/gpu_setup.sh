@@ -52,8 +52,9 @@ part2)
     # Byte-compile what part1 installed with --no-compile (and whatever else lacks it): otherwise a timed build
     # compiles the sources of ~1,600 modules as it first imports them (5.4 s of a fresh machine's first sweep,
     # bench/NOTES.md §24), which an ordinary install never pays.
-    python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-        > /dev/null || true
+    # (At most two minutes: what is compiled by then stays compiled.)
+    timeout 120 python3 -m compileall -q -j 0 \
+        "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     ;;
 *)
