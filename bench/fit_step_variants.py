@@ -30,11 +30,11 @@ from exlbuild.kernels import adam, decoder_ops
 LAYERS = 4
 
 PATCHED = [(llama, "rms_norm"), (llama, "rotary"), (llama, "gated_activation"), (llama, "attention"),
-           (refine, "relative_error"), (tune, "adam_update")]
+           (refine, "squared_relative_error"), (tune, "adam_update")]
 BASE = {(module, name): getattr(module, name) for module, name in PATCHED}
 REFERENCES = {(llama, "rms_norm"): decoder_ops.rms_norm_reference, (llama, "rotary"): decoder_ops.rotary_reference,
               (llama, "gated_activation"): decoder_ops.gated_activation_reference,
-              (refine, "relative_error"): decoder_ops.relative_error_reference,
+              (refine, "squared_relative_error"): decoder_ops.squared_relative_error_reference,
               (tune, "adam_update"): adam.adam_update_reference}
 
 

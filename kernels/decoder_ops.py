@@ -12,8 +12,8 @@ The references below are the layer's definitions. What the kernels reproduce, an
 
 - rotary: the same roundings in the same order (each product rounded to the tensor's dtype, then their sum), so
   values and gradients equal the reference's bit for bit;
-- rms_norm, gated_activation, relative_error: the same formulas in float32 with the reference's roundings to the
-  tensor's dtype, but their sums (over a token's features, over tokens for the norm weight's gradient) run in
+- rms_norm, gated_activation, squared_relative_error: the same formulas in float32 with the reference's roundings
+  to the tensor's dtype, but their sums (over a token's features, over tokens for the norm weight's gradient) run in
   another order and exp, rsqrt and division are the GPU's fast ones: equal within a few units of the last place of the output dtype.
 
 CUDA tensors go to the kernels, others to the references (exlbuild.kernels.runtime). The kernels' gradients come
@@ -50,7 +50,7 @@ def gated_activation_reference(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def relative_error_reference(y: Tensor, target: Tensor) -> Tensor:
+def squared_relative_error_reference(y: Tensor, target: Tensor) -> Tensor:
     """Mean over tokens of |y − target|² / |target|², in float32."""
     y, target = y.float(), target.float()
     return ((y - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-30)).mean()
@@ -300,7 +300,7 @@ def gated_activation(gate: Tensor, up: Tensor) -> Tensor:
 
 
 @jit
-def _relative_error_kernel(y_ptr, target_ptr, grad_ptr, out_ptr, ROWS, COLS,
+def _squared_relative_error_kernel(y_ptr, target_ptr, grad_ptr, out_ptr, ROWS, COLS,
                            BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # Forward: each token's |y − t|² / |t|² to out (rows,). Backward: ∂L/∂y = grad · 2(y − t) / |t|² to out
     # (rows, cols) in y's dtype, grad (one float32 value on the device) being ∂L/∂(a token's ratio).
@@ -319,36 +319,36 @@ def _relative_error_kernel(y_ptr, target_ptr, grad_ptr, out_ptr, ROWS, COLS,
         tl.store(out_ptr + rows, tl.sum(d * d, axis=1) / norm, mask=rows < ROWS)
 
 
-def _relative_error_launch(y: Tensor, target: Tensor, grad: Tensor | None) -> Tensor:
+def _squared_relative_error_launch(y: Tensor, target: Tensor, grad: Tensor | None) -> Tensor:
     rows, cols = y.numel() // y.shape[-1], y.shape[-1]
     out = torch.empty(y.shape if grad is not None else (rows,), dtype=y.dtype if grad is not None else torch.float32,
                       device=y.device)
     tiles = _row_tiles(cols)
-    launch(_relative_error_kernel, (-(-rows // tiles["BLOCK_R"]),), y.device, y, target,
+    launch(_squared_relative_error_kernel, (-(-rows // tiles["BLOCK_R"]),), y.device, y, target,
            grad if grad is not None else out, out, rows, cols, BACKWARD=grad is not None, **tiles)
     return out
 
 
-class _RelativeError(torch.autograd.Function):
+class _SquaredRelativeError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, target: Tensor) -> Tensor:
         ctx.save_for_backward(y, target)
-        return _relative_error_launch(y, target, None).mean()
+        return _squared_relative_error_launch(y, target, None).mean()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         y, target = ctx.saved_tensors
         per_token = (grad.float() / (y.numel() // y.shape[-1])).reshape(1)
-        return _relative_error_launch(y, target, per_token), None
+        return _squared_relative_error_launch(y, target, per_token), None
 
 
-def relative_error_triton(y: Tensor, target: Tensor) -> Tensor:
-    return _RelativeError.apply(y.contiguous(), target.contiguous())
+def squared_relative_error_triton(y: Tensor, target: Tensor) -> Tensor:
+    return _SquaredRelativeError.apply(y.contiguous(), target.contiguous())
 
 
-def relative_error(y: Tensor, target: Tensor) -> Tensor:
+def squared_relative_error(y: Tensor, target: Tensor) -> Tensor:
     """Mean over tokens of |y − target|² / |target|², in float32 (the refinement's loss; target takes no gradient).
     Triton on CUDA, else the reference."""
     if use_triton(y, target):
-        return relative_error_triton(y, target)
-    return relative_error_reference(y, target)
+        return squared_relative_error_triton(y, target)
+    return squared_relative_error_reference(y, target)

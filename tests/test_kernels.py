@@ -27,12 +27,12 @@ from exlbuild.kernels.adam import adam_update_reference, adam_update_triton
 from exlbuild.kernels.decoder_ops import (
     gated_activation_reference,
     gated_activation_triton,
-    relative_error_reference,
-    relative_error_triton,
     rms_norm_reference,
     rms_norm_triton,
     rotary_reference,
     rotary_triton,
+    squared_relative_error_reference,
+    squared_relative_error_triton,
 )
 from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step_reference, gptq_block_step_triton
 from exlbuild.kernels.pack import (
@@ -345,7 +345,7 @@ def decoder_gated_activation(device: str, real: bool, seed: int) -> None:
 
 
 @check
-def refine_relative_error(device: str, real: bool, seed: int) -> None:
+def refine_squared_relative_error(device: str, real: bool, seed: int) -> None:
     g = generator(seed)
     for shape in [(4, 2048, 576)] if real else [(2, 9, 72)]:
         for dtype in decoder_dtypes(real):
@@ -353,8 +353,8 @@ def refine_relative_error(device: str, real: bool, seed: int) -> None:
             y = (target + torch.randn(shape, generator=g)).to(dtype)
             target[0, 0], y[0, 0] = 0, 0  # a zero target (its norm is clamped), matched
             inputs = [y.to(device), target.half().to(device)]
-            ours = values_and_gradients(relative_error_triton, inputs, None, 1)
-            reference = values_and_gradients(relative_error_reference, inputs, None, 1)
+            ours = values_and_gradients(squared_relative_error_triton, inputs, None, 1)
+            reference = values_and_gradients(squared_relative_error_reference, inputs, None, 1)
             close(ours[0], reference[0], 64, f"loss, {dtype} {shape}, seed {seed}")  # a mean of thousands of sums
             close(ours[1], reference[1], 4, f"y's gradient, {dtype} {shape}, seed {seed}")
 

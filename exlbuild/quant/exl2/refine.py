@@ -42,7 +42,7 @@ from torch import Tensor
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
 from exlbuild.hashing import hash_bytes, hash_json
-from exlbuild.kernels.decoder_ops import relative_error
+from exlbuild.kernels.decoder_ops import squared_relative_error
 from exlbuild.kernels.straight_through import straight_through_backward, straight_through_weight
 from exlbuild.model.checkpoint import Device, head_weight, layer_prefix, layer_weights, norm_weight, open_model
 from exlbuild.model.llama import Rope, decoder_layer, embed, rope_tables
@@ -391,7 +391,7 @@ def refine_model(
                 for name, norm, factor in zip(NORMS, norms, norm_factors):
                     w[name] = (norm.weight * factor).to(dtype)
                 y = decoder_layer(quantized_states[batch].to(dtype), w, cfg, compute_rope)
-                return relative_error(y, unquantized_states[batch])
+                return squared_relative_error(y, unquantized_states[batch])
 
             def judged_loss() -> float:
                 """The layer's loss on the held-out rows, with the current codes and multipliers."""
