@@ -240,9 +240,11 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
     made = [allocation, quantized]
     refine = dataclasses.asdict(recipe.spec.refine)
     # Whether a variant is refined at all is the graph's choice, not part of what its refined tensors are.
-    refined = variant.bits < refine.pop("below_bits")
-    for step, rule, params in (("refined", Refine(), refine), ("tuned", Tune(), dataclasses.asdict(recipe.spec.tune))):
-        if params["steps"] and (step != "refined" or refined):
+    below_bits = refine.pop("below_bits")
+    fits = [("refined", Refine(), refine)] if variant.bits < below_bits else []
+    fits.append(("tuned", Tune(), dataclasses.asdict(recipe.spec.tune)))
+    for step, rule, params in fits:
+        if params["steps"]:
             made.append(Node(f"{name}/{step}", step, rule=rule, params={**params, "rope": rope},
                              deps={"model": model, "calibration": calibration, "quantized": made[-1]}, info=info))
     c = recipe.spec.calibration
