@@ -220,5 +220,6 @@ def resume_point(checkpoint: LayerCheckpoint, fingerprint: str, what: str) -> tu
 def relative_error(out: Tensor, ref: Tensor) -> Tensor:
     """Mean over rows (dim 0) of ‖out − ref‖_F / ‖ref‖_F, a float32 scalar on their device: rfn_error of the
     quantization pass (4.8 step 4), 1 − accuracy of the measurement (4.5 step 4)."""
-    diff = (out.float() - ref.float()).flatten(1).norm(dim=1)
-    return (diff / ref.float().flatten(1).norm(dim=1)).mean()
+    ref = ref.float()
+    diff = (out.float() - ref).flatten(1).norm(dim=1)
+    return (diff / ref.flatten(1).norm(dim=1)).mean()
