@@ -92,13 +92,17 @@ def test_tuning_is_deterministic(quantized: dict, tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tuning_is_deterministic_on_cuda(quantized: dict, tmp_path: Path) -> None:
     """Two tunings on the GPU write the same bytes (deterministic backward kernels), and they tune; so does one with
-    its layers streamed (eager steps instead of a CUDA graph's: which one runs depends on the free memory)."""
+    its layers streamed (eager steps instead of a CUDA graph's) and one that runs each layer again in the backward
+    pass (which of these runs depends on the free memory)."""
     tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
-    for out, stream in (("a", False), ("b", False), ("streamed", True)):
+    for out, stream, recompute in (("a", False, None), ("b", False, None), ("streamed", True, None),
+                                   ("recomputed", False, True)):
         metrics = tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=20, lr=2e-2, rows_per_step=4,
-                             device="cuda", stream_layers=stream)
+                             device="cuda", stream_layers=stream, recompute=recompute)
         assert metrics["kl_last_pass"] < metrics["kl_first_pass"]
-    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b") == file_bytes(tmp_path / "streamed")
+        assert metrics["recomputed_layers"] is (recompute or stream)
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b") == file_bytes(tmp_path / "streamed") \
+        == file_bytes(tmp_path / "recomputed")
     assert file_bytes(tmp_path / "a") != file_bytes(tmp / "quantized")
 
 
@@ -204,6 +208,17 @@ def test_streamed_layers_tune_to_the_same_bytes(quantized: dict, tmp_path: Path)
                              stream_layers=stream)
         assert metrics["streamed_layers"] is stream
     assert file_bytes(tmp_path / "resident") == file_bytes(tmp_path / "streamed")
+
+
+def test_recomputed_layers_tune_to_the_same_bytes(quantized: dict, tmp_path: Path) -> None:
+    """Layers run again in the backward pass (how a model whose activations would not fit is tuned) give what layers
+    that keep their activations give; on the CPU they keep them unless told."""
+    tmp, model, ids = quantized["tmp"], quantized["model"], quantized["ids"]
+    for out, recompute in (("kept", None), ("recomputed", True)):
+        metrics = tune_model(model, tmp / "quantized", tmp_path / out, ids, steps=4, lr=1e-2, rows_per_step=3,
+                             recompute=recompute)
+        assert metrics["recomputed_layers"] is bool(recompute)
+    assert file_bytes(tmp_path / "kept") == file_bytes(tmp_path / "recomputed")
 
 
 def test_next_token_kl_and_its_gradients(monkeypatch: pytest.MonkeyPatch) -> None:

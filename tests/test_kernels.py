@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from exlbuild.kernels.adam import adam_update_reference, adam_update_triton
 from exlbuild.kernels.decoder_ops import (
@@ -35,6 +36,7 @@ from exlbuild.kernels.decoder_ops import (
     squared_relative_error_triton,
 )
 from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step_reference, gptq_block_step_triton
+from exlbuild.kernels.kl_divergence import kl_divergence_reference, kl_divergence_triton
 from exlbuild.kernels.pack import (
     decode_layer_reference,
     decode_layer_triton,
@@ -412,6 +414,42 @@ def adam(device: str, real: bool, seed: int) -> None:
             update(*state[:1], grad, *state[1:], step, c1, c2, betas, 1e-8)
         for name, ours, reference in zip(("parameter", "mean", "square"), *states):
             close(ours, reference, 4, f"{name} after step {t}, seed {seed}")
+
+
+@check
+def kl_divergence(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    # A vocabulary of several of the kernel's blocks and a partial one (SmolLM2's 49,152 is twelve whole ones).
+    cases = [(682, 49152), (3, 50000)] if real else [(5, 9000), (3, 300)]
+    for tokens, vocab in cases:
+        for dtype in decoder_dtypes(real):
+            # Logits spread like a model's (a few words far above the rest), the target's a small perturbation of
+            # them: the KL is small against the log-sum-exps it is the difference of, as in the tuning.
+            logits = torch.randn(tokens, vocab, generator=g) * 3
+            logits[:, :7] += 12 * torch.rand(tokens, 7, generator=g)
+            target = logits + torch.randn(tokens, vocab, generator=g) * 0.3
+            inputs = [logits.to(device, dtype), target.to(device, dtype)]
+            grad = torch.tensor(1 / tokens, device=device)
+            ours = values_and_gradients(kl_divergence_triton, inputs, grad, 1)
+            reference = values_and_gradients(kl_divergence_reference, inputs, grad, 1)
+            # Against float64 on the same (rounded) inputs. The gradient q − p cancels, so both paths carry float32
+            # errors of the log-sum-exps (~10) times q and p; ours may have the reference's error twice, plus a few
+            # float32 roundings of q and p, plus one rounding to the logits' dtype.
+            x, t = (v.double() for v in inputs)
+            exact_kl = F.kl_div(x.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
+            exact_grad = (x.softmax(-1) - t.softmax(-1)) / tokens
+            where = f"{dtype} {tokens}×{vocab}, seed {seed}"
+            kl_error, reference_kl_error = (abs(float(v[0]) - float(exact_kl)) for v in (ours, reference))
+            # The KL of a row is a difference of its log-sum-exps: a few float32 roundings of those.
+            lse_sizes = float((x.logsumexp(-1).abs() + t.logsumexp(-1).abs()).sum())
+            allowed = 2 * reference_kl_error + 4 * torch.finfo(torch.float32).eps * lse_sizes
+            assert kl_error <= allowed, f"the KL, {where}: error {kl_error:.3g}, allowed {allowed:.3g}"
+            errors, reference_errors = ((v[1].double() - exact_grad).abs().amax(-1) for v in (ours, reference))
+            probabilities = (x.softmax(-1) + t.softmax(-1)).amax(-1) / tokens
+            rounding = torch.finfo(dtype).eps * exact_grad.abs().amax(-1) \
+                + 4 * torch.finfo(torch.float32).eps * probabilities
+            worst = float((errors / (2 * reference_errors + rounding)).max())
+            assert worst <= 1, f"the logits' gradient, {where}: {worst:.3g} times the allowed error"
 
 
 # ---------------------------------------------------------------------------------------------

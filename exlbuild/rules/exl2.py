@@ -158,7 +158,7 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 8  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 9  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
     # 4: on the calibration's text rows only
     # 5: the whole refinement dropped unless it lowered the model's next-token KL on the held-out rows
@@ -166,6 +166,7 @@ class Refine(Rule):
     #    written here in e93d08e, but the number itself stayed 5 until 7)
     # 7: the layer's norms, rotary embedding, activation, the loss and Adam's update as Triton kernels on CUDA
     # 8: the passes over all rows with float16 attention on CUDA, as measurement 9
+    # 9: the model check's KL divergence as a Triton kernel on CUDA (tuned 9)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
@@ -177,7 +178,7 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 8  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 9  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
     # 4: a plain Adam (torch.optim's fused one rounds differently)
     # 5: on the calibration's text rows only
@@ -186,6 +187,7 @@ class Tune(Rule):
     # 7: the layer's norms, rotary embedding and activation and Adam's update as Triton kernels on CUDA
     # 8: the FP16 model's states with flash attention on CUDA, not cuDNN's (llama.ATTENTION_BACKENDS); the
     #    calibration perplexity's passes with float16 attention (measurement 9)
+    # 9: the KL divergence and its gradient as Triton kernels on CUDA (kernels/kl_divergence.py)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
 from exlbuild.kernels.adam import adam_update
+from exlbuild.kernels.kl_divergence import kl_divergence
 from exlbuild.model.checkpoint import (
     Device,
     free_device_memory,
@@ -42,6 +42,7 @@ from exlbuild.model.checkpoint import (
     open_model,
     require_device_memory,
 )
+from exlbuild.model.config import LlamaConfig
 from exlbuild.model.llama import Rope, decoder_layer, embed, final_logits, forward_hidden, rope_tables
 from exlbuild.quant.exl2.convert import (
     EMBEDDING_KEY,
@@ -191,6 +192,14 @@ class _Recomputed(torch.autograd.Function):
         return None, *(next(grads) if t.requires_grad else None for t in inputs)
 
 
+def activation_bytes(cfg: LlamaConfig, tokens: int, dtype: torch.dtype) -> int:
+    """An upper estimate of what one decoder layer's forward keeps for its backward pass over `tokens` tokens, in
+    `dtype`: per token, the norms' and linears' inputs and the projections (about 10 × hidden), the keys and values
+    (4 × their width), the gate, up and activation of the MLP and the scaled copy of it (5 × intermediate)."""
+    kv_width = cfg.num_key_value_heads * cfg.head_dim
+    return tokens * (10 * cfg.hidden_size + 4 * kv_width + 5 * cfg.intermediate_size) * dtype.itemsize
+
+
 @contextlib.contextmanager
 def deterministic_algorithms() -> Iterator[None]:
     """PyTorch's deterministic kernels for the tuning loop, so that a rebuild on CUDA is byte-identical too (the
@@ -278,10 +287,9 @@ def next_token_kl(states: Tensor, norm_w: Tensor, head_w: Tensor, target_states:
         x = flat[start:start + per_slice].detach().to(head_w.dtype).requires_grad_(grad)
         with torch.no_grad():
             t = target_flat[start:start + per_slice].to(target_head_w.dtype)
-            log_p = F.log_softmax(final_logits(t, target_norm_w, target_head_w, eps).float(), dim=-1)
+            target_logits = final_logits(t, target_norm_w, target_head_w, eps)
         with torch.enable_grad() if grad else torch.no_grad():
-            log_q = F.log_softmax(final_logits(x, norm, head_w, eps).float(), dim=-1)
-            kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / tokens
+            kl = kl_divergence(final_logits(x, norm, head_w, eps), target_logits) / tokens
         if grad:
             grad_x, grad_n = torch.autograd.grad(kl, [x, norm])
             grad_states[start:start + per_slice] = grad_x
@@ -303,12 +311,15 @@ def tune_model(
     device: Device = None,
     metric_rows: int = 16,
     stream_layers: bool | None = None,
+    recompute: bool | None = None,
 ) -> dict[str, Any]:
     """Tune the quantization pass in `quantized_dir` towards the model in `model_dir` (module docstring) for
     `steps` Adam steps of `rows_per_step` calibration rows each (rows taken in order, cycling); write the result
     to `out_dir` in the same layout. `stream_layers`: decode each layer from host memory whenever a step needs it
     rather than keep every decoded layer on the device (None: only when they would take more than half of the
-    device's free memory). Returns metrics: the mean KL per token (nats) of the first and the last pass over the
+    device's free memory). `recompute`: keep only each layer's input for the backward pass and run the layer again
+    there (None: where the layers are streamed, or where what every layer keeps for its backward would take more than
+    a quarter of the device's free memory; never on the CPU); the same bits either way. Returns metrics: the mean KL per token (nats) of the first and the last pass over the
     rows, calibration_perplexity on the first `metric_rows` rows, whether the layers were streamed, seconds (in all, and
     of the steps, their graph capture included)."""
     started = time.perf_counter()
@@ -329,11 +340,15 @@ def tune_model(
     if stream_layers is None:
         stream_layers = device.type == "cuda" and \
             cfg.num_hidden_layers * decoded_bytes > free_device_memory(device) // 2
+    saved_bytes = cfg.num_hidden_layers * activation_bytes(cfg, step_rows * length, dtype)
+    if recompute is None:
+        recompute = stream_layers or device.type == "cuda" and saved_bytes > free_device_memory(device) // 4
     require_device_memory(
         states_bytes + 3 * cfg.vocab_size * cfg.hidden_size * dtype.itemsize
-        + (2 if stream_layers else cfg.num_hidden_layers) * decoded_bytes, device,
+        + (2 if stream_layers else cfg.num_hidden_layers) * decoded_bytes + (0 if recompute else saved_bytes), device,
         "the tuning (tune.steps > 0: the FP16 model's final states of every calibration row, each layer's inputs "
-        "of a step's rows, the embedding and both heads, and the decoded layers)",
+        "of a step's rows, the embedding and both heads, the decoded layers, and unless recomputed what each layer "
+        "keeps for the backward pass)",
         "set tune.steps=0 or lower tune.rows_per_step for this model")
     if stream_layers and device.type == "cuda":
         # Each layer's tensors wait in page-locked host memory and are decoded on the device at every use (its
@@ -381,12 +396,15 @@ def tune_model(
         per_layer = len(LINEARS), len(NORMS)
         x = embed(batch, embedding)
         for i in range(cfg.num_hidden_layers):
-            # Each layer keeps only its input for the backward pass and runs again there: the activations of every
-            # layer at once would not fit at 70B.
             factors = [*linear_factors[i * per_layer[0]:(i + 1) * per_layer[0]],
                        *norm_factors[i * per_layer[1]:(i + 1) * per_layer[1]]]
-            x = _Recomputed.apply(lambda x, *f, i=i: student_layer(x, i, f[:per_layer[0]], f[per_layer[0]:]), x,
-                                  *factors)
+
+            def layer(x: Tensor, *f: Tensor, i: int = i) -> Tensor:
+                return student_layer(x, i, f[:per_layer[0]], f[per_layer[0]:])
+
+            # Recomputed, each layer keeps only its input for the backward pass: the activations of every layer at
+            # once would not fit at 70B. (A quarter of the layer's work more, where they fit: 1 s of a SmolLM2 tuning.)
+            x = _Recomputed.apply(layer, x, *factors) if recompute else layer(x, *factors)
         # The head's multipliers scale its input features, as the final norm's do.
         norm = (final_norm.weight * norm_factors[-1] * linear_factors[-1]).to(dtype)
         kl, grad_x, grad_norm = next_token_kl(x, norm, student_head, batch_targets, target_norm, target_head,
@@ -450,6 +468,7 @@ def tune_model(
         "kl_last_pass": sum(kl_per_step[-per_pass:]) / len(kl_per_step[-per_pass:]) if kl_per_step else None,
         "calibration_perplexity": ppl,
         "streamed_layers": stream_layers,
+        "recomputed_layers": recompute,
         "seconds": time.perf_counter() - started,
         "seconds_steps": steps_seconds,
     }
