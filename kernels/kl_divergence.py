@@ -51,8 +51,8 @@ def _kl_forward_kernel(logits, target, kl, maxima, sums, vocab, logits_stride, t
     row = tl.program_id(0).to(tl.int64)
     logits += row * logits_stride
     target += row * target_stride
-    # Running maxima, sums of exponentials below them, and Σ exp(t − max_t)·(t − x): each rescaled when its maximum
-    # rises, so one pass over the row gives both log-sum-exps and the KL.
+    # Running maxima, sums of exponentials below them, and Σ exp(t − max_t)·(t − x): each rescaled when its
+    # maximum rises, so one pass over the row gives both log-sum-exps and the KL.
     max_q = tl.full((), float("-inf"), tl.float32)
     max_p = tl.full((), float("-inf"), tl.float32)
     sum_q = tl.zeros((), tl.float32)

@@ -319,9 +319,10 @@ def tune_model(
     rather than keep every decoded layer on the device (None: only when they would take more than half of the
     device's free memory). `recompute`: keep only each layer's input for the backward pass and run the layer again
     there (None: where the layers are streamed, or where what every layer keeps for its backward would take more than
-    a quarter of the device's free memory; never on the CPU); the same bits either way. Returns metrics: the mean KL per token (nats) of the first and the last pass over the
-    rows, calibration_perplexity on the first `metric_rows` rows, whether the layers were streamed, seconds (in all, and
-    of the steps, their graph capture included)."""
+    a quarter of the device's free memory; never on the CPU); the same bits either way. Returns metrics: the mean
+    KL per token (nats) of the first and the last pass over the rows, calibration_perplexity on the first
+    `metric_rows` rows, whether the layers were streamed and recomputed, seconds (in all, and of the steps, their
+    graph capture included)."""
     started = time.perf_counter()
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     ids = check_calibration_ids(ids, cfg)
