@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from exlbuild.kernels.adam import adam_update_reference, adam_update_triton
+from exlbuild.kernels.attention_received import attention_received_reference, attention_received_triton
 from exlbuild.kernels.decoder_ops import (
     gated_activation_reference,
     gated_activation_triton,
@@ -450,6 +451,57 @@ def kl_divergence(device: str, real: bool, seed: int) -> None:
                 + 4 * torch.finfo(torch.float32).eps * probabilities
             worst = float((errors / (2 * reference_errors + rounding)).max())
             assert worst <= 1, f"the logits' gradient, {where}: {worst:.3g} times the allowed error"
+
+
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision for the duration."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@check
+def attention_received(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    # (rows, heads, kv heads, seq, head_dim, window): SmolLM2's attention (groups of 3) and a long window-cut row of
+    # a Mistral-like one (groups of 4), or small ones whose lengths end inside a block of 64, with groups of 1 and
+    # 3 and a window shorter than a block.
+    cases = [(4, 9, 3, 2048, 64, None), (1, 8, 2, 1500, 128, 700)] if real else \
+        [(2, 3, 3, 150, 16, None), (1, 3, 1, 130, 32, 40)]
+    # float32 products as IEEE (torch's "highest") and, on the GPU, as TF32 ("high", the calibration passes');
+    # float16 inputs, whose products are exact either way.
+    variants = [(torch.float32, "highest"), (torch.float16, "highest")] + ([(torch.float32, "high")] if real else [])
+    for rows, heads, kv_heads, seq, dim, window in cases:
+        # An attention sink: every query has a component along one direction that the first key carries strongly
+        # (logits up to ~30), as trained models' queries do; the rest is noise.
+        sink = torch.randn(dim, generator=g)
+        q = torch.randn(rows, heads, seq, dim, generator=g) + sink * torch.rand(rows, heads, seq, 1, generator=g)
+        k = torch.randn(rows, kv_heads, seq, dim, generator=g)
+        k[:, :, 0] += 4 * sink
+        # The model's layout: (rows, seq, heads, dim) transposed, so the kernels read strided heads.
+        q, k = (x.transpose(1, 2).contiguous().transpose(1, 2).to(device) for x in (q, k))
+        for dtype, precision in variants:
+            where = f"{dtype} ({precision}) {rows}×{heads}/{kv_heads}×{seq}×{dim}, window {window}, seed {seed}"
+            with matmul_precision(precision):
+                args = (q.to(dtype), k.to(dtype), dim**-0.5, window)
+                ours = attention_received_triton(*args)
+                reference = attention_received_reference(*args)
+                assert same(attention_received_triton(*args), ours), f"{where}: not the same bits twice"
+            # Relative to the row's largest weight (the sink's). With the same products, the two differ by float32
+            # roundings (q·k summed in another order, exp2 of logit − lse against exp of logit − max over a sum),
+            # and each weight is a sum of thousands of probabilities whose errors mostly cancel: measured at most
+            # 2.2 float32 units in the interpreter and 0.9 on the H100, so 8. With TF32 products (10 of float32's 23
+            # bits, rounded differently by Triton and cuBLAS) the logits differ by up to ~2^-11 of |q|·|k|, and the
+            # probabilities by as much relative: measured 1,600 float32 units on the H100, allowed one TF32 unit of
+            # the last place (2^-10: 8,192 float32 units).
+            close(ours, reference, 2**13 if precision == "high" else 8, where)
+            # Each query's probabilities sum to 1: a row's weights to seq.
+            sums = torch.full((rows,), float(seq), device=device)
+            torch.testing.assert_close(ours.sum(-1), sums, rtol=1e-5, atol=0, msg=where)
 
 
 # ---------------------------------------------------------------------------------------------

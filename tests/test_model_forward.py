@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import exlbuild.kernels.attention_received as received_kernels
 from exlbuild.model.checkpoint import layer_weights, open_model
 from exlbuild.model.config import LlamaConfig
-import exlbuild.model.llama as llama
 from exlbuild.model.llama import (
     LINEAR_INPUTS,
     attention_received,
@@ -154,7 +154,7 @@ def test_attention_received_sums_transformers_probabilities(tmp_path: Path, layo
     # Slices of two rows, of 5 query positions, of one query position give the same weights.
     group = cfg.num_kv_groups
     for elements in (2 * group * SEQ * SEQ, 5 * group * SEQ, 1):
-        monkeypatch.setattr(llama, "PROBABILITY_ELEMENTS", elements)
+        monkeypatch.setattr(received_kernels, "PROBABILITY_ELEMENTS", elements)
         torch.testing.assert_close(attention_received(q, k, cfg, rope), received)
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlbuild import progress
+from exlbuild.kernels.attention_received import allowed_keys, attention_received as kernel_attention_received
 from exlbuild.kernels.decoder_ops import gated_activation, rms_norm, rotary
 from exlbuild.model.checkpoint import (
     Checkpoint,
@@ -51,9 +52,6 @@ LINEAR_INPUTS = {
     "mlp.up_proj": "mlp_input",
     "mlp.down_proj": "mlp_hidden",
 }
-# attention_received forms attention probabilities explicitly, one KV head's query heads for a slice of rows (or of
-# query positions, for long rows) at a time, each slice under this many elements.
-PROBABILITY_ELEMENTS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -102,22 +100,11 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Ten
     return F.linear(x if scale is None else x * scale, w[name + ".weight"], w.get(name + ".bias"))
 
 
-def _allowed_keys(cfg: LlamaConfig, queries: range, seq_len: int, device: torch.device) -> torch.Tensor:
-    """(len(queries), seq_len) booleans: the keys each query position attends to (itself and earlier positions,
-    within the sliding window if there is one)."""
-    i = torch.arange(queries.start, queries.stop, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    allowed = j <= i
-    if cfg.sliding_window is not None:
-        allowed &= i - j < cfg.sliding_window
-    return allowed
-
-
 def _attention_mask(cfg: LlamaConfig, seq_len: int, device: torch.device) -> torch.Tensor | None:
     """None for plain causal attention; a boolean mask when a sliding window cuts into the sequence."""
     if cfg.sliding_window is None or seq_len <= cfg.sliding_window:
         return None
-    return _allowed_keys(cfg, range(seq_len), seq_len, device)
+    return allowed_keys(range(seq_len), seq_len, cfg.sliding_window, device)
 
 
 def _split_heads(y: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
@@ -157,26 +144,11 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, cfg: LlamaConfig, rope:
     and k (..., seq, kv_heads·head_dim): the attention probabilities summed over query heads and query positions,
     divided by the number of query heads (so that a row's weights sum to seq). In float32."""
     *lead, t, _ = q.shape
-    q = apply_rope(_split_heads(q.float(), cfg), rope).transpose(1, 2) / math.sqrt(cfg.head_dim)
+    # Roped in float32 whatever the compute dtype; (batch, heads, seq, head_dim) views of the projections' layout.
+    q = apply_rope(_split_heads(q.float(), cfg), rope).transpose(1, 2)
     k = apply_rope(_split_heads(k.float(), cfg), rope).transpose(1, 2)
-    group = cfg.num_kv_groups
-    # Slices of whole rows while one row's probabilities fit under PROBABILITY_ELEMENTS, else of query positions
-    # (each query's probabilities are a softmax of their own, so the sum over queries can be taken in parts).
-    queries = max(1, min(t, PROBABILITY_ELEMENTS // (group * t)))
-    rows = max(1, PROBABILITY_ELEMENTS // (group * t * t)) if queries == t else 1
-    received = torch.zeros(q.shape[0], t, dtype=torch.float32, device=q.device)
-    for start in range(0, t, queries):
-        positions = range(start, min(start + queries, t))
-        bias = torch.zeros(len(positions), t, device=q.device)
-        bias.masked_fill_(~_allowed_keys(cfg, positions, t, q.device), float("-inf"))
-        for kv in range(k.shape[1]):
-            for r in range(0, q.shape[0], rows):
-                # The query heads of KV head kv against that key: one batched product with the mask added.
-                heads = q[r : r + rows, kv * group : (kv + 1) * group, positions.start : positions.stop]
-                keys = k[r : r + rows, kv : kv + 1].expand(-1, group, -1, -1).reshape(-1, t, cfg.head_dim)
-                probs = torch.baddbmm(bias, heads.reshape(-1, len(positions), cfg.head_dim), keys.mT).softmax(-1)
-                received[r : r + rows] += probs.sum(1).view(-1, group, t).sum(1)
-    return (received / cfg.num_attention_heads).reshape(*lead, t)
+    received = kernel_attention_received(q, k, 1 / math.sqrt(cfg.head_dim), cfg.sliding_window)
+    return received.reshape(*lead, t)
 
 
 def attention_block(
