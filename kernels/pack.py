@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -45,15 +46,21 @@ def dequantize_codes(codes: Tensor, zero: Tensor, scale: Tensor) -> Tensor:
 # stream bits [b·j, b·j + b). Word w of the stream holds bits [32·w, 32·w + 32).
 
 
-def pack_bitstream(codes: Tensor, bits: int) -> Tensor:
-    """Pack (R, N) codes of `bits` bits into (R·bits/32, N) int32 words, column by column."""
+def pack_bitstream(codes: Tensor, bits: int, out_of_range: Tensor | None = None) -> Tensor:
+    """Pack (R, N) codes of `bits` bits into (R·bits/32, N) int32 words, column by column.
+
+    Codes out of range raise ValueError; given `out_of_range` (a 0-dim bool tensor on the codes' device), whether
+    there are any is or-ed into it instead: reading device values waits for the GPU, so a caller packing many
+    streams reads one flag."""
     rows, _ = codes.shape
     if bits not in BIT_WIDTHS:
         raise ValueError(f"{bits}-bit codes: EXL2 stores widths {', '.join(map(str, BIT_WIDTHS))}")
     per_block = 32 // math.gcd(bits, 32)
     if rows % per_block:
         raise ValueError(f"{rows} rows of {bits}-bit codes do not fill whole 32-bit words")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+    if codes.numel() and out_of_range is not None:
+        out_of_range |= (codes.min().long() < 0) | (codes.max().long() >= 1 << bits)  # long: 256 overflows uint8
+    elif codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
     if use_triton(codes):
         return pack_bitstream_triton(codes, bits)
@@ -202,12 +209,15 @@ def decode_layer(q_weight: Tensor, scale: Tensor, groups: Sequence[Group], q_inv
     return decode_layer_reference(q_weight, scale, groups, q_invperm)
 
 
-def _row_layout(groups: Sequence[Group], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@lru_cache(maxsize=256)
+def row_layout(groups: tuple[Group, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per stored row: its group, its bit width, the q_weight row holding its first bit and that bit's
     position in the word (int32). Every group ends on a word boundary, so each starts a fresh stream.
+    Shared by every caller of one layout and device: read them, never write them.
 
-    Built on the CPU in a few vectorized operations and copied over once: per-group operations, each a
-    kernel launch on the GPU, made the decoder host-bound (1–2 ms for 18 groups on the GPU machine)."""
+    Built on the CPU in a few vectorized operations and copied over once per layout and device: per-group
+    operations, each a kernel launch on the GPU, made the decoder host-bound (1–2 ms for 18 groups on the GPU
+    machine), and a copy at every call waited for the GPU."""
     count = torch.tensor([g.rows for g in groups])
     group = torch.repeat_interleave(torch.arange(len(groups)), count)
     bits = torch.tensor([g.bits for g in groups])[group]
@@ -223,7 +233,7 @@ def decode_layer_reference(q_weight: Tensor, scale: Tensor, groups: Sequence[Gro
     for g in groups:
         parts.append(unpack_bitstream_reference(q_weight[qrow : qrow + g.qrows], g.bits))
         qrow += g.qrows
-    group, bits, _, _ = (t.to(torch.int64) for t in _row_layout(groups, q_weight.device))
+    group, bits, _, _ = (t.to(torch.int64) for t in row_layout(tuple(groups), q_weight.device))
     stored = dequantize_codes(torch.cat(parts), (2 ** (bits - 1))[:, None], scale[group])
     # Stored row k holds input feature q_perm[k], so input feature i is stored row q_invperm[i].
     return stored[q_invperm.to(torch.int64)].T.contiguous()
@@ -270,7 +280,7 @@ def decode_layer_triton(q_weight: Tensor, scale: Tensor, groups: Sequence[Group]
     q_weight, scale = q_weight.contiguous(), scale.contiguous()
     invperm = q_invperm.to(torch.int32).contiguous()
     columns, in_features = q_weight.shape[1], invperm.numel()
-    group, bits, word, shift = _row_layout(groups, q_weight.device)
+    group, bits, word, shift = row_layout(tuple(groups), q_weight.device)
     out = torch.empty(columns, in_features, dtype=torch.float16, device=q_weight.device)
     grid = (-(-columns // _DECODE_BLOCK_N), -(-in_features // _DECODE_BLOCK_K))
     launch(_decode_kernel, grid, q_weight.device, q_weight, scale, invperm, group, bits, word, shift, out,

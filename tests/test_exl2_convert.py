@@ -306,9 +306,10 @@ def test_strategy_and_reconstruction_errors(llama: dict, tmp_path: Path, monkeyp
     with pytest.raises(ExlbuildError, match="head_bits must be one of"):
         quantize_model(model, ids, strategy(2, 6, 6), 7, tmp_path / "c")
 
-    # A decoder that disagrees with the quantizer (one weight off) stops the pass, naming the layer.
-    def off_by_one(tensors, out_features=None, layer="layer"):
-        weight = convert_dequantize(tensors, out_features, layer).clone()
+    # A decoder that disagrees with the quantizer (one weight off) stops the pass, naming the layer (the check is
+    # read at the end of the block).
+    def off_by_one(tensors, out_features=None, layer="layer", **kwargs):
+        weight = convert_dequantize(tensors, out_features, layer, **kwargs).clone()
         weight[0, 0] += 1
         return weight
 

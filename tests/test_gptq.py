@@ -46,8 +46,8 @@ def test_act_order_example():
 
 
 def test_damping():
-    assert damping(torch.diag(torch.tensor([1.0, 2.0, 3.0]))) == pytest.approx(0.24)
-    assert damping(torch.zeros(3, 3)) == 1e-5
+    assert damping(torch.diag(torch.tensor([1.0, 2.0, 3.0]))).item() == pytest.approx(0.24)
+    assert damping(torch.zeros(3, 3)).item() == 1e-5
 
 
 def test_prepare_hessian_factor():
@@ -59,7 +59,7 @@ def test_prepare_hessian_factor():
     assert torch.equal(perm, act_order(hessian))
     assert torch.equal(prepared.invperm[perm], torch.arange(32))
     assert torch.equal(upper, upper.triu()) and (upper.diagonal() > 0).all()
-    d = damping(hessian)
+    d = damping(hessian).item()
     assert prepared.damping == pytest.approx(d)
     damped = hessian[perm][:, perm].double() + d * torch.eye(32, dtype=torch.float64)
     torch.testing.assert_close(upper.double().T @ upper.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
@@ -69,14 +69,14 @@ def test_singular_hessian_is_fixed_by_damping():
     x = torch.ones(10, 1) @ torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
     hessian = x.T @ x  # rank 1
     prepared = prepare_hessian(hessian)
-    assert prepared.damping == pytest.approx(damping(hessian))
+    assert prepared.damping == pytest.approx(damping(hessian).item())
     assert torch.isfinite(prepared.inverse_factor).all()
 
 
 def test_damping_retry_adds_d_again():
     hessian = torch.diag(torch.tensor([1.0, -0.1]))  # d = 0.054: -0.046 fails, +0.008 works
     prepared = prepare_hessian(hessian)
-    assert prepared.damping == pytest.approx(2 * damping(hessian))
+    assert prepared.damping == pytest.approx(2 * damping(hessian).item())
     damped = torch.diag(torch.tensor([1.0, -0.1])) + prepared.damping * torch.eye(2)
     torch.testing.assert_close(prepared.inverse_factor.T @ prepared.inverse_factor, torch.linalg.inv(damped))
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from exlbuild.errors import ExlbuildError
 from exlbuild.model.config import LlamaConfig
 from exlbuild.quant.exl2.options import pad_to_32
-from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize
+from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, to_device
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -128,8 +128,9 @@ class Checkpoint:
             raise ExlbuildError(f"tensor {name} in {self.directory} has dtype {code}; supported: F16, BF16, F32")
         return _DTYPES[code]
 
-    def _read(self, name: str, device: Device) -> torch.Tensor:
-        return self._handle(name).get_tensor(name).to(device or "cpu")
+    def _read(self, name: str) -> torch.Tensor:
+        """The stored tensor, in host memory."""
+        return self._handle(name).get_tensor(name)
 
     def get(self, name: str, dtype: torch.dtype = torch.float32, device: Device = None) -> torch.Tensor:
         """Read one tensor, converted to `dtype`; raises if it holds NaN or Inf (also after the conversion).
@@ -137,19 +138,25 @@ class Checkpoint:
         The weight of an EXL2 linear comes decoded (fp16 values, as exllamav2 computes them); its weight and
         bias come without the output padding.
         """
+        device = torch.device(device or "cpu")
         key = self._exl2_weight(name)
         if key:
-            tensors = {suffix: self._read(f"{key}.{suffix}", device) for suffix in REQUIRED_KEYS}
-            tensor = dequantize(tensors, self._out_features(name), f"{self.directory}: {key}")
+            tensors = {suffix: self._read(f"{key}.{suffix}") for suffix in REQUIRED_KEYS}
+            tensor = dequantize(tensors, self._out_features(name), f"{self.directory}: {key}", device).to(dtype)
+            # A sum is finite only if every element is (a cheap test); confirm element-wise before blaming the
+            # tensor, since a float32 sum of huge finite values can overflow.
+            finite = torch.isfinite(tensor.sum(dtype=torch.float32)) or torch.isfinite(tensor).all()
         else:
             self.dtype_of(name)
-            tensor = self._read(name, device)
+            tensor = self._read(name)
             if self._exl2_padded(name):
                 tensor = tensor[: self._out_features(name)]
-        tensor = tensor.to(dtype)
-        # A sum is finite only if every element is (a cheap test); confirm element-wise before blaming the
-        # tensor, since a float32 sum of huge finite values can overflow.
-        if not torch.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
+            # Checked in host memory, before the copy (a check on the device waits for the GPU). Rounding is
+            # monotonic, so the values stay finite in `dtype` exactly when the smallest and the largest do (NaN
+            # propagates to both).
+            finite = not tensor.numel() or all(torch.isfinite(t.to(dtype)) for t in torch.aminmax(tensor))
+            tensor = to_device(tensor, device).to(dtype)
+        if not finite:
             raise ExlbuildError(f"tensor {name} in {self.directory} holds NaN or Inf values (as {dtype})")
         return tensor
 

@@ -63,37 +63,47 @@ def act_order(hessian: Tensor) -> Tensor:
     return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
 
 
-def damping(hessian: Tensor) -> float:
-    """H3: the amount d added to the diagonal: 0.12 of its mean, at least 1e-5."""
-    return max(DAMPING_FRACTION * torch.diagonal(hessian).mean().item(), DAMPING_FLOOR)
+def damping(hessian: Tensor) -> Tensor:
+    """H3: the amount d added to the diagonal: 0.12 of its mean, at least 1e-5. A 0-dim float64 tensor on the
+    Hessian's device, the same number as max(0.12 · mean.item(), 1e-5) in Python floats, without reading the mean
+    (a read waits for the GPU)."""
+    return (torch.diagonal(hessian).mean().double() * DAMPING_FRACTION).clamp(min=DAMPING_FLOOR)
 
 
-def inverse_cholesky_upper(hessian: Tensor, damp: float, layer: str = "layer") -> tuple[Tensor, float]:
-    """H4: upper U with (H + k·d·I)⁻¹ = UᵀU, for the first k = 1, 2, … ≤ 10 where every step works.
+def inverse_cholesky_upper(hessian: Tensor, damp: Tensor, layer: str = "layer") -> tuple[Tensor, float]:
+    """H4: upper U with (H + k·d·I)⁻¹ = UᵀU, for the first k = 1, 2, … ≤ 10 where every step works; `damp` is
+    d as `damping` gives it.
 
-    Returns U and the total damping k·d. Raises ExlbuildError when no attempt succeeds. Adds the damping to
-    `hessian`'s diagonal in place (a K × K float32 copy is 3.3 GB for K = 28672: the caller's is reused).
+    Returns U and the total damping k·d. Raises ExlbuildError when H has NaN or infinite values or no attempt
+    succeeds. Adds the damping to `hessian`'s diagonal in place (a K × K float32 copy is 3.3 GB for K = 28672: the
+    caller's is reused). Each attempt runs all its steps and reads their outcome once (a read waits for the GPU),
+    the first also whether H is finite.
     """
+    finite = torch.isfinite(hessian).all()
     diagonal = hessian.diagonal()
     undamped = diagonal.clone()
     for attempt in range(1, MAX_DAMPING_ATTEMPTS + 1):
-        torch.add(undamped, attempt * damp, out=diagonal)
+        total = attempt * damp  # float64, as Python's attempt · d; added in float32, as a Python float is
+        torch.add(undamped, total.float(), out=diagonal)
         lower, info = torch.linalg.cholesky_ex(hessian)
-        if info.item() != 0:
-            continue
         # (H + k·d·I)⁻¹ = L⁻ᵀL⁻¹: L⁻¹ is solved in place of an identity, then squared. Two K × K temporaries
-        # at a time besides H, where torch.cholesky_inverse takes three (9 GB at K = 28672).
+        # at a time besides H, where torch.cholesky_inverse takes three (9 GB at K = 28672). Where L failed
+        # (info ≠ 0) the result is garbage, and the attempt fails below.
         inverse = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
         torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
         del lower
         inverse = inverse.T @ inverse
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        upper, upper_info = torch.linalg.cholesky_ex(inverse, upper=True)
         del inverse
-        if info.item() == 0 and not torch.isnan(upper).any():
-            return upper, attempt * damp
+        works = (info == 0) & (upper_info == 0) & ~torch.isnan(upper).any()
+        is_finite, worked, total_damping = torch.stack([finite.double(), works.double(), total]).tolist()
+        if not is_finite:
+            raise ExlbuildError(f"{layer}: Hessian has NaN or infinite values (overflow in the calibration forward?)")
+        if worked:
+            return upper, total_damping
     raise ExlbuildError(
         f"{layer}: Hessian is not invertible after {MAX_DAMPING_ATTEMPTS} damping attempts "
-        f"(diagonal += k·{damp:g}); the calibration inputs of this layer are degenerate"
+        f"(diagonal += k·{float(damp):g}); the calibration inputs of this layer are degenerate"
     )
 
 
@@ -112,9 +122,7 @@ def prepare_hessian(hessian: Tensor, layer: str = "layer") -> PreparedHessian:
     hessian = hessian.to(torch.float32)
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"a Hessian must be square, got shape {tuple(hessian.shape)}")
-    if not torch.isfinite(hessian).all():
-        raise ExlbuildError(f"{layer}: Hessian has NaN or infinite values (overflow in the calibration forward?)")
-    perm = act_order(hessian)
+    perm = act_order(hessian)  # (NaN and infinite values: inverse_cholesky_upper raises)
     # Rows, then columns, letting go of each step: two K × K copies at a time, not three (3.3 GB each at
     # K = 28672). The input is freed here when the caller handed over its only reference (dict.pop).
     permuted = hessian[perm]

@@ -55,7 +55,7 @@ from exlbuild.model.llama import LINEAR_INPUTS, Rope, embed, rms_norm, rope_tabl
 from exlbuild.quant.allocate import allocate
 from exlbuild.quant.exl2.measurement_json import LinearShape, Measurement, measurement_to_json
 from exlbuild.quant.exl2.options import QuantOption, head_option, option_from_json, pad_to_32, total_bits
-from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize
+from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, to_device, validate_layer
 from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
 from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
 from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for compile)
@@ -183,14 +183,14 @@ def linear_bias(tensors: dict[str, Tensor], out_features: int, device: torch.dev
                 dtype: torch.dtype) -> Tensor | None:
     """The bias (or None) of one EXL2 linear on `device` in `dtype`: stored padded to 32 outputs, cut to
     `out_features`."""
-    return tensors["bias"][:out_features].to(device, dtype) if "bias" in tensors else None
+    return to_device(tensors["bias"][:out_features].to(dtype), device) if "bias" in tensors else None
 
 
 def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """The (out, in) weight and the bias (or None) of one EXL2 linear, decoded on `device` (where the kernels
-    are) and cast to `dtype`."""
-    weight = dequantize({k: t.to(device) for k, t in tensors.items()}, out_features, key).to(dtype)
+    are; its structure checked where the tensors are, a file's in host memory) and cast to `dtype`."""
+    weight = dequantize(tensors, out_features, key, device).to(dtype)
     return weight, linear_bias(tensors, out_features, device, dtype)
 
 
@@ -198,7 +198,7 @@ def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[
                          device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Decoder layer i of the quantization pass's layout (a file's dict of full names) as the forward's weights in
     `dtype`, its linears decoded as the loader decodes them."""
-    weights = {name: tensors[layer_prefix(i) + name].to(device, dtype) for name in NORMS}
+    weights = {name: to_device(tensors[layer_prefix(i) + name].to(dtype), device) for name in NORMS}
     for name in LINEARS:
         key = layer_prefix(i) + name
         weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, dtype)
@@ -208,24 +208,57 @@ def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[
     return weights
 
 
+def _to_host(t: Tensor) -> Tensor:
+    """A contiguous copy of t in host memory. From a GPU it goes into page-locked memory without waiting (`.cpu()`
+    waits for the GPU): read it only after a read of a device value issued later (which waits for the copy too)."""
+    if t.device.type != "cuda":
+        return t.contiguous().cpu()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+def _quantize_linear(
+    weight: Tensor, prepared: PreparedHessian, option: QuantOption, key: str, bias: Tensor | None
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """quantize_linear, its checks left to the caller (reading device values waits for the GPU, so a block reads
+    those of all its linears at once): the EXL2 tensors on their way to host memory, the decoded weight, and the
+    (3,) int64 `faults` on the device that _check_linear reads."""
+    result = quantize_options(weight, prepared, [option], key)[0]
+    out_of_range = torch.zeros((), dtype=torch.bool, device=result.codes.device)
+    tensors = pack_layer(result, bias, out_of_range)
+    # Decoded with the quantizer's own groups, not parsed from the device (_check_linear checks the host copies).
+    decoded = dequantize(tensors, weight.shape[0], key, groups=result.groups)
+    differ_bits = (decoded.view(torch.int16) != result.weight.view(torch.int16)).sum()
+    faults = torch.stack([out_of_range.long(), differ_bits, (decoded != result.weight).sum()])
+    return {suffix: _to_host(t) for suffix, t in tensors.items()}, decoded, faults
+
+
+def _check_linear(key: str, option: QuantOption, tensors: dict[str, Tensor], shape: torch.Size,
+                  faults: list[int]) -> None:
+    """Raise for what _quantize_linear found in one (out, in) weight of `shape`, given its `faults` as read and its
+    EXL2 tensors in host memory: codes out of range, a tensor set the loader rejects, decoded values other than
+    the quantizer's."""
+    out_of_range, differ_bits, differ = faults
+    if out_of_range:
+        raise ValueError(f"{key}: codes out of range for their bit widths")
+    validate_layer(tensors, layer=key, in_features=shape[1], out_features=shape[0], bias="bias" in tensors)
+    if differ_bits:
+        raise ExlbuildError(
+            f"{key}: the packed tensors decode to values other than the quantizer's in {differ} of "
+            f"{shape.numel()} weights (option {option}); this is a bug in the EXL2 packer or decoder"
+        )
+
+
 def quantize_linear(
     weight: Tensor, prepared: PreparedHessian, option: QuantOption, key: str, bias: Tensor | None = None
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """GPTQ (4.9) and packing (2.1) of one (out, in) weight: its EXL2 tensors (keys q_weight, …, bias) and the
-    fp16 weight they decode to.
+    """GPTQ (4.9) and packing (2.1) of one (out, in) weight: its EXL2 tensors (keys q_weight, …, bias; in host
+    memory) and the fp16 weight they decode to.
 
     Decoding must reproduce the quantizer's own fp16 result bit for bit, or this raises: our counterpart of the
     reference's reconstruction self-check (4.8 step 3), and what makes later layers see what the loader computes.
     """
-    result = quantize_options(weight, prepared, [option], key)[0]
-    tensors = pack_layer(result, bias)
-    decoded = dequantize(tensors, weight.shape[0], key)
-    if not torch.equal(decoded.view(torch.int16), result.weight.view(torch.int16)):
-        differ = (decoded != result.weight).sum().item()
-        raise ExlbuildError(
-            f"{key}: the packed tensors decode to values other than the quantizer's in {differ} of "
-            f"{decoded.numel()} weights (option {option}); this is a bug in the EXL2 packer or decoder"
-        )
+    tensors, decoded, faults = _quantize_linear(weight, prepared, option, key, bias)
+    _check_linear(key, option, tensors, weight.shape, faults.tolist())  # (the read: the copies are done)
     return tensors, decoded
 
 
@@ -245,7 +278,7 @@ def quantize_block(
     The quantized block's outputs (the next block's inputs) replace x in place: the pass holds one copy of the
     states. Returns the EXL2 tensors keyed by full name (on the CPU) and rfn_error against the unquantized
     outputs, over the first `error_rows` rows (whose unquantized outputs are all that is kept). `w` is not
-    modified.
+    modified. The checks of quantize_linear are read once, at the end (each read waits for the GPU).
     """
     module = prefix + BLOCK_MODULES[block]
     reference = torch.empty_like(x[:error_rows])
@@ -253,18 +286,25 @@ def quantize_block(
     prepared: dict[str, PreparedHessian] = {}
     decoded_w = dict(w)
     packed: dict[str, Tensor] = {}
+    checks, reads = [], []
     for name in BLOCK_LINEARS[block]:
         point, key = LINEAR_INPUTS[name], prefix + name
         if point not in prepared:  # k/v share one Hessian, as do gate/up
             prepared[point] = prepare_hessian(hessians.pop(point), key)
-        tensors, decoded = quantize_linear(
-            w[f"{name}.weight"], prepared[point], options[name], key, w.get(f"{name}.bias")
-        )
+        weight = w[f"{name}.weight"]
+        tensors, decoded, found = _quantize_linear(weight, prepared[point], options[name], key, w.get(f"{name}.bias"))
         decoded_w[f"{name}.weight"] = decoded
-        packed.update({f"{key}.{suffix}": t.contiguous().cpu() for suffix, t in tensors.items()})
+        packed.update({f"{key}.{suffix}": t for suffix, t in tensors.items()})
+        checks.append((key, options[name], tensors, weight.shape))
+        reads.append(found.double())
     del hessians, prepared
     run_block(block, x, decoded_w, cfg, rope, out=x, module=f"{module} (quantized)")
-    return packed, relative_error(x[:error_rows], reference).item()
+    reads.append(relative_error(x[:error_rows], reference).double()[None])
+    # The block's one read (float64 holds the counts and the float32 error exactly); the host copies are done after it.
+    *counts, rfn_error = torch.cat(reads).tolist()
+    for k, check in enumerate(checks):
+        _check_linear(*check, [int(c) for c in counts[3 * k : 3 * k + 3]])
+    return packed, rfn_error
 
 
 def replay_layer(x: Tensor, tensors: dict[str, Tensor], i: int, out_features: dict[str, int], cfg: LlamaConfig,
@@ -287,11 +327,12 @@ def final_norm_hessian(states: Tensor, norm_w: Tensor, eps: float) -> Tensor:
 def calibration_perplexity(states: Tensor, ids: Tensor, norm_w: Tensor, head_w: Tensor, eps: float) -> float:
     """4.8 step 5: exp(−mean log p(ids[t+1] | logits[t])) over t < length−1 of every row, logits in float32
     from the final norm of `states` (rows, length, hidden) and the head weight (vocab, hidden)."""
-    nll = 0.0
-    for row, target in zip(states, ids):
+    # Summed on the device in float64, as Python floats would sum the rows' values: a read per row waits for the GPU.
+    nll = torch.zeros((), dtype=torch.float64, device=states.device)
+    for row, target in zip(states, to_device(ids, states.device)):
         logits = F.linear(rms_norm(row[:-1].float(), norm_w, eps), head_w).float()
-        nll += F.cross_entropy(logits, target[1:].to(logits.device), reduction="sum").item()
-    return math.exp(nll / (ids.shape[0] * (ids.shape[1] - 1)))
+        nll += F.cross_entropy(logits, target[1:], reduction="sum").double()
+    return math.exp(nll.item() / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
 def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
@@ -359,7 +400,7 @@ def quantize_model(
         for i in progress.track(range(start, cfg.num_hidden_layers), "quantizing layers"):
             prefix = layer_prefix(i)
             w = layer_weights(ckpt, cfg, i, torch.float16, device)
-            tensors = {prefix + n: w[n].cpu() for n in BLOCK_NORMS.values()}
+            tensors = {prefix + n: _to_host(w[n]) for n in BLOCK_NORMS.values()}  # (done at quantize_block's read)
             for block, module in BLOCK_MODULES.items():
                 key = prefix + module
                 packed, rfn_error[key] = quantize_block(block, x, w, options[key], cfg, rope, prefix, metric_rows)
@@ -382,7 +423,7 @@ def quantize_model(
         (out_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
         for i in range(cfg.num_hidden_layers):
             shutil.copyfile(state_dir / layer_file(i), out_dir / layer_file(i))
-        save_file({f"{HEAD_KEY}.{k}": t.contiguous().cpu() for k, t in head_tensors.items()}, str(out_dir / HEAD_FILE))
+        save_file({f"{HEAD_KEY}.{k}": t for k, t in head_tensors.items()}, str(out_dir / HEAD_FILE))
         save_file({EMBEDDING_KEY: embedding.cpu(), FINAL_NORM_KEY: norm_w.cpu()}, str(out_dir / GLOBALS_FILE))
 
     return {

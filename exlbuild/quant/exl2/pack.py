@@ -17,6 +17,7 @@ from exlbuild.kernels.pack import (  # noqa: F401 (re-exported: part of this mod
     decode_layer,
     dequantize_codes,
     pack_bitstream,
+    row_layout,
     scale_from_nibbles,
     unpack_bitstream,
 )
@@ -24,11 +25,25 @@ from exlbuild.quant.exl2.options import BIT_WIDTHS, ROW_ALIGN, Group, pad_to_32
 
 REQUIRED_KEYS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 MAX_IN_FEATURES = 65536  # the kernels hold row indices as uint16
+PINNED_COPY_BYTES = 1 << 28  # to_device: larger host tensors are copied from where they are
 
-def pack_scale_nibbles(nibbles: Tensor) -> Tensor:
-    """(G, N) 4-bit scale codes → q_scale (G, N/8) int32; column n sits at bits 4·(n mod 8) (2.5)."""
+
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """t on `device`. A host tensor bound for a GPU crosses from page-locked memory without waiting: a copy from
+    pageable memory first waits for the GPU to finish its queue. Past PINNED_COPY_BYTES it does wait (rare, and
+    short beside such a copy): page-locked blocks stay allocated, rounded up to a power of two."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu" or (
+        t.nbytes > PINNED_COPY_BYTES and not t.is_pinned()
+    ):
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # (pin_memory of a pinned tensor is the tensor itself)
+
+
+def pack_scale_nibbles(nibbles: Tensor, out_of_range: Tensor | None = None) -> Tensor:
+    """(G, N) 4-bit scale codes → q_scale (G, N/8) int32; column n sits at bits 4·(n mod 8) (2.5).
+    `out_of_range`: as in pack_bitstream."""
     # Eight nibbles per word along a row is exactly a 4-bit stream along the column axis.
-    return pack_bitstream(nibbles.T, 4).T.contiguous()
+    return pack_bitstream(nibbles.T, 4, out_of_range).T.contiguous()
 
 
 def unpack_scale_nibbles(q_scale: Tensor) -> Tensor:
@@ -38,8 +53,7 @@ def unpack_scale_nibbles(q_scale: Tensor) -> Tensor:
 
 def bits_per_row(groups: Sequence[Group], device: torch.device | str | None = None) -> Tensor:
     """(K,) int64: the bit width of every stored row."""
-    bits = torch.tensor([g.bits for g in groups], device=device)
-    return torch.repeat_interleave(bits, torch.tensor([g.rows for g in groups], device=device))
+    return row_layout(tuple(groups), torch.device(device or "cpu"))[1].long()
 
 
 def _width_runs(groups: Sequence[Group]) -> list[Group]:
@@ -53,9 +67,9 @@ def _width_runs(groups: Sequence[Group]) -> list[Group]:
     return runs
 
 
-def pack_q_weight(codes: Tensor, groups: Sequence[Group]) -> Tensor:
-    """(K, N) codes in stored row order → q_weight (Σ qrows, N) int32."""
-    return torch.cat([pack_bitstream(codes[r.start : r.end], r.bits) for r in _width_runs(groups)])
+def pack_q_weight(codes: Tensor, groups: Sequence[Group], out_of_range: Tensor | None = None) -> Tensor:
+    """(K, N) codes in stored row order → q_weight (Σ qrows, N) int32. `out_of_range`: as in pack_bitstream."""
+    return torch.cat([pack_bitstream(codes[r.start : r.end], r.bits, out_of_range) for r in _width_runs(groups)])
 
 
 def unpack_q_weight(q_weight: Tensor, groups: Sequence[Group]) -> Tensor:
@@ -175,13 +189,26 @@ def validate_layer(
         raise ExlbuildError(f"{layer}: the groups cover {groups[-1].end} rows, expected {in_features} input features")
 
 
-def dequantize(tensors: Mapping[str, Tensor], out_features: int | None = None, layer: str = "layer") -> Tensor:
+def dequantize(
+    tensors: Mapping[str, Tensor],
+    out_features: int | None = None,
+    layer: str = "layer",
+    device: torch.device | str | None = None,
+    groups: tuple[Group, ...] | None = None,
+) -> Tensor:
     """Decode an EXL2 tensor set to the nn.Linear weight (out, in) in fp16, as the loader computes it
-    (section 7, prescale 1). Padding columns are dropped when `out_features` is given."""
-    groups = _layer_structure(tensors, layer)
-    q_weight = tensors["q_weight"]
-    scale = scale_from_nibbles(unpack_scale_nibbles(tensors["q_scale"]), tensors["q_scale_max"])
-    dense = decode_layer(q_weight, scale, groups, tensors["q_invperm"])
+    (section 7, prescale 1), on `device` (None: where the tensors are). Padding columns are dropped when
+    `out_features` is given.
+
+    The structure is checked on the tensors where they are given, before any copy: pass a file's tensors from the
+    host (checks that read device values wait for the GPU). `groups`, for tensors the caller made and checks
+    itself, is their structure, taken as it is."""
+    if groups is None:
+        groups = _layer_structure(tensors, layer)
+    t = {k: tensors[k] if device is None else to_device(tensors[k], device)
+         for k in ("q_weight", "q_scale", "q_scale_max", "q_invperm")}
+    scale = scale_from_nibbles(unpack_scale_nibbles(t["q_scale"]), t["q_scale_max"])
+    dense = decode_layer(t["q_weight"], scale, groups, t["q_invperm"])
     return dense if out_features is None else dense[:out_features].contiguous()
 
 
@@ -189,5 +216,5 @@ def input_feature_groups(tensors: Mapping[str, Tensor], layer: str = "layer") ->
     """(in_features,) int64: the group (index into q_scale_max) that quantized each input feature. Groups are runs
     of stored rows; q_invperm[i] is the stored row of input feature i (2.2)."""
     groups = _layer_structure(tensors, layer)
-    of_row = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([g.rows for g in groups]))
-    return of_row.to(tensors["q_invperm"].device)[tensors["q_invperm"].long()]
+    invperm = tensors["q_invperm"]
+    return row_layout(groups, invperm.device)[0].long()[invperm.long()]

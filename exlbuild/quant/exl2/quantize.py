@@ -44,6 +44,7 @@ from exlbuild.quant.exl2.pack import (
     pack_q_weight,
     pack_scale_nibbles,
     scale_from_nibbles,
+    to_device,
 )
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
 
@@ -92,10 +93,10 @@ def quantize_options(
         for g, group in enumerate(layout):
             starts[group.start][group.rows].append((o, g))
     # Per start row, its batches: (group length, members, their options as an index on the device). The indices
-    # are copied over at once: one made from a list at every group start is a host-to-device copy that waits for
-    # the GPU.
+    # are copied over at once, from page-locked memory: one made from a list at every group start is a
+    # host-to-device copy that waits for the GPU.
     batches = [(a, rows, members) for a, by_rows in starts.items() for rows, members in by_rows.items()]
-    flat = torch.tensor([o for *_, members in batches for o, _ in members], device=device)
+    flat = to_device(torch.tensor([o for *_, members in batches for o, _ in members]), device)
     searches: dict[int, list[tuple[int, list[tuple[int, int]], Tensor]]] = defaultdict(list)
     for (a, rows, members), index in zip(batches, flat.split([len(members) for *_, members in batches])):
         searches[a].append((rows, members, index))
@@ -147,10 +148,13 @@ def quantize(weight: Tensor, hessian: Tensor, option: QuantOption, layer: str = 
     return quantize_options(weight, prepare_hessian(hessian, layer), [option], layer)[0]
 
 
-def pack_layer(result: QuantizedLinear, bias: Tensor | None = None) -> dict[str, Tensor]:
+def pack_layer(
+    result: QuantizedLinear, bias: Tensor | None = None, out_of_range: Tensor | None = None
+) -> dict[str, Tensor]:
     """The tensors of 2.1 (keys without the layer prefix), output padded to a multiple of 32.
 
-    Padding columns get zero-point codes and scale nibble 0, so they decode to zero.
+    Padding columns get zero-point codes and scale nibble 0, so they decode to zero. Codes or nibbles out of range
+    raise ValueError, or with `out_of_range` set that flag (see pack_bitstream).
     """
     in_features, out_features = result.codes.shape
     padding = pad_to_32(out_features) - out_features
@@ -158,10 +162,10 @@ def pack_layer(result: QuantizedLinear, bias: Tensor | None = None) -> dict[str,
     codes = torch.cat([result.codes, zero[:, None].expand(in_features, padding)], dim=1)
     nibbles = torch.nn.functional.pad(result.nibbles, (0, padding))
     tensors = {
-        "q_weight": pack_q_weight(codes, result.groups),
-        "q_scale": pack_scale_nibbles(nibbles),
+        "q_weight": pack_q_weight(codes, result.groups, out_of_range),
+        "q_scale": pack_scale_nibbles(nibbles, out_of_range),
         "q_scale_max": result.scale_max.to(torch.float16).contiguous(),
-        "q_groups": make_q_groups(result.groups).to(result.codes.device),
+        "q_groups": to_device(make_q_groups(result.groups), result.codes.device),
         "q_invperm": result.invperm.to(torch.int32),
     }
     if bias is not None:

@@ -66,6 +66,7 @@ from exlbuild.quant.exl2.pack import (
     pack_q_weight,
     parse_q_groups,
     scale_from_nibbles,
+    to_device,
     unpack_q_weight,
     unpack_scale_nibbles,
 )
@@ -99,8 +100,9 @@ class LinearCodes:
     (code − zero). The fit moves latent values, codes minus zero points, rounded in the forward."""
 
     def __init__(self, tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device) -> None:
-        t = {k: v.to(device) for k, v in tensors.items()}
-        self.groups = parse_q_groups(t["q_groups"], t["q_weight"].shape[0], key)
+        # The structure is read from the tensors as given (a file's: in host memory): a read on the device waits.
+        self.groups = parse_q_groups(tensors["q_groups"], tensors["q_weight"].shape[0], key)
+        t = {k: to_device(v, device) for k, v in tensors.items()}
         self.invperm = t["q_invperm"].long()  # input feature i is stored row invperm[i]
         bits = bits_per_row(self.groups, device)[self.invperm]
         self.zero = (2 ** (bits - 1)).float()  # per input feature
@@ -109,10 +111,10 @@ class LinearCodes:
         # Rows past out_features (the padding to 32) keep their codes: only the real outputs are fitted.
         self.codes = self._decoded_codes(t["q_weight"])  # (padded out, in) uint8
         self.group_scale = scale_from_nibbles(unpack_scale_nibbles(t["q_scale"]), t["q_scale_max"])  # (groups, out)
-        self.feature_group = input_feature_groups(t, key)
+        self.feature_group = to_device(input_feature_groups(tensors, key), device)
 
     def _decoded_codes(self, q_weight: Tensor) -> Tensor:
-        return unpack_q_weight(q_weight.to(self.invperm.device), self.groups)[self.invperm].T.contiguous()
+        return unpack_q_weight(to_device(q_weight, self.invperm.device), self.groups)[self.invperm].T.contiguous()
 
     def scale(self, rows: slice) -> Tensor:
         """(rows, in) fp16: the scale of each weight of output rows `rows`."""
@@ -142,12 +144,17 @@ class LinearCodes:
         """q_weight of the current codes (on the CPU)."""
         stored = torch.empty_like(self.codes.T)
         stored[self.invperm] = self.codes.T
-        return pack_q_weight(stored, self.groups).cpu()
+        out_of_range = torch.zeros((), dtype=torch.bool, device=stored.device)  # read once, after the copy's wait
+        q_weight = pack_q_weight(stored, self.groups, out_of_range).cpu()
+        if out_of_range:
+            raise ValueError("codes out of range for their bit widths")
+        return q_weight
 
-    def changed_from(self, q_weight: Tensor) -> int:
-        """How many codes differ from those of `q_weight` (this linear's as stored before)."""
+    def changed_from(self, q_weight: Tensor) -> Tensor:
+        """How many codes differ from those of `q_weight` (this linear's as stored before), as a 0-dim tensor on the
+        device: the caller reads the sum of a layer's once."""
         rows = slice(0, self.out_features)
-        return int((self.codes[rows] != self._decoded_codes(q_weight)[rows]).sum())
+        return (self.codes[rows] != self._decoded_codes(q_weight)[rows]).sum()
 
 
 @dataclass(frozen=True)
@@ -456,7 +463,7 @@ def refine_model(
             # The next layer's inputs: this layer as written, decoded as the loader does.
             run(quantized_states, decode_layer_weights(refined, i, out_features, device))
             layer_metrics.append({"loss_before": before, "loss_after": loss, "parts": len(parts), "kept": kept,
-                                  "codes_changed": changed})
+                                  "codes_changed": int(changed)})
             checkpoint.save(i + 1, {}, {"fingerprint": fingerprint, "layers": layer_metrics})
 
     # From here only the tracked rows matter: both models' other states (GBs at 70B) go before the heads come.

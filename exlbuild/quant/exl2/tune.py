@@ -60,7 +60,7 @@ from exlbuild.quant.exl2.convert import (
     linear_tensors,
     replay_layer,
 )
-from exlbuild.quant.exl2.pack import input_feature_groups
+from exlbuild.quant.exl2.pack import input_feature_groups, to_device
 from exlbuild.quant.stream import LINEARS, NORMS, check_calibration_ids, chunk_rows
 
 EAGER_STEPS = 3  # ordinary steps on CUDA before the step is captured as a graph
@@ -96,7 +96,7 @@ class ScaledNorm:
 
     def __init__(self, weight: Tensor, device: torch.device) -> None:
         self.stored = weight
-        self.weight = weight.to(device, torch.float32)
+        self.weight = to_device(weight.float(), device)
 
     def tuned(self, log_multiplier: Tensor) -> Tensor:
         return (self.stored.float() * log_multiplier.cpu().exp()).half()
@@ -132,7 +132,7 @@ class Multipliers:
         first = torch.cumsum(counts, 0) - counts
         members = torch.full((len(counts), int(counts.max())), len(index), dtype=torch.long)
         members[index[order], torch.arange(len(index)) - first[index[order]]] = order
-        self.index, self.members = index.to(device), members.to(device)
+        self.index, self.members = to_device(index, device), to_device(members, device)
         self.features = [linear.feature_group.numel() for linear in linears]
         norm_sizes = [norm.weight.numel() for norm in norms]
         self.norm_starts = [self.group_starts[-1] + sum(norm_sizes[:k]) for k in range(len(norms) + 1)]
