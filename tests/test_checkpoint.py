@@ -17,6 +17,8 @@ from exlbuild.model.checkpoint import (
     expected_tensors,
     free_device_memory,
     head_weight,
+    layer_weights,
+    layers_ahead,
     open_model,
     require_device_memory,
 )
@@ -144,6 +146,24 @@ def test_non_finite_weight(model_dir: Path, bad: float) -> None:
     _rewrite_tensors(model_dir, poison)
     with pytest.raises(ExlbuildError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight .* NaN or Inf"):
         forward_logits(model_dir, IDS)
+
+
+def test_layers_read_ahead(model_dir: Path) -> None:
+    """The layers read by a background thread, one ahead, are the layers read in turn; a bad tensor in a later layer
+    is reported when the caller reaches that layer, after the earlier ones."""
+    cfg, ckpt = open_model(model_dir)
+    layers = range(1, cfg.num_hidden_layers)
+    for i, ahead in zip(layers, layers_ahead(ckpt, cfg, layers, torch.float16), strict=True):
+        expected = layer_weights(ckpt, cfg, i, torch.float16)
+        assert ahead.keys() == expected.keys() and all(torch.equal(ahead[k], expected[k]) for k in expected)
+
+    _rewrite_tensors(model_dir, lambda t: t["model.layers.1.mlp.up_proj.weight"].fill_(float("nan")))
+    cfg, ckpt = open_model(model_dir)
+    reached = []
+    with pytest.raises(ExlbuildError, match=r"model\.layers\.1\.mlp\.up_proj\.weight .* NaN or Inf"):
+        for i, _ in zip(range(2), layers_ahead(ckpt, cfg, range(2))):
+            reached.append(i)
+    assert reached == [0]
 
 
 def test_overflow_on_conversion(model_dir: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +271,31 @@ def layer_weights(
     """Decoder layer `i`'s tensors, keyed by name relative to `layer_prefix(i)` (e.g. "self_attn.q_proj.weight")."""
     prefix = layer_prefix(i)
     return {k: ckpt.get(prefix + k, dtype, device) for k in layer_tensor_shapes(cfg)}
+
+
+def layers_ahead(
+    ckpt: Checkpoint, cfg: LlamaConfig, layers: Sequence[int], dtype: torch.dtype = torch.float32, device: Device = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """layer_weights of each of `layers` in turn, on `device`. Each next layer is read (from the files, checked, on
+    CUDA into page-locked memory) by a background thread while the caller works on the current one: ~30 ms of host
+    time a SmolLM2 layer that the quantization pass otherwise spends between its GPU work, and a large model's layer
+    read from disk. (A quantized checkpoint's layers are decoded on the device, in the caller's thread.)"""
+    device = torch.device(device or "cpu")
+    if any(ckpt._exl2_weight(layer_prefix(i) + name) for i in layers[:1] for name in layer_tensor_shapes(cfg)):
+        yield from (layer_weights(ckpt, cfg, i, dtype, device) for i in layers)
+        return
+
+    def read(i: int) -> dict[str, torch.Tensor]:
+        weights = layer_weights(ckpt, cfg, i, dtype)
+        return {k: t.pin_memory() for k, t in weights.items()} if device.type == "cuda" else weights
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="exlbuild-read-ahead") as pool:
+        pending = [pool.submit(read, i) for i in layers[:1]]
+        for n in range(len(layers)):
+            current = pending.pop().result()
+            if n + 1 < len(layers):
+                pending.append(pool.submit(read, layers[n + 1]))
+            yield {k: to_device(t, device) for k, t in current.items()}
 
 
 def embedding_weight(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: Device = None) -> torch.Tensor:

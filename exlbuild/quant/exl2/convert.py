@@ -46,7 +46,7 @@ from exlbuild.model.checkpoint import (
     head_weight,
     layer_prefix,
     layer_tensor_shapes,
-    layer_weights,
+    layers_ahead,
     norm_weight,
     open_model,
 )
@@ -397,9 +397,10 @@ def quantize_model(
             replay_layer(x, load_file(str(state_dir / layer_file(i))), i, out_features, cfg, rope)
         (state_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
 
-        for i in progress.track(range(start, cfg.num_hidden_layers), "quantizing layers"):
+        layers = range(start, cfg.num_hidden_layers)
+        for i, w in zip(progress.track(layers, "quantizing layers"), layers_ahead(ckpt, cfg, layers, torch.float16,
+                                                                                    device)):
             prefix = layer_prefix(i)
-            w = layer_weights(ckpt, cfg, i, torch.float16, device)
             tensors = {prefix + n: _to_host(w[n]) for n in BLOCK_NORMS.values()}  # (done at quantize_block's read)
             for block, module in BLOCK_MODULES.items():
                 key = prefix + module

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
-from exlbuild.model.checkpoint import Device, embedding_weight, head_weight, layer_weights, norm_weight, open_model
+from exlbuild.model.checkpoint import Device, embedding_weight, head_weight, layers_ahead, norm_weight, open_model
 from exlbuild.model.config import LlamaConfig
 from exlbuild.model.llama import (
     LINEAR_INPUTS,
@@ -314,8 +314,10 @@ def measure_model(
     del saved
 
     with checkpoint or contextlib.nullcontext():
-        for i in progress.track(range(start, cfg.num_hidden_layers), "measuring layers"):
-            w = layer_weights(ckpt, cfg, i, torch.float16, device)  # rounded as the reference loads them (4.2)
+        layers = range(start, cfg.num_hidden_layers)
+        # (float16: rounded as the reference loads them, 4.2)
+        for i, w in zip(progress.track(layers, "measuring layers"), layers_ahead(ckpt, cfg, layers, torch.float16,
+                                                                                   device)):
             for block in ("attention", "mlp"):
                 key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
                 w_block = block_weights(block, w)  # float32 once: what run_block and measure_block compute with

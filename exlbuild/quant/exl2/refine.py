@@ -44,7 +44,15 @@ from exlbuild.errors import ExlbuildError
 from exlbuild.hashing import hash_bytes, hash_json
 from exlbuild.kernels.decoder_ops import squared_relative_error
 from exlbuild.kernels.straight_through import straight_through_backward, straight_through_weight
-from exlbuild.model.checkpoint import Device, head_weight, layer_prefix, layer_weights, norm_weight, open_model
+from exlbuild.model.checkpoint import (
+    Device,
+    head_weight,
+    layer_prefix,
+    layer_weights,
+    layers_ahead,
+    norm_weight,
+    open_model,
+)
 from exlbuild.model.llama import Rope, decoder_layer, embed, rope_tables
 from exlbuild.quant.exl2.convert import (
     EMBEDDING_KEY,
@@ -368,7 +376,9 @@ def refine_model(
             run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
             run(quantized_states, decode_layer_weights(load_file(str(state_dir / layer_file(i))), i, out_features,
                                                        device))
-        for i in progress.track(range(start, cfg.num_hidden_layers), "refining"):
+        layers = range(start, cfg.num_hidden_layers)
+        for i, unquantized in zip(progress.track(layers, "refining"),
+                                  layers_ahead(ckpt, cfg, layers, torch.float16, device)):
             layer = load_file(str(quantized_dir / layer_file(i)))
             run(unrefined_states, decode_layer_weights(layer, i, out_features, device))
             keys = [layer_prefix(i) + name for name in LINEARS]
@@ -380,7 +390,6 @@ def refine_model(
             multipliers = Multipliers(linears, norms, device)
 
             # The target: the unquantized layer on the unquantized model's states (kept for the next layer).
-            unquantized = layer_weights(ckpt, cfg, i, torch.float16, device)
             run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
 
             def loss_on(batch: Tensor, scaled_weights: ScaledWeights) -> Tensor:
