@@ -45,13 +45,40 @@ class BlockStep:
     values: Tensor  # (B, K, N) fp16
     errors: Tensor  # (B, 32, N) float32
 
+    def __post_init__(self) -> None:
+        # Checked once here, not at every block: the row loop of quantize_options is host-bound on the GPU.
+        options, in_features, out_features = self.work.shape
+        expected = {
+            "work": (torch.float32, (options, in_features, out_features)),
+            "factor": (torch.float32, (in_features, in_features)),
+            "scale": (torch.float16, (options, out_features)),
+            "zero": (torch.float32, (options, in_features)),
+            "maxq": (torch.float32, (options, in_features)),
+            "codes": (torch.uint8, (options, in_features, out_features)),
+            "values": (torch.float16, (options, in_features, out_features)),
+            "errors": (torch.float32, (options, BLOCK_ROWS, out_features)),
+        }
+        for name, (dtype, shape) in expected.items():
+            t = getattr(self, name)
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+            # factor is read through its strides, zero and maxq through their row strides; the large tensors
+            # must be dense.
+            if name in ("zero", "maxq") and t.stride(1) != 1:
+                raise ValueError(f"{name} must have consecutive rows")
+            if name not in ("factor", "zero", "maxq") and not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+
     def tensors(self) -> list[Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
 
 
 def gptq_block_step(step: BlockStep, a: int) -> None:
-    """Quantize rows a..a+31 of every option (see the module docstring): Triton on CUDA, else the reference."""
-    _check(step, a)
+    """Quantize rows a..a+31 of every option (see the module docstring): Triton on CUDA, else the reference.
+    (The tensors' shapes are checked when the BlockStep is made.)"""
+    in_features = step.work.shape[1]
+    if a % BLOCK_ROWS or not 0 <= a <= in_features - BLOCK_ROWS:
+        raise ValueError(f"block start {a} must be a multiple of {BLOCK_ROWS} inside {in_features} rows")
     if use_triton(*step.tensors()):
         gptq_block_step_triton(step, a)
     else:
@@ -107,8 +134,8 @@ def _gptq_block_kernel(
         # Row r with the errors of rows 0..r-1 applied. Picking it out by a masked sum is exact: the
         # other rows contribute zeros.
         w_r = tl.sum(tl.where(rows[:, None] == r, w, 0.0), axis=0)
-        z = tl.load(zero_ptr + option * zero_stride + r)
-        m = tl.load(maxq_ptr + option * maxq_stride + r)
+        z = tl.load(zero_ptr + option * zero_stride + start + r)
+        m = tl.load(maxq_ptr + option * maxq_stride + start + r)
         ratio = tl.where(has_scale, tl.math.div_rn(w_r, divisor), 0.0)  # `/` is not IEEE-rounded on the GPU
         # Round half to even, as torch.round: adding and removing 1.5·2^23 leaves the nearest integer for
         # |x| < 2^22; a larger |x| lies far outside every code range and clamps the same either way.
@@ -134,38 +161,14 @@ _NUM_WARPS = 1
 
 
 def gptq_block_step_triton(step: BlockStep, a: int) -> None:
-    """The Triton kernel (on CPU tensors it runs in Triton's interpreter)."""
+    """The Triton kernel (on CPU tensors it runs in Triton's interpreter). No checks: see gptq_block_step."""
     options, in_features, out_features = step.work.shape
-    grid = (options, -(-out_features // _BLOCK_N))
-    zero, maxq = step.zero[:, a : a + BLOCK_ROWS], step.maxq[:, a : a + BLOCK_ROWS]  # the block's rows
     launch(
-        _gptq_block_kernel, grid, step.work.device,
-        step.work, step.factor, step.scale, zero, maxq, step.codes, step.values, step.errors,
-        a, in_features, out_features, *step.factor.stride(), zero.stride(0), maxq.stride(0),
+        _gptq_block_kernel, (options, -(-out_features // _BLOCK_N)), step.work.device,
+        step.work, step.factor, step.scale, step.zero, step.maxq, step.codes, step.values, step.errors,
+        a, in_features, out_features, *step.factor.stride(), step.zero.stride(0), step.maxq.stride(0),
         ROWS=BLOCK_ROWS, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
         # Separate multiply and subtract, as the reference's tensor operations round them.
         enable_fp_fusion=False,
     )
 
-
-def _check(step: BlockStep, a: int) -> None:
-    options, in_features, out_features = step.work.shape
-    if a % BLOCK_ROWS or not 0 <= a <= in_features - BLOCK_ROWS:
-        raise ValueError(f"block start {a} must be a multiple of {BLOCK_ROWS} inside {in_features} rows")
-    expected = {
-        "work": (torch.float32, (options, in_features, out_features)),
-        "factor": (torch.float32, (in_features, in_features)),
-        "scale": (torch.float16, (options, out_features)),
-        "zero": (torch.float32, (options, in_features)),
-        "maxq": (torch.float32, (options, in_features)),
-        "codes": (torch.uint8, (options, in_features, out_features)),
-        "values": (torch.float16, (options, in_features, out_features)),
-        "errors": (torch.float32, (options, BLOCK_ROWS, out_features)),
-    }
-    for name, (dtype, shape) in expected.items():
-        t = getattr(step, name)
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-        # factor, zero and maxq are read through their strides; the large tensors must be dense.
-        if name not in ("factor", "zero", "maxq") and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")

@@ -6,6 +6,7 @@ import torch
 from exlbuild.errors import ExlbuildError
 from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, QuantOption
 from exlbuild.quant.exl2.pack import bits_per_row, dequantize, dequantize_codes, scale_from_nibbles, validate_layer
+from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step
 from exlbuild.kernels.scale_search import find_group_scales, multiplier_grid
 from exlbuild.quant.exl2.quantize import pack_layer, quantize, quantize_options
 from exlbuild.quant.gptq import prepare_hessian
@@ -309,3 +310,24 @@ def test_rejects_unaligned_input_features():
     weight, hessian = realistic_layer(48, 32, seed=7)
     with pytest.raises(ExlbuildError, match="down_proj: EXL2 needs in_features to be a multiple of 32, got 48"):
         quantize(weight, hessian, OPTIONS[0], layer="down_proj")
+
+
+def test_block_step_checks_its_tensors_when_made():
+    """The shapes are checked once, when quantize_options makes the BlockStep, not at every block."""
+    b, k, n = 2, 64, 8
+    tensors = dict(
+        work=torch.zeros(b, k, n), factor=torch.eye(k), scale=torch.ones(b, n, dtype=torch.float16),
+        zero=torch.full((b, k), 8.0), maxq=torch.full((b, k), 15.0), codes=torch.empty(b, k, n, dtype=torch.uint8),
+        values=torch.empty(b, k, n, dtype=torch.float16), errors=torch.empty(b, BLOCK_ROWS, n),
+    )
+    step = BlockStep(**tensors)
+    gptq_block_step(step, 32)
+    assert (step.codes[:, 32:] == 8).all() and (step.values[:, 32:] == 0).all()
+    with pytest.raises(ValueError, match="block start 16"):
+        gptq_block_step(step, 16)
+    with pytest.raises(ValueError, match="scale: expected torch.float16"):
+        BlockStep(**{**tensors, "scale": torch.ones(b, n)})
+    with pytest.raises(ValueError, match="codes must be contiguous"):
+        BlockStep(**{**tensors, "codes": torch.empty(b, n, k, dtype=torch.uint8).transpose(1, 2)})
+    with pytest.raises(ValueError, match="zero must have consecutive rows"):
+        BlockStep(**{**tensors, "zero": torch.full((k, b), 8.0).T})

@@ -48,9 +48,16 @@ from exlbuild.kernels.pack import (
     unpack_bitstream_triton,
 )
 from exlbuild.kernels.scale_search import (
+    MULTIPLIER_POINTS,
+    GroupBatch,
+    SearchScratch,
+    SearchTarget,
     column_errors_reference,
     find_group_scales,
     group_maximum,
+    pick,
+    pick_triton,
+    search_batch_triton,
     search_triton,
 )
 from exlbuild.kernels.straight_through import (
@@ -212,6 +219,57 @@ def scale_search(device: str, real: bool, seed: int) -> None:
         assert relative < 1e-5, f"totals differ by {relative:.2e} relative: {where}"
         # Away from near-ties the choices are the reference's.
         assert (choices.long() == reference.argmin(dim=2)).float().mean() > 0.99, where
+        # The pick kernel is the reference's pick exactly, on these and on ties, NaN and infinite totals.
+        check_pick(group_max, totals, choices, where)
+        tied, nan = totals.clone(), totals.clone()
+        tied[-1, 3] = tied[-1, 9] = -1.0  # the first of equal minima
+        nan[0, 5] = nan[0, 11] = float("nan")  # argmin takes the first NaN
+        check_pick(group_max, tied, choices, f"{where}, ties")
+        check_pick(group_max, nan, choices, f"{where}, NaN totals")
+        check_pick(group_max, torch.full_like(totals, float("inf")), choices, f"{where}, infinite totals")
+    # Columns spanning several of the pick kernel's tiles.
+    columns = 2500 if not real else 49152
+    choices = torch.randint(16, (2, MULTIPLIER_POINTS, columns), generator=g, dtype=torch.uint8).to(device)
+    totals = torch.rand(2, MULTIPLIER_POINTS, generator=g).to(device)
+    group_max = torch.rand(2, generator=g).to(device)
+    check_pick(group_max, totals, choices, f"{columns} columns, seed {seed}")
+
+
+def check_pick(group_max: torch.Tensor, totals: torch.Tensor, choices: torch.Tensor, where: str) -> None:
+    nibbles, scale_max, scale = pick_triton(group_max, totals, choices)
+    expected_nibbles, expected_max = pick(group_max, totals, choices)
+    assert same(nibbles, expected_nibbles), f"pick: nibbles differ: {where}"
+    assert same(scale_max, expected_max), f"pick: q_scale_max differs: {where}"
+    assert same(scale, scale_from_nibbles(expected_nibbles, expected_max)), f"pick: scales differ: {where}"
+
+
+@check
+def scale_search_in_place(device: str, real: bool, seed: int) -> None:
+    """quantize_options' search: groups of some options read in place from the work stack, the results written
+    at their options' and groups' rows, bit for bit what the search of the gathered rows chooses."""
+    g = generator(seed)
+    options, k, n, start, height = (5, 576, 1536, 256, 128) if real else (3, 96, 40, 32, 64)
+    work = (torch.randn(options, k, n, generator=g) * 0.02).to(device)
+    row_bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (options, k), generator=g)].to(device)
+    row_weights = (torch.rand(k, generator=g) * 4).to(device)
+    chosen, dest = torch.tensor([2, 0], device=device), torch.tensor([3, 1], device=device)
+    target = SearchTarget(
+        work, row_bits, row_weights,
+        torch.full((options, n), float("nan"), dtype=torch.float16, device=device),
+        torch.full((5, n), 255, dtype=torch.uint8, device=device),
+        torch.full((5,), float("nan"), dtype=torch.float16, device=device),
+    )
+    # Slots 1..2 of a scratch of 3, as a batch beside another at the same row.
+    scratch = SearchScratch.allocate(3, n, torch.device(device)).part(1, 2)
+    search_batch_triton(target, GroupBatch(start, height, chosen, dest, scratch))
+    rows = work[chosen, start : start + height]
+    searched = search_triton(rows, row_bits[chosen, start], row_weights[start : start + height])
+    nibbles, scale_max, scale = pick_triton(*searched)
+    where = f"{options}×{k}×{n}, rows {start}..{start + height}, seed {seed}"
+    assert same(target.nibbles[dest], nibbles) and same(target.scale_max[dest], scale_max), where
+    assert same(target.scale[chosen], scale), where
+    untouched = [o for o in range(options) if o not in chosen.tolist()]
+    assert target.scale[untouched].isnan().all() and (target.nibbles[[0, 2, 4]] == 255).all(), where
 
 
 def compare_quantized(ours: list, reference: list) -> dict[str, int]:

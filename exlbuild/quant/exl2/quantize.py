@@ -19,7 +19,10 @@ The measurement quantizes every distinct option of a layer from the same weight 
   search weighs each row by 1 / U_rr², what an error left in that row costs GPTQ's loss
   (exlbuild.kernels.scale_search).
 - On CUDA the block's row loop and the scale search run as Triton kernels (exlbuild.kernels), on
-  other devices as their PyTorch references; the block step is bit-exact either way.
+  other devices as their PyTorch references; the block step is bit-exact either way. The loop is
+  host-bound on the GPU, so everything that does not change from block to block (the dispatch, the
+  shape checks, the search batches' index tensors and scratch) is settled before it: a block is then one
+  block-step launch and the trailing update, a group start two launches and two reductions.
 
 Memory is about 7 bytes per weight and option (float32 work copy, fp16 values, uint8 codes), so a
 caller with a large layer and little memory splits the options into several calls.
@@ -35,15 +38,26 @@ import torch
 from torch import Tensor
 
 from exlbuild.errors import ExlbuildError
-from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step
-from exlbuild.kernels.scale_search import find_group_scales
+from exlbuild.kernels.gptq_block import (
+    BLOCK_ROWS,
+    BlockStep,
+    gptq_block_step_reference,
+    gptq_block_step_triton,
+)
+from exlbuild.kernels.runtime import use_triton
+from exlbuild.kernels.scale_search import (
+    GroupBatch,
+    SearchScratch,
+    SearchTarget,
+    search_batch_reference,
+    search_batch_triton,
+)
 from exlbuild.quant.exl2.options import Group, QuantOption, pad_to_32
 from exlbuild.quant.exl2.pack import (
     bits_per_row,
     make_q_groups,
     pack_q_weight,
     pack_scale_nibbles,
-    scale_from_nibbles,
     to_device,
 )
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
@@ -86,20 +100,8 @@ def quantize_options(
     row_bits = torch.stack([bits_per_row(layout, device) for layout in layouts])
     row_zero = (2 ** (row_bits - 1)).float()
     row_maxq = (2**row_bits - 1).float()
-
-    # Which (option, group) pairs start at each row, keyed by group length for batched searches.
-    starts: dict[int, dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
-    for o, layout in enumerate(layouts):
-        for g, group in enumerate(layout):
-            starts[group.start][group.rows].append((o, g))
-    # Per start row, its batches: (group length, members, their options as an index on the device). The indices
-    # are copied over at once, from page-locked memory: one made from a list at every group start is a
-    # host-to-device copy that waits for the GPU.
-    batches = [(a, rows, members) for a, by_rows in starts.items() for rows, members in by_rows.items()]
-    flat = to_device(torch.tensor([o for *_, members in batches for o, _ in members]), device)
-    searches: dict[int, list[tuple[int, list[tuple[int, int]], Tensor]]] = defaultdict(list)
-    for (a, rows, members), index in zip(batches, flat.split([len(members) for *_, members in batches])):
-        searches[a].append((rows, members, index))
+    # One path for the whole call (the dispatch is decided once, not at every block).
+    triton = use_triton(factor)
 
     # The float32 work copy is filled from the permuted weight in its own dtype (half the bytes of a float32
     # intermediate for an fp16 weight: 2 GB less at a 128256 × 8192 head).
@@ -107,26 +109,34 @@ def quantize_options(
     work.copy_(weight.to(device).T[prepared.perm].expand_as(work))
     codes = torch.empty(n_options, in_features, out_features, dtype=torch.uint8, device=device)
     values = torch.empty(n_options, in_features, out_features, dtype=torch.float16, device=device)
-    nibbles = [torch.empty(len(layout), out_features, dtype=torch.uint8, device=device) for layout in layouts]
-    scale_max = [torch.empty(len(layout), dtype=torch.float16, device=device) for layout in layouts]
+    # Every option's groups one after another (option o's at rows first_group[o]...): the searches write a group's
+    # nibbles and q_scale_max at its row of these.
+    group_counts = [len(layout) for layout in layouts]
+    first_group = [sum(group_counts[:o]) for o in range(n_options)]
+    all_nibbles = torch.empty(sum(group_counts), out_features, dtype=torch.uint8, device=device)
+    all_scale_max = torch.empty(sum(group_counts), dtype=torch.float16, device=device)
     scale = torch.empty(n_options, out_features, dtype=torch.float16, device=device)
     block_errors = torch.empty(n_options, BLOCK_ROWS, out_features, device=device)
+    row_weights = factor.diagonal().square().reciprocal()
+    target = SearchTarget(work, row_bits, row_weights, scale, all_nibbles, all_scale_max)
+    searches = _plan_searches(layouts, first_group, out_features, device, triton)
 
     step = BlockStep(work, factor, scale, row_zero, row_maxq, codes, values, block_errors)
-    row_weights = factor.diagonal().square().reciprocal()
+    search = search_batch_triton if triton else search_batch_reference
+    block_step = gptq_block_step_triton if triton else gptq_block_step_reference
     for a in range(0, in_features, BLOCK_ROWS):
         e = a + BLOCK_ROWS
-        for rows, members, chosen in searches[a]:
-            group_nibbles, group_max = find_group_scales(
-                work[chosen, a : a + rows], row_bits[chosen, a], row_weights[a : a + rows]
-            )
-            scale[chosen] = scale_from_nibbles(group_nibbles, group_max)
-            for (o, g), n, m in zip(members, group_nibbles, group_max):
-                nibbles[o][g] = n
-                scale_max[o][g] = m
-        gptq_block_step(step, a)
-        work[:, e:] -= torch.matmul(factor[a:e, e:].T, block_errors)
-    del work, step
+        for batch in searches[a]:
+            search(target, batch)
+        block_step(step, a)
+        work[:, e:].sub_(torch.matmul(factor[a:e, e:].T, block_errors))  # (`-=` would also copy_ it onto itself)
+    del work, step, target, searches
+    # One option's groups are all of the buffers; several options' are copied apart (views would keep, and
+    # torch.save write, every option's).
+    nibbles = all_nibbles.split(group_counts)
+    scale_max = all_scale_max.split(group_counts)
+    if n_options > 1:
+        nibbles, scale_max = [t.clone() for t in nibbles], [t.clone() for t in scale_max]
 
     return [
         QuantizedLinear(
@@ -141,6 +151,31 @@ def quantize_options(
         )
         for o, option in enumerate(options)
     ]
+
+
+def _plan_searches(
+    layouts: Sequence[Sequence[Group]], first_group: Sequence[int], out_features: int, device: torch.device,
+    triton: bool,
+) -> dict[int, list[GroupBatch]]:
+    """Per start row, the batches of scale searches that run there: the groups of the options that start at that
+    row, one batch per group length. Every batch's index tensors are copied over at once, from page-locked memory
+    (one made from a list at every group start is a host-to-device copy that waits for the GPU). On the Triton
+    path the batches of one row share one scratch, the largest any row needs."""
+    starts: dict[int, dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+    for o, layout in enumerate(layouts):
+        for g, group in enumerate(layout):
+            starts[group.start][group.rows].append((o, first_group[o] + g))
+    batches = [(a, rows, members) for a, by_rows in starts.items() for rows, members in by_rows.items()]
+    index = torch.tensor([member for *_, members in batches for member in members]).T.contiguous()
+    index = to_device(index, device)  # (2, groups): each group's option, then its output row
+    slots = max(sum(map(len, by_rows.values())) for by_rows in starts.values())
+    scratch = SearchScratch.allocate(slots, out_features, device) if triton else None
+    searches: dict[int, list[GroupBatch]] = defaultdict(list)
+    for (a, rows, members), (options, dest) in zip(batches, index.split([len(m) for *_, m in batches], dim=1)):
+        first = sum(len(batch.options) for batch in searches[a])  # its slots follow the row's earlier batches'
+        part = scratch.part(first, len(members)) if scratch is not None else None
+        searches[a].append(GroupBatch(a, rows, options, dest, part))
+    return searches
 
 
 def quantize(weight: Tensor, hessian: Tensor, option: QuantOption, layer: str = "layer") -> QuantizedLinear:
