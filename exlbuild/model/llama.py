@@ -122,11 +122,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
     *lead, t, _ = q.shape
     q, k = apply_rope(_split_heads(q, cfg), rope), apply_rope(_split_heads(k, cfg), rope)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), _split_heads(v, cfg).transpose(1, 2)  # (batch, heads, seq, dim)
-    if cfg.num_kv_groups > 1:
-        # Each KV head serves num_kv_groups consecutive query heads. (An expanded view copied once: on CUDA,
-        # repeat_interleave waits for the GPU to size its output.)
-        b, kv_heads, _, d = k.shape
-        k, v = (y[:, :, None].expand(b, kv_heads, cfg.num_kv_groups, t, d).reshape(b, -1, t, d) for y in (k, v))
     mask = _attention_mask(cfg, t, q.device)
     dtype = q.dtype
     if q.is_cuda and dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -134,8 +129,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
         # attention takes float16's 10 bits: flash attention instead of float32's ~5× slower kernel. (q, k and v
         # project normalized states: far inside float16's range; an overflow would fail the pass's finite check.)
         q, k, v = q.half(), k.half(), v.half()
+    # Each KV head serves num_kv_groups consecutive query heads. Flash attention (CUDA, 16-bit) reads them in place
+    # in SDPA's grouped mode: copies of k and v expanded to every query head, and the sums of their gradients, took
+    # 0.80 ms of a refinement step's attention where it takes 0.68, with the same bits (bench/NOTES.md §25). The
+    # other kernels (and flash with a window's mask) have no grouped mode (PyTorch would fall back to the math
+    # kernel): there an expanded view copied once.
+    grouped = cfg.num_kv_groups > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
+    if cfg.num_kv_groups > 1 and not grouped:
+        b, kv_heads, _, d = k.shape
+        k, v = (y[:, :, None].expand(b, kv_heads, cfg.num_kv_groups, t, d).reshape(b, -1, t, d) for y in (k, v))
     with sdpa_kernel(ATTENTION_BACKENDS):
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None).to(dtype)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=grouped).to(dtype)
     return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
 
 

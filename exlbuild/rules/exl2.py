@@ -78,12 +78,13 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 10  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
+    version = 11  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
     # 5: k/v Hessians weighted by the attention each token receives; 6: TF32 block passes on CUDA;
     # 7: received attention summed over slices of query positions in rows of more than ~4,000 tokens
     # 8: RMSNorm, the rotary embedding and silu(gate)·up as Triton kernels on CUDA (other float roundings)
     # 9: the block passes' attention on float16 q, k, v on CUDA (stream.pass_precision)
     # 10: the attention each token receives as Triton kernels on CUDA (kernels/attention_received.py)
+    # 11: 16-bit attention on CUDA in SDPA's grouped-query mode (measured the same bits; bumped to be sure)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -137,9 +138,9 @@ class Quantize(Rule):
     """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
 
     name = "exl2-quantized"
-    version = 9  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
+    version = 10  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
     # 4: k/v Hessians weighted by received attention; 5: TF32 block passes on CUDA; 6: as measurement 7;
-    # 7: as measurement 8; 8: as measurement 9; 9: as measurement 10
+    # 7: as measurement 8; 8: as measurement 9; 9: as measurement 10; 10: as measurement 11
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json
@@ -159,7 +160,7 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 9  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 10  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
     # 4: on the calibration's text rows only
     # 5: the whole refinement dropped unless it lowered the model's next-token KL on the held-out rows
@@ -168,6 +169,7 @@ class Refine(Rule):
     # 7: the layer's norms, rotary embedding, activation, the loss and Adam's update as Triton kernels on CUDA
     # 8: the passes over all rows with float16 attention on CUDA, as measurement 9
     # 9: the model check's KL divergence as a Triton kernel on CUDA (tuned 9)
+    # 10: as measurement 11
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
@@ -179,7 +181,7 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 9  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 10  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
     # 4: a plain Adam (torch.optim's fused one rounds differently)
     # 5: on the calibration's text rows only
@@ -189,6 +191,7 @@ class Tune(Rule):
     # 8: the FP16 model's states with flash attention on CUDA, not cuDNN's (llama.ATTENTION_BACKENDS); the
     #    calibration perplexity's passes with float16 attention (measurement 9)
     # 9: the KL divergence and its gradient as Triton kernels on CUDA (kernels/kl_divergence.py)
+    # 10: as refined 10
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model

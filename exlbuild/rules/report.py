@@ -18,7 +18,8 @@ class Evaluate(Rule):
     """Perplexity of a model directory (FP16 or quantized) on the recipe's evaluation text."""
 
     name = "eval"
-    version = 2  # 2: the forward's norms, rotary embedding and activation as Triton kernels on CUDA
+    version = 3  # 2: the forward's norms, rotary embedding and activation as Triton kernels on CUDA
+    # 3: 16-bit attention on CUDA in SDPA's grouped-query mode (exl2-measurement 11)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.eval import evaluate
