@@ -27,7 +27,7 @@ from exlbuild.model.checkpoint import (
     Device,
     embedding_weight,
     head_weight,
-    layer_weights,
+    layers_ahead,
     norm_weight,
     open_model,
 )
@@ -229,9 +229,9 @@ def final_logits(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, ep
 def iter_layers(
     ckpt: Checkpoint, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device: Device = None
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(index, weights) of each decoder layer, loaded one at a time."""
-    for i in progress.track(range(cfg.num_hidden_layers), "layers"):
-        yield i, layer_weights(ckpt, cfg, i, dtype, device)
+    """(index, weights) of each decoder layer, loaded one at a time (each next one read ahead: layers_ahead)."""
+    layers = range(cfg.num_hidden_layers)
+    yield from zip(progress.track(layers, "layers"), layers_ahead(ckpt, cfg, layers, dtype, device))
 
 
 @torch.inference_mode()
