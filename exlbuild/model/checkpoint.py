@@ -24,7 +24,8 @@ from safetensors import safe_open
 from exlbuild.errors import ExlbuildError
 from exlbuild.model.config import LlamaConfig
 from exlbuild.quant.exl2.options import pad_to_32
-from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, to_device
+from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize
+from exlbuild.transfer import to_device
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -55,7 +55,7 @@ from exlbuild.model.llama import LINEAR_INPUTS, Rope, embed, rms_norm, rope_tabl
 from exlbuild.quant.allocate import allocate
 from exlbuild.quant.exl2.measurement_json import LinearShape, Measurement, measurement_to_json
 from exlbuild.quant.exl2.options import QuantOption, head_option, option_from_json, pad_to_32, total_bits
-from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, to_device, validate_layer
+from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, validate_layer
 from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
 from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
 from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for compile)
@@ -72,6 +72,7 @@ from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for 
     resume_point,
     run_block,
 )
+from exlbuild.transfer import to_device, to_host
 
 LAYERS_DIR = "layers"
 HEAD_FILE = "head.safetensors"
@@ -208,14 +209,6 @@ def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[
     return weights
 
 
-def _to_host(t: Tensor) -> Tensor:
-    """A contiguous copy of t in host memory. From a GPU it goes into page-locked memory without waiting (`.cpu()`
-    waits for the GPU): read it only after a read of a device value issued later (which waits for the copy too)."""
-    if t.device.type != "cuda":
-        return t.contiguous().cpu()
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-
 def _quantize_linear(
     weight: Tensor, prepared: PreparedHessian, option: QuantOption, key: str, bias: Tensor | None
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -229,7 +222,7 @@ def _quantize_linear(
     decoded = dequantize(tensors, weight.shape[0], key, groups=result.groups)
     differ_bits = (decoded.view(torch.int16) != result.weight.view(torch.int16)).sum()
     faults = torch.stack([out_of_range.long(), differ_bits, (decoded != result.weight).sum()])
-    return {suffix: _to_host(t) for suffix, t in tensors.items()}, decoded, faults
+    return {suffix: to_host(t) for suffix, t in tensors.items()}, decoded, faults
 
 
 def _check_linear(key: str, option: QuantOption, tensors: dict[str, Tensor], shape: torch.Size,
@@ -401,7 +394,7 @@ def quantize_model(
         for i, w in zip(progress.track(layers, "quantizing layers"), layers_ahead(ckpt, cfg, layers, torch.float16,
                                                                                     device)):
             prefix = layer_prefix(i)
-            tensors = {prefix + n: _to_host(w[n]) for n in BLOCK_NORMS.values()}  # (done at quantize_block's read)
+            tensors = {prefix + n: to_host(w[n]) for n in BLOCK_NORMS.values()}  # (done at quantize_block's read)
             for block, module in BLOCK_MODULES.items():
                 key = prefix + module
                 packed, rfn_error[key] = quantize_block(block, x, w, options[key], cfg, rope, prefix, metric_rows)

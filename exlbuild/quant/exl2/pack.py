@@ -22,21 +22,10 @@ from exlbuild.kernels.pack import (  # noqa: F401 (re-exported: part of this mod
     unpack_bitstream,
 )
 from exlbuild.quant.exl2.options import BIT_WIDTHS, ROW_ALIGN, Group, pad_to_32
+from exlbuild.transfer import to_device
 
 REQUIRED_KEYS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 MAX_IN_FEATURES = 65536  # the kernels hold row indices as uint16
-PINNED_COPY_BYTES = 1 << 28  # to_device: larger host tensors are copied from where they are
-
-
-def to_device(t: Tensor, device: torch.device | str) -> Tensor:
-    """t on `device`. A host tensor bound for a GPU crosses from page-locked memory without waiting: a copy from
-    pageable memory first waits for the GPU to finish its queue. Past PINNED_COPY_BYTES it does wait (rare, and
-    short beside such a copy): page-locked blocks stay allocated, rounded up to a power of two."""
-    if torch.device(device).type != "cuda" or t.device.type != "cpu" or (
-        t.nbytes > PINNED_COPY_BYTES and not t.is_pinned()
-    ):
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)  # (pin_memory of a pinned tensor is the tensor itself)
 
 
 def pack_scale_nibbles(nibbles: Tensor, out_of_range: Tensor | None = None) -> Tensor:

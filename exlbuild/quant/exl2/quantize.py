@@ -58,9 +58,10 @@ from exlbuild.quant.exl2.pack import (
     make_q_groups,
     pack_q_weight,
     pack_scale_nibbles,
-    to_device,
 )
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
+from exlbuild.transfer import to_device
+
 
 @dataclass(frozen=True, eq=False)
 class QuantizedLinear:

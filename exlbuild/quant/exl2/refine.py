@@ -74,7 +74,6 @@ from exlbuild.quant.exl2.pack import (
     pack_q_weight,
     parse_q_groups,
     scale_from_nibbles,
-    to_device,
     unpack_q_weight,
     unpack_scale_nibbles,
 )
@@ -97,6 +96,7 @@ from exlbuild.quant.stream import (
     pass_precision,
     resume_point,
 )
+from exlbuild.transfer import to_device
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
 HELD_OUT_EVERY = 10  # one calibration row in this many is not trained on: it judges each fit

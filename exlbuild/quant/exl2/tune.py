@@ -60,8 +60,9 @@ from exlbuild.quant.exl2.convert import (
     linear_tensors,
     replay_layer,
 )
-from exlbuild.quant.exl2.pack import input_feature_groups, to_device
+from exlbuild.quant.exl2.pack import input_feature_groups
 from exlbuild.quant.stream import LINEARS, NORMS, check_calibration_ids, chunk_rows
+from exlbuild.transfer import to_device
 
 EAGER_STEPS = 3  # ordinary steps on CUDA before the step is captured as a graph
 LOGIT_ELEMENTS = 1 << 25  # logits of a slice of tokens in next_token_kl, at most
