@@ -405,7 +405,8 @@ def tune_model(
                 return student_layer(x, i, f[:per_layer[0]], f[per_layer[0]:])
 
             # Recomputed, each layer keeps only its input for the backward pass: the activations of every layer at
-            # once would not fit at 70B. (A quarter of the layer's work more, where they fit: 1 s of a SmolLM2 tuning.)
+            # once would not fit at 70B. (A quarter of the layer's work more where they fit: ~1 s of a SmolLM2 tuning
+            # predicted; measured only together with the KL kernels, bench/NOTES.md §25.)
             x = _Recomputed.apply(layer, x, *factors) if recompute else layer(x, *factors)
         # The head's multipliers scale its input features, as the final norm's do.
         norm = (final_norm.weight * norm_factors[-1] * linear_factors[-1]).to(dtype)
