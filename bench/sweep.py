@@ -1,7 +1,7 @@
 """The full sweep of a recipe on the GPU machine: one measurement, then every variant; times, peak GPU memory
 and perplexities into bench/results/sweep-<name>.json and a markdown table beside it.
 
-    python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [--jobs N] [overrides ...]
+    python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [--jobs N] [--compile-log LOG.json] [overrides ...]
 
 The build runs through the CLI in a fresh store (so every step is really built) and its wall time is the
 `total_seconds`; each step's own time and peak GPU memory come from its artifact's manifest.
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--work", type=Path, default=None, help="build here (default: a temporary folder)")
     ap.add_argument("--jobs", type=int, default=1, help="exlbuild -j: targets built at once")
+    ap.add_argument("--compile-log", type=Path, default=None,
+                    help="build through compile_log.py, its log of every Triton compile written here")
     args = ap.parse_intermixed_args()  # overrides before or after the options
 
     work = args.work or Path(tempfile.mkdtemp(prefix="exlbuild-sweep-"))
@@ -38,7 +40,9 @@ def main() -> None:
     shutil.copy(args.recipe, recipe)
     cli = [sys.executable, "-m", "exlbuild.cli"]
     t0 = time.perf_counter()
-    subprocess.run(cli + [str(recipe), "-j", str(args.jobs), *args.overrides], check=True)
+    builder = cli if args.compile_log is None else [sys.executable, str(Path(__file__).parent / "compile_log.py"),
+                                                    str(args.compile_log)]
+    subprocess.run(builder + [str(recipe), "-j", str(args.jobs), *args.overrides], check=True)
     total = time.perf_counter() - t0
 
     status = json.loads(subprocess.run(cli + ["status", str(recipe), "--json", *args.overrides], check=True,

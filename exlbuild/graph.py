@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from exlbuild.errors import ExlbuildError
 from exlbuild.hashing import HashCache, hash_json, tree_files
@@ -45,6 +45,13 @@ class Rule:
     def run(self, ctx: BuildContext) -> dict[str, Any] | None:
         """Write the artifact into ctx.out; return metrics for the manifest (JSON-able)."""
         raise NotImplementedError
+
+    def rehearse(self, node: "Node", ready: dict[str, Path]) -> Callable[[], None] | None:
+        """Optionally start, in the background, work that readies this process's machine for building `node` (such
+        as compiling the kernels it will launch) from the inputs already there (`ready`: input label -> data
+        directory), and return what ends it; None where there is nothing to do yet. What it does must not change
+        what any rule writes: the build never waits for it, and ends it when the build ends."""
+        return None
 
 
 @dataclass(eq=False)

@@ -62,17 +62,39 @@ def build(graph: Graph, store: Store, previous: dict[str, Any], say: Callable[[s
     if jobs > 1:
         return _build_in_parallel(statuses, store, say, jobs)
     outcomes: list[Outcome] = []
-    for st in statuses:
-        start = time.perf_counter()
-        state = UP_TO_DATE
-        if st.state == STALE:
-            try:
-                state = _build_locked(st, store, say)
-            except BaseException as e:
-                outcomes.append(Outcome(st.node, FAILED, time.perf_counter() - start))
-                raise BuildFailed(outcomes, e) from e
-        outcomes.append(_finished(st.node, state, time.perf_counter() - start, store, say))
+    rehearsals: dict[str, Callable[[], None]] = {}
+    try:
+        for st in statuses:
+            _start_rehearsals(statuses, store, rehearsals)
+            start = time.perf_counter()
+            state = UP_TO_DATE
+            if st.state == STALE:
+                try:
+                    state = _build_locked(st, store, say)
+                except BaseException as e:
+                    outcomes.append(Outcome(st.node, FAILED, time.perf_counter() - start))
+                    raise BuildFailed(outcomes, e) from e
+            outcomes.append(_finished(st.node, state, time.perf_counter() - start, store, say))
+    finally:
+        for stop in rehearsals.values():
+            stop()
     return outcomes
+
+
+def _start_rehearsals(statuses: list[NodeStatus], store: Store, rehearsals: dict[str, Callable[[], None]]) -> None:
+    """Start the rehearsal (Rule.rehearse) of each rule's first stale node not yet built, once per rule and build,
+    as soon as the rule starts one with the inputs there now (into `rehearsals`: rule name -> what ends it)."""
+    for st in statuses:
+        node = st.node
+        if st.state != STALE or node.rule is None or node.rule_name in rehearsals:
+            continue
+        if store.has(node.rule_name, node.key):
+            continue
+        ready = {label: dep.source_dir or store.data_dir(dep.rule_name, dep.key) for label, dep in node.deps.items()
+                 if dep.is_source or store.has(dep.rule_name, dep.key)}
+        stop = node.rule.rehearse(node, ready)
+        if stop is not None:
+            rehearsals[node.rule_name] = stop
 
 
 def _build_locked(st: NodeStatus, store: Store, say: Callable[[str], None]) -> str:

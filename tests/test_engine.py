@@ -187,6 +187,41 @@ def test_failed_rule_publishes_nothing(env, monkeypatch):
     assert store.has("text", graph["text"].key)  # what was finished before stays
 
 
+def test_a_rule_rehearses_its_stale_node_once_its_inputs_are_there(env, monkeypatch):
+    src, store_root, log = env
+    asked = []
+
+    def rehearse(self, node, ready):
+        asked.append(sorted(ready))
+        if "text" not in ready:
+            return None
+        engine_graph.log_run("rehearsal")
+        return lambda: engine_graph.log_run("rehearsal-ended")
+
+    monkeypatch.setattr(engine_graph.Upper, "rehearse", rehearse)
+    engine_graph.run(store_root, src)
+    order = runs(log)
+    # Started as soon as its input was built, before the rule itself ran; ended once, when the build ended.
+    assert order.index("text") < order.index("rehearsal") < order.index("upper")
+    assert order[-1] == "rehearsal-ended" and order.count("rehearsal") == 1
+    assert asked[0] == [] and asked[-1] == ["text"]
+    asked.clear()
+    engine_graph.run(store_root, src)  # nothing stale: nothing rehearsed
+    assert asked == [] and runs(log).count("rehearsal") == 1
+
+
+def test_a_failed_build_ends_its_rehearsals(env, monkeypatch):
+    src, store_root, log = env
+    monkeypatch.setattr(engine_graph.Upper, "rehearse",
+                        lambda self, node, ready: lambda: engine_graph.log_run("rehearsal-ended"))
+    monkeypatch.setenv("ENGINE_TEST_UPPER_FAILS", "1")
+    from exlbuild.runner import BuildFailed
+
+    with pytest.raises(BuildFailed):
+        engine_graph.run(store_root, src)
+    assert runs(log)[-1] == "rehearsal-ended"
+
+
 def test_parallel_build_runs_independent_targets_at_once(env, monkeypatch, tmp_path):
     """-j 2: `slow` (no inputs but the source) and `text` run at the same time in two worker processes (`text` waits
     for `slow` to start: a build one at a time would fail); everything is built once, with the keys and bytes of

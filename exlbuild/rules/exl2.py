@@ -176,6 +176,9 @@ class Refine(Rule):
 
         return _fit(ctx, refine_model, weights_per_fit=ctx.params["weights_per_fit"], state_dir=ctx.state)
 
+    def rehearse(self, node: Node, ready: dict[str, Path]) -> Callable[[], None] | None:
+        return _rehearsal("refined", node, ready)
+
 
 class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
@@ -198,6 +201,9 @@ class Tune(Rule):
 
         return _fit(ctx, tune_model)
 
+    def rehearse(self, node: Node, ready: dict[str, Path]) -> Callable[[], None] | None:
+        return _rehearsal("tuned", node, ready)
+
 
 def _fit(ctx: BuildContext, fit: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
     """Run a fit after the quantization pass (refine_model, tune_model: the same arguments, and `options` of
@@ -207,6 +213,17 @@ def _fit(ctx: BuildContext, fit: Callable[..., dict[str, Any]], **options: Any) 
     return fit(ctx.inputs["model"], ctx.inputs["quantized"], ctx.out, load_text_ids(ctx.inputs["calibration"]),
                p["steps"], p["lr"], p["rows_per_step"], rope_scale=p["rope"]["scale"], rope_alpha=p["rope"]["alpha"],
                device=compute_device(), **options)
+
+
+def _rehearsal(fit: str, node: Node, ready: dict[str, Path]) -> Callable[[], None] | None:
+    """The fit's rehearsal on the GPU (exlbuild.quant.exl2.rehearse), once the model is there: its first Triton
+    compiles and library loads happen while the build does the work before it."""
+    if "model" not in ready:
+        return None
+    from exlbuild.quant.exl2.rehearse import start_rehearsal
+
+    return start_rehearsal(fit, ready["model"], node.deps["calibration"].params["length"], node.params,
+                           node.info["head_bits"], compute_device())
 
 
 class Compile(Rule):

@@ -1,0 +1,62 @@
+"""The rehearsal of a variant's fits (exlbuild.quant.exl2.rehearse) on a tiny random model, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from exlbuild.model.checkpoint import open_model
+from exlbuild.quant.exl2 import rehearse
+from exlbuild.quant.exl2.convert import layer_file
+from exlbuild.recipe import RefineSpec, TuneSpec
+from model_fixtures import tiny_model
+from test_exl2_convert import SHAPE
+
+ROPE = {"rope": {"scale": None, "alpha": None}}
+
+
+def fit_params(spec: RefineSpec | TuneSpec) -> dict:
+    """A fit node's params, as exlbuild.rules.exl2.variant_nodes makes them."""
+    params = {k: v for k, v in vars(spec).items() if k != "below_bits"}
+    return {**params, **ROPE}
+
+
+def test_the_first_layer_model_holds_the_model_s_first_layer(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "model", vocab_size=256, num_hidden_layers=3, **SHAPE)
+    small = rehearse.first_layer_model(model, tmp_path / "small")
+    cfg, ckpt = open_model(small)
+    assert cfg.num_hidden_layers == 1
+    original = load_file(str(model / "model.safetensors"))
+    for name in ckpt.names():
+        assert torch.equal(ckpt.get(name, torch.float16), original[name].half()), name
+
+
+def test_rehearsal_quantizes_and_refines_in_its_own_process(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "model", vocab_size=256, **SHAPE)
+    args = {"fit": "refined", "model_dir": str(model), "work": str(tmp_path / "work"), "length": 32,
+            "params": fit_params(RefineSpec()), "head_bits": 6, "device": "cpu"}
+    subprocess.run([sys.executable, "-m", "exlbuild.quant.exl2.rehearse", json.dumps(args)], check=True, timeout=300)
+    assert (tmp_path / "work" / "refined" / layer_file(0)).is_file()
+    assert not (tmp_path / "work" / "refined" / layer_file(1)).exists()
+
+
+def test_rehearsal_of_the_tuning(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "model", vocab_size=256, **SHAPE)
+    rehearse.rehearse("tuned", model, tmp_path / "work", 32, fit_params(TuneSpec()), 4, "cpu")
+    assert (tmp_path / "work" / "tuned" / layer_file(0)).is_file()
+
+
+def test_rehearsals_start_only_where_they_pay(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_model(tmp_path / "model", vocab_size=256, **SHAPE)
+    start = dict(fit="tuned", model_dir=model, length=32, params=fit_params(TuneSpec()), head_bits=6)
+    assert rehearse.start_rehearsal(**start, device="cpu") is None  # nothing to compile for the CPU
+    monkeypatch.setenv("EXLBUILD_REHEARSE", "0")
+    assert rehearse.start_rehearsal(**start, device="cuda") is None
+    monkeypatch.delenv("EXLBUILD_REHEARSE")
+    monkeypatch.setattr(rehearse, "MAX_MODEL_BYTES", 1000)
+    assert rehearse.start_rehearsal(**start, device="cuda") is None  # too large to be worth it
