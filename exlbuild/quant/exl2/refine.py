@@ -409,18 +409,25 @@ def refine_model(
                 y = decoder_layer(quantized_states[batch].to(dtype), w, cfg, compute_rope)
                 return squared_relative_error(y, unquantized_states[batch])
 
-            def judged_loss() -> float:
-                """The layer's loss on the held-out rows, with the current codes and multipliers."""
+            def judged_loss() -> Tensor:
+                """The layer's loss on each chunk of the held-out rows, with the current codes and multipliers, on
+                the device: `mean_loss` reads it when the value is needed, and the host goes on meanwhile."""
                 with torch.no_grad():
                     weights = [c.weight(dtype) for c in codes]
 
                     def scaled(factors: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
                         return list(zip(weights, factors))
 
-                    batches = judging.split(chunk)
-                    return sum(float(loss_on(b, scaled)) * len(b) for b in batches) / len(judging)
+                    return torch.stack([loss_on(b, scaled) for b in judging.split(chunk)])
 
-            before = loss = judged_loss()
+            def mean_loss(chunk_losses: Tensor) -> float:
+                sizes = [len(b) for b in judging.split(chunk)]
+                return sum(value * size for value, size in zip(chunk_losses.tolist(), sizes)) / len(judging)
+
+            # Read once the first part's steps are done (run_steps waits for them): until then the host sets up
+            # the fit while the GPU runs the passes above and this loss.
+            judged_before = judged_loss()
+            before = loss = None
             kept = 0
             for slices in parts:
                 part = _Part(slices, codes, dtype)
@@ -442,11 +449,13 @@ def refine_model(
                 steps_started = time.perf_counter()
                 run_steps(train_step, prepare, steps, device)
                 steps_seconds += time.perf_counter() - steps_started
+                if before is None:
+                    before = loss = mean_loss(judged_before)
                 # A fit that did not lower the loss on rows it was not trained on (a rate too high for the
                 # calibration rows, say) is dropped: those codes and the multipliers stay as they were.
                 saved = [codes[s.linear].codes[s.rows].clone() for s in slices]
                 part.store()
-                fitted = judged_loss()
+                fitted = mean_loss(judged_loss())
                 if not math.isfinite(fitted):
                     raise ExlbuildError(f"refining layer {i} diverged (its loss became NaN or infinite); "
                                         "lower refine.lr")
@@ -467,12 +476,14 @@ def refine_model(
                 refined[f"{linear.key}.q_weight"] = linear_codes.q_weight()
             for k, (name, norm) in enumerate(zip(NORMS, norms)):
                 refined[layer_prefix(i) + name] = norm.tuned(multipliers.of_norm(k))
+            codes_changed = int(changed)  # read here, where q_weight's copies have waited for the GPU already
             save_file({k: v.contiguous() for k, v in refined.items()}, str(state_dir / layer_file(i)))
 
-            # The next layer's inputs: this layer as written, decoded as the loader does.
+            # The next layer's inputs: this layer as written, decoded as the loader does. (Nothing waits for this
+            # pass before the next layer's fit is set up.)
             run(quantized_states, decode_layer_weights(refined, i, out_features, device))
             layer_metrics.append({"loss_before": before, "loss_after": loss, "parts": len(parts), "kept": kept,
-                                  "codes_changed": int(changed)})
+                                  "codes_changed": codes_changed})
             checkpoint.save(i + 1, {}, {"fingerprint": fingerprint, "layers": layer_metrics})
 
     # From here only the tracked rows matter: both models' other states (GBs at 70B) go before the heads come.
