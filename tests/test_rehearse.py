@@ -58,5 +58,40 @@ def test_rehearsals_start_only_where_they_pay(tmp_path: Path, monkeypatch) -> No
     monkeypatch.setenv("EXLBUILD_REHEARSE", "0")
     assert rehearse.start_rehearsal(**start, device="cuda") is None
     monkeypatch.delenv("EXLBUILD_REHEARSE")
+    free = {"bytes": 1 << 20}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (free["bytes"], 80 << 30))
+    assert rehearse.start_rehearsal(**start, device="cuda") is None  # the GPU too full to share
+    free["bytes"] = 80 << 30
     monkeypatch.setattr(rehearse, "MAX_MODEL_BYTES", 1000)
     assert rehearse.start_rehearsal(**start, device="cuda") is None  # too large to be worth it
+
+
+def test_a_started_rehearsal_runs_this_module_and_is_ended(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_model(tmp_path / "model", vocab_size=256, **SHAPE)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (80 << 30, 80 << 30))
+    started = []
+
+    class Process:  # stands in for subprocess.Popen: no GPU here to rehearse on
+        def __init__(self, argv, **kwargs):
+            started.append(argv)
+            self.running, self.ended = True, False
+
+        def poll(self):
+            return None if self.running else 0
+
+        def terminate(self):
+            self.running = False
+
+        def wait(self):
+            self.ended = True
+
+    monkeypatch.setattr(rehearse.subprocess, "Popen", Process)
+    stop = rehearse.start_rehearsal("refined", model, 2048, fit_params(RefineSpec()), 6, "cuda")
+    argv = started[0]
+    assert argv[:3] == [sys.executable, "-m", "exlbuild.quant.exl2.rehearse"]
+    spec = json.loads(argv[3])
+    assert (spec["fit"], spec["model_dir"], spec["length"], spec["device"]) == ("refined", str(model), 2048, "cuda")
+    work = Path(spec["work"])
+    assert work.is_dir()
+    stop()
+    assert not work.exists()

@@ -10,9 +10,11 @@ calibration's row length), so Triton's cache on disk holds them when the build r
 are in memory. It writes nothing that the build reads but that cache, where a kernel compiles to the same file
 whichever process compiles it; the build never waits for it and ends it when done.
 
-Only on CUDA (the CPU runs the references: nothing to compile) and only for models of at most MAX_MODEL_BYTES in
-float16: a larger model's build runs for long enough that compiling is noise, and a copy of its first layer and
-vocabulary would be gigabytes.
+Only on CUDA (the CPU runs the references: nothing to compile), only for models of at most MAX_MODEL_BYTES in
+float16 (a larger model's build runs for long enough that compiling is noise, and a copy of its first layer and
+vocabulary would be gigabytes), and only where the GPU has FREE_MEMORY_FACTOR times the model's size free: the
+rehearsal's own peak is a few times the model's size (one layer, the embedding and the head twice, the tuning's
+logits), and the build beside it must keep its room.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from exlbuild.quant.exl2.refine import held_out_rows, refine_model
 from exlbuild.quant.exl2.tune import EAGER_STEPS, tune_model
 
 MAX_MODEL_BYTES = 4 << 30
+FREE_MEMORY_FACTOR = 8
 STEPS = EAGER_STEPS + 2  # past the eager steps: the step is also captured as a CUDA graph and replayed
 FITS = ("refined", "tuned")
 
@@ -99,7 +102,8 @@ def start_rehearsal(fit: str, model_dir: Path, length: int, params: dict[str, An
         cfg = LlamaConfig.from_dir(model_dir)
     except ExlbuildError:
         return None  # the rule itself reports what is wrong with the config
-    if model_bytes(cfg, torch.float16) > MAX_MODEL_BYTES:
+    size = model_bytes(cfg, torch.float16)
+    if size > MAX_MODEL_BYTES or torch.cuda.mem_get_info()[0] < FREE_MEMORY_FACTOR * size:
         return None
     work = Path(tempfile.mkdtemp(prefix="exlbuild-rehearsal-"))
     args = {"fit": fit, "model_dir": str(model_dir), "work": str(work), "length": length, "params": params,
