@@ -3,10 +3,11 @@ decoder layer and a few random calibration rows, in a background process that st
 there, while the build goes on with the calibration and the measurement.
 
 Why: a process's first launch of each Triton kernel compiles it, 0.1–0.5 s each: on a fresh H100 the first variant
-of the default SmolLM2 sweep spent 6.7 s of its 31.5 s compiling 24 kernels, and ~2.5 s more reading the CUDA
-libraries it had not used yet from disk (bench/results/compile-log-cold-h100.json, bench/NOTES.md §26). The
-rehearsal launches the same kernels on tensors of the same widths (the model's layers and vocabulary, the
-calibration's row length), so Triton's cache on disk holds them when the build reaches them, and the libraries
+of the default SmolLM2 sweep spent 6.7 s of its 32.1 s compiling 24 kernels, and ~2.3 s more on other first uses
+that a second process on the machine no longer pays (most likely the kernels' launchers, which Triton also builds
+and caches on disk, and the CUDA libraries read from disk; bench/results/compile-log-cold-h100.json, bench/NOTES.md
+§26). The rehearsal launches the same kernels on tensors of the same widths (the model's layers and vocabulary,
+the calibration's row length), so Triton's cache on disk holds them when the build reaches them, and the libraries
 are in memory. It writes nothing that the build reads but that cache, where a kernel compiles to the same file
 whichever process compiles it; the build never waits for it and ends it when done.
 
