@@ -46,11 +46,12 @@ class Rule:
         """Write the artifact into ctx.out; return metrics for the manifest (JSON-able)."""
         raise NotImplementedError
 
-    def rehearse(self, node: "Node", ready: dict[str, Path]) -> Callable[[], None] | None:
+    def rehearse(self, node: "Node", ready: dict[str, Path]) -> Callable[[], str | None] | None:
         """Optionally start, in the background, work that readies this process's machine for building `node` (such
         as compiling the kernels it will launch) from the inputs already there (`ready`: input label -> data
-        directory), and return what ends it; None where there is nothing to do yet. What it does must not change
-        what any rule writes: the build never waits for it, and ends it when the build ends."""
+        directory), and return what ends it (which returns a line to report where the work failed); None where there
+        is nothing to do yet. What it does must not change what any rule writes: the build never waits for it, and
+        ends it when the build ends."""
         return None
 
 

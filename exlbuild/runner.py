@@ -62,7 +62,7 @@ def build(graph: Graph, store: Store, previous: dict[str, Any], say: Callable[[s
     if jobs > 1:
         return _build_in_parallel(statuses, store, say, jobs)
     outcomes: list[Outcome] = []
-    rehearsals: dict[str, Callable[[], None]] = {}
+    rehearsals: dict[str, Callable[[], str | None]] = {}
     try:
         for st in statuses:
             _start_rehearsals(statuses, store, rehearsals)
@@ -77,11 +77,14 @@ def build(graph: Graph, store: Store, previous: dict[str, Any], say: Callable[[s
             outcomes.append(_finished(st.node, state, time.perf_counter() - start, store, say))
     finally:
         for stop in rehearsals.values():
-            stop()
+            failure = stop()
+            if failure:  # only a lost speed-up: the build itself is unaffected
+                say(f"note: {failure}")
     return outcomes
 
 
-def _start_rehearsals(statuses: list[NodeStatus], store: Store, rehearsals: dict[str, Callable[[], None]]) -> None:
+def _start_rehearsals(statuses: list[NodeStatus], store: Store,
+                      rehearsals: dict[str, Callable[[], str | None]]) -> None:
     """Start the rehearsal (Rule.rehearse) of each rule's first stale node not yet built, once per rule and build,
     as soon as the rule starts one with the inputs there now (into `rehearsals`: rule name -> what ends it)."""
     for st in statuses:

@@ -210,6 +210,14 @@ def test_a_rule_rehearses_its_stale_node_once_its_inputs_are_there(env, monkeypa
     assert asked == [] and runs(log).count("rehearsal") == 1
 
 
+def test_a_failed_rehearsal_is_reported_and_the_build_goes_on(env, monkeypatch, capsys):
+    src, store_root, _ = env
+    monkeypatch.setattr(engine_graph.Upper, "rehearse", lambda self, node, ready: lambda: "the upper rehearsal failed")
+    outcomes = engine_graph.run(store_root, src)
+    assert all(o.state in (BUILT, UP_TO_DATE) for o in outcomes)
+    assert "note: the upper rehearsal failed" in capsys.readouterr().out
+
+
 def test_a_failed_build_ends_its_rehearsals(env, monkeypatch):
     src, store_root, log = env
     monkeypatch.setattr(engine_graph.Upper, "rehearse",

@@ -74,16 +74,16 @@ def test_a_started_rehearsal_runs_this_module_and_is_ended(tmp_path: Path, monke
     class Process:  # stands in for subprocess.Popen: no GPU here to rehearse on
         def __init__(self, argv, **kwargs):
             started.append(argv)
-            self.running, self.ended = True, False
+            self.running, self.returncode = True, None
 
         def poll(self):
-            return None if self.running else 0
+            return None if self.running else self.returncode
 
         def terminate(self):
-            self.running = False
+            self.running, self.returncode = False, -15
 
         def wait(self):
-            self.ended = True
+            return self.returncode
 
     monkeypatch.setattr(rehearse.subprocess, "Popen", Process)
     stop = rehearse.start_rehearsal("refined", model, 2048, fit_params(RefineSpec()), 6, "cuda")
@@ -93,5 +93,25 @@ def test_a_started_rehearsal_runs_this_module_and_is_ended(tmp_path: Path, monke
     assert (spec["fit"], spec["model_dir"], spec["length"], spec["device"]) == ("refined", str(model), 2048, "cuda")
     work = Path(spec["work"])
     assert work.is_dir()
-    stop()
+    assert stop() is None  # ended by the build: nothing to report
     assert not work.exists()
+
+
+def test_a_failed_rehearsal_says_why_when_ended(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_model(tmp_path / "model", vocab_size=256, **SHAPE)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (80 << 30, 80 << 30))
+
+    class Failed:  # a rehearsal process that has already exited with an error
+        def __init__(self, argv, stderr, **kwargs):
+            stderr.write(b"Traceback (most recent call last):\nRuntimeError: no CUDA GPUs are available\n")
+            self.returncode = 1
+
+        def poll(self):
+            return self.returncode
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(rehearse.subprocess, "Popen", Failed)
+    stop = rehearse.start_rehearsal("tuned", model, 2048, fit_params(TuneSpec()), 6, "cuda")
+    assert stop() == "the tuned rehearsal failed (exit 1): RuntimeError: no CUDA GPUs are available"

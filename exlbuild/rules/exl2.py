@@ -176,7 +176,7 @@ class Refine(Rule):
 
         return _fit(ctx, refine_model, weights_per_fit=ctx.params["weights_per_fit"], state_dir=ctx.state)
 
-    def rehearse(self, node: Node, ready: dict[str, Path]) -> Callable[[], None] | None:
+    def rehearse(self, node: Node, ready: dict[str, Path]) -> Callable[[], str | None] | None:
         return _rehearsal("refined", node, ready)
 
 
@@ -201,7 +201,7 @@ class Tune(Rule):
 
         return _fit(ctx, tune_model)
 
-    def rehearse(self, node: Node, ready: dict[str, Path]) -> Callable[[], None] | None:
+    def rehearse(self, node: Node, ready: dict[str, Path]) -> Callable[[], str | None] | None:
         return _rehearsal("tuned", node, ready)
 
 
@@ -215,7 +215,7 @@ def _fit(ctx: BuildContext, fit: Callable[..., dict[str, Any]], **options: Any) 
                device=compute_device(), **options)
 
 
-def _rehearsal(fit: str, node: Node, ready: dict[str, Path]) -> Callable[[], None] | None:
+def _rehearsal(fit: str, node: Node, ready: dict[str, Path]) -> Callable[[], str | None] | None:
     """The fit's rehearsal on the GPU (exlbuild.quant.exl2.rehearse), once the model is there: its first Triton
     compiles and library loads happen while the build does the work before it."""
     if "model" not in ready:

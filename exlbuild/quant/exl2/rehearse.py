@@ -94,9 +94,10 @@ def rehearse(fit: str, model_dir: Path, work: Path, length: int, params: dict[st
 
 
 def start_rehearsal(fit: str, model_dir: Path, length: int, params: dict[str, Any], head_bits: int,
-                    device: str) -> Callable[[], None] | None:
-    """Start `rehearse` in a background process, where it pays (module docstring); returns what ends it and
-    removes its files, or None where it is not worth a process. EXLBUILD_REHEARSE=0 turns rehearsals off."""
+                    device: str) -> Callable[[], str | None] | None:
+    """Start `rehearse` in a background process, where it pays (module docstring); returns what ends it, removes its
+    files and says why it failed if it did (the last line of its error), or None where it is not worth a process.
+    EXLBUILD_REHEARSE=0 turns rehearsals off."""
     if device != "cuda" or os.environ.get("EXLBUILD_REHEARSE", "1") == "0":
         return None
     try:
@@ -109,14 +110,22 @@ def start_rehearsal(fit: str, model_dir: Path, length: int, params: dict[str, An
     work = Path(tempfile.mkdtemp(prefix="exlbuild-rehearsal-"))
     args = {"fit": fit, "model_dir": str(model_dir), "work": str(work), "length": length, "params": params,
             "head_bits": head_bits, "device": device}
-    process = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(args)], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = work / "stderr.txt"
+    with open(errors, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(args)], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
 
-    def stop() -> None:
-        if process.poll() is None:
+    def stop() -> str | None:
+        ended_here = process.poll() is None
+        if ended_here:
             process.terminate()
         process.wait()
+        failure = None
+        if not ended_here and process.returncode != 0:
+            last = errors.read_text(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            failure = f"the {fit} rehearsal failed (exit {process.returncode}): {last[0]}"
         shutil.rmtree(work, ignore_errors=True)
+        return failure
 
     return stop
 
