@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from exlbuild.model.checkpoint import (
     head_weight,
     layer_weights,
     layers_ahead,
+    read_ahead,
     open_model,
     require_device_memory,
 )
@@ -148,20 +150,27 @@ def test_non_finite_weight(model_dir: Path, bad: float) -> None:
         forward_logits(model_dir, IDS)
 
 
-def test_layers_read_ahead(model_dir: Path) -> None:
-    """The layers read by a background thread, one ahead, are the layers read in turn; a bad tensor in a later layer
-    is reported when the caller reaches that layer, after the earlier ones."""
+@pytest.mark.parametrize("reader", ["read_ahead", "layers_ahead"])
+def test_layers_read_ahead(model_dir: Path, reader: str) -> None:
+    """The layers read by a background thread, one ahead (as on CUDA), and those layers_ahead gives on the CPU
+    (read in the caller's thread) are the layers read in turn; a bad tensor in a later layer is reported when the
+    caller reaches that layer, after the earlier ones."""
+    cpu = torch.device("cpu")
+    read = {"read_ahead": read_ahead, "layers_ahead": layers_ahead}[reader]
     cfg, ckpt = open_model(model_dir)
     layers = range(1, cfg.num_hidden_layers)
-    for i, ahead in zip(layers, layers_ahead(ckpt, cfg, layers, torch.float16), strict=True):
+    threads = []
+    for i, ahead in zip(layers, read(ckpt, cfg, layers, torch.float16, cpu), strict=True):
+        threads.append({t.name.split("_")[0] for t in threading.enumerate()})
         expected = layer_weights(ckpt, cfg, i, torch.float16)
         assert ahead.keys() == expected.keys() and all(torch.equal(ahead[k], expected[k]) for k in expected)
+    assert all(("exlbuild-read-ahead" in names) == (reader == "read_ahead") for names in threads)
 
     _rewrite_tensors(model_dir, lambda t: t["model.layers.1.mlp.up_proj.weight"].fill_(float("nan")))
     cfg, ckpt = open_model(model_dir)
     reached = []
     with pytest.raises(ExlbuildError, match=r"model\.layers\.1\.mlp\.up_proj\.weight .* NaN or Inf"):
-        for i, _ in zip(range(2), layers_ahead(ckpt, cfg, range(2))):
+        for i, _ in zip(range(2), read(ckpt, cfg, range(2), torch.float32, cpu)):
             reached.append(i)
     assert reached == [0]
 

@@ -277,14 +277,28 @@ def layer_weights(
 def layers_ahead(
     ckpt: Checkpoint, cfg: LlamaConfig, layers: Sequence[int], dtype: torch.dtype = torch.float32, device: Device = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """layer_weights of each of `layers` in turn, on `device`. Each next layer is read (from the files, checked, on
-    CUDA into page-locked memory) by a background thread while the caller works on the current one: ~30 ms of host
-    time a SmolLM2 layer that the quantization pass otherwise spends between its GPU work, and a large model's layer
-    read from disk. (A quantized checkpoint's layers are decoded on the device, in the caller's thread.)"""
+    """layer_weights of each of `layers` in turn, on `device`. On CUDA each next layer is read (from the files,
+    checked, into page-locked memory) by a background thread while the caller works on the current one
+    (`read_ahead`): ~30 ms of host time a SmolLM2 layer that the quantization pass otherwise spends between its GPU
+    work, and a large model's layer read from disk. Elsewhere the caller's thread reads them: the CPU path's work
+    is PyTorch's own threads on every core, and a second thread's PyTorch operations start a second OpenMP team,
+    after which libgomp (more threads than cores) stops spinning between parallel regions: the 2-core machine's
+    measurement ran 1.7× slower (bench/NOTES.md §26). (A quantized checkpoint's layers are decoded on the device,
+    in the caller's thread.)"""
     device = torch.device(device or "cpu")
-    if any(ckpt._exl2_weight(layer_prefix(i) + name) for i in layers[:1] for name in layer_tensor_shapes(cfg)):
+    quantized = any(ckpt._exl2_weight(layer_prefix(i) + name) for i in layers[:1] for name in layer_tensor_shapes(cfg))
+    if quantized or device.type != "cuda":
         yield from (layer_weights(ckpt, cfg, i, dtype, device) for i in layers)
-        return
+    else:
+        yield from read_ahead(ckpt, cfg, layers, dtype, device)
+
+
+def read_ahead(
+    ckpt: Checkpoint, cfg: LlamaConfig, layers: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """layer_weights of each of `layers` in turn, on `device`, each next one read by a background thread (on CUDA
+    into page-locked memory) while the caller works on the current one; an error of a layer's read is raised when
+    the caller reaches that layer."""
 
     def read(i: int) -> dict[str, torch.Tensor]:
         weights = layer_weights(ckpt, cfg, i, dtype)
