@@ -281,10 +281,10 @@ def layers_ahead(
     checked, into page-locked memory) by a background thread while the caller works on the current one
     (`read_ahead`): ~30 ms of host time a SmolLM2 layer that the quantization pass otherwise spends between its GPU
     work, and a large model's layer read from disk. Elsewhere the caller's thread reads them: the CPU path's work
-    is PyTorch's own threads on every core, and a second thread's PyTorch operations start a second OpenMP team,
-    after which libgomp (more threads than cores) stops spinning between parallel regions: the 2-core machine's
-    measurement ran 1.7× slower (bench/NOTES.md §26). (A quantized checkpoint's layers are decoded on the device,
-    in the caller's thread.)"""
+    is PyTorch's own threads on every core, and after a second thread has run PyTorch operations every later one
+    of the caller's thread is slower (most likely libgomp: a second OpenMP team, more threads than cores, and no
+    more spinning between parallel regions); the 2-core machine's measurement ran 1.7× slower (bench/NOTES.md §26).
+    (A quantized checkpoint's layers are decoded on the device, in the caller's thread.)"""
     device = torch.device(device or "cpu")
     quantized = any(ckpt._exl2_weight(layer_prefix(i) + name) for i in layers[:1] for name in layer_tensor_shapes(cfg))
     if quantized or device.type != "cuda":
