@@ -342,6 +342,7 @@ def refine_model(
     unrefined_states = torch.empty(quantized_states[tracked].shape, dtype=STATE_DTYPE, pin_memory=device.type == "cuda")
     unrefined_states.copy_(quantized_states[tracked])
     chunk = chunk_rows(quantized_states, cfg)
+    judged_batches = judging.split(chunk)  # the held-out rows, a chunk at a time
 
     def run(states: Tensor, weights: dict[str, Tensor]) -> None:
         """Every row of `states` (on the device or in host memory) through one layer, in place, a chunk of rows at a
@@ -418,11 +419,10 @@ def refine_model(
                     def scaled(factors: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
                         return list(zip(weights, factors))
 
-                    return torch.stack([loss_on(b, scaled) for b in judging.split(chunk)])
+                    return torch.stack([loss_on(b, scaled) for b in judged_batches])
 
             def mean_loss(chunk_losses: Tensor) -> float:
-                sizes = [len(b) for b in judging.split(chunk)]
-                return sum(value * size for value, size in zip(chunk_losses.tolist(), sizes)) / len(judging)
+                return sum(value * len(b) for value, b in zip(chunk_losses.tolist(), judged_batches)) / len(judging)
 
             # Read once the first part's steps are done (run_steps waits for them): until then the host sets up
             # the fit while the GPU runs the passes above and this loss.
