@@ -3,6 +3,7 @@ back through Checkpoint (section 7), on tiny random models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -186,6 +187,45 @@ def test_deterministic(llama: dict, tmp_path: Path) -> None:
     assert file_bytes(tmp_path / "quantized") == file_bytes(first / "quantized")
     compile_model(tmp_path / "quantized", llama["model"], tmp_path / "compiled", 0, QUANT_CONFIG)
     assert file_bytes(tmp_path / "compiled") == file_bytes(first / "compiled")
+
+
+def test_a_block_whose_hessian_needs_more_damping_is_redone(llama: dict, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pass prepares each block's Hessians speculatively and reads once; where a first damping failed, the block
+    is made again reading as it goes, and the result is what preparing with retries from the start gives."""
+    original = convert.prepare_hessian
+    failed = []
+
+    def first_attempt_fails(hessian, layer="layer", speculative=False):
+        prepared = original(hessian, layer, speculative)
+        if speculative and layer == "model.layers.1.mlp.down_proj":
+            failed.append(layer)
+            return dataclasses.replace(prepared, inverse_factor=torch.full_like(prepared.inverse_factor, float("nan")),
+                                       usable=torch.zeros((), dtype=torch.bool))
+        return prepared
+
+    monkeypatch.setattr(convert, "prepare_hessian", first_attempt_fails)
+    quantize_model(llama["model"], llama["ids"], strategy(2, 6, 6), 6, tmp_path / "quantized")
+    assert failed == ["model.layers.1.mlp.down_proj"]
+    assert file_bytes(tmp_path / "quantized") == file_bytes(llama["tmp"] / "4bit" / "quantized")
+
+
+@pytest.mark.parametrize("block", ["attention", "mlp"])
+def test_quantized_block_outputs_not_finite_name_the_block(llama: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, block: str) -> None:
+    """A quantized pass's check is read with the next block's (or at the layer's end) and still names its block."""
+    original = convert.run_block
+
+    def overflowing(name, x, w, *args, out=None, **kwargs):
+        if out is x and name == block:  # the quantized pass: an input beyond float16 makes its outputs NaN
+            x[0, 0, 0] = float("inf")
+        return original(name, x, w, *args, out=out, **kwargs)
+
+    monkeypatch.setattr(convert, "run_block", overflowing)
+    module = {"attention": "self_attn", "mlp": "mlp"}[block]
+    with pytest.raises(ExlbuildError, match=rf"model\.layers\.0\.{module} \(quantized\): outputs NaN"):
+        quantize_model(llama["model"], llama["ids"], strategy(2, 6, 6), 6, tmp_path / "quantized")
+    assert not (tmp_path / "quantized").exists()
 
 
 def test_output_directory(llama: dict, tmp_path: Path) -> None:

@@ -88,3 +88,19 @@ def test_hopeless_hessian_raises():
     bad[1, 2] = float("nan")
     with pytest.raises(ExlbuildError, match="q_proj: Hessian has NaN"):
         prepare_hessian(bad, "q_proj")
+
+
+def test_speculative_preparation_reads_nothing_and_says_whether_it_worked():
+    """The first damping attempt, unread: the same factor as the read path where it works; `usable` False where
+    the Hessian needs more damping or is not finite (the caller then prepares it again without `speculative`)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 16, generator=generator)
+    hessian = x.T @ x / 64
+    read, unread = prepare_hessian(hessian), prepare_hessian(hessian, speculative=True)
+    assert unread.usable.dtype == torch.bool and unread.usable.item() and unread.damping is None
+    assert torch.equal(unread.inverse_factor, read.inverse_factor) and torch.equal(unread.perm, read.perm)
+    assert read.usable is None
+    assert not prepare_hessian(torch.diag(torch.tensor([1.0, -0.1])), speculative=True).usable.item()  # needs 2 · d
+    bad = torch.eye(4)
+    bad[1, 2] = float("inf")
+    assert not prepare_hessian(bad, speculative=True).usable.item()

@@ -70,6 +70,23 @@ def damping(hessian: Tensor) -> Tensor:
     return (torch.diagonal(hessian).mean().double() * DAMPING_FRACTION).clamp(min=DAMPING_FLOOR)
 
 
+def _damped_inverse_factor(hessian: Tensor, undamped: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """One attempt of H4: upper U with (H + total·I)⁻¹ = UᵀU, `total` added to `hessian`'s diagonal in place (its
+    values before any damping are `undamped`), and whether the attempt worked, as a 0-dim bool on the device (where
+    it did not, U is garbage)."""
+    torch.add(undamped, total.float(), out=hessian.diagonal())  # total in float64, added in float32 as a Python float
+    lower, info = torch.linalg.cholesky_ex(hessian)
+    # (H + k·d·I)⁻¹ = L⁻ᵀL⁻¹: L⁻¹ is solved in place of an identity, then squared. Two K × K temporaries at a
+    # time besides H, where torch.cholesky_inverse takes three (9 GB at K = 28672).
+    inverse = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+    del lower
+    inverse = inverse.T @ inverse
+    upper, upper_info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
+    return upper, (info == 0) & (upper_info == 0) & ~torch.isnan(upper).any()
+
+
 def inverse_cholesky_upper(hessian: Tensor, damp: Tensor, layer: str = "layer") -> tuple[Tensor, float]:
     """H4: upper U with (H + k·d·I)⁻¹ = UᵀU, for the first k = 1, 2, … ≤ 10 where every step works; `damp` is
     d as `damping` gives it.
@@ -80,22 +97,10 @@ def inverse_cholesky_upper(hessian: Tensor, damp: Tensor, layer: str = "layer") 
     the first also whether H is finite.
     """
     finite = torch.isfinite(hessian).all()
-    diagonal = hessian.diagonal()
-    undamped = diagonal.clone()
+    undamped = hessian.diagonal().clone()
     for attempt in range(1, MAX_DAMPING_ATTEMPTS + 1):
-        total = attempt * damp  # float64, as Python's attempt · d; added in float32, as a Python float is
-        torch.add(undamped, total.float(), out=diagonal)
-        lower, info = torch.linalg.cholesky_ex(hessian)
-        # (H + k·d·I)⁻¹ = L⁻ᵀL⁻¹: L⁻¹ is solved in place of an identity, then squared. Two K × K temporaries
-        # at a time besides H, where torch.cholesky_inverse takes three (9 GB at K = 28672). Where L failed
-        # (info ≠ 0) the result is garbage, and the attempt fails below.
-        inverse = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-        torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
-        del lower
-        inverse = inverse.T @ inverse
-        upper, upper_info = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
-        works = (info == 0) & (upper_info == 0) & ~torch.isnan(upper).any()
+        total = attempt * damp  # float64, as Python's attempt · d
+        upper, works = _damped_inverse_factor(hessian, undamped, total)
         is_finite, worked, total_damping = torch.stack([finite.double(), works.double(), total]).tolist()
         if not is_finite:
             raise ExlbuildError(f"{layer}: Hessian has NaN or infinite values (overflow in the calibration forward?)")
@@ -114,11 +119,20 @@ class PreparedHessian:
     perm: Tensor  # (K,) int64: stored row k holds input feature perm[k]
     invperm: Tensor  # (K,) int64: input feature i sits in stored row invperm[i]
     inverse_factor: Tensor  # (K, K) float32 upper U of the damped, permuted Hessian's inverse
-    damping: float  # total amount added to the diagonal
+    damping: float | None  # total amount added to the diagonal (None where `usable` is not read yet)
+    # Of a speculative preparation, whether H was finite and its first damping worked: a 0-dim bool on the device
+    # (None where prepare_hessian read it and went on until an attempt worked).
+    usable: Tensor | None = None
 
 
-def prepare_hessian(hessian: Tensor, layer: str = "layer") -> PreparedHessian:
-    """Act-order, damping and inverse Cholesky factor of a (K, K) Hessian, on its device."""
+def prepare_hessian(hessian: Tensor, layer: str = "layer", speculative: bool = False) -> PreparedHessian:
+    """Act-order, damping and inverse Cholesky factor of a (K, K) Hessian, on its device.
+
+    `speculative`: make only the first damping attempt and read nothing (a read waits for the GPU, which then sits
+    idle while the host queues the next work); `usable` says whether it worked. Nearly every Hessian of real
+    calibration inputs works at once; a caller that reads `usable` False prepares that Hessian again without
+    `speculative`, which retries or raises, and gets what that would have given in the first place.
+    """
     hessian = hessian.to(torch.float32)
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"a Hessian must be square, got shape {tuple(hessian.shape)}")
@@ -128,5 +142,9 @@ def prepare_hessian(hessian: Tensor, layer: str = "layer") -> PreparedHessian:
     permuted = hessian[perm]
     del hessian
     permuted = permuted[:, perm]
+    if speculative:
+        finite = torch.isfinite(permuted).all()
+        upper, works = _damped_inverse_factor(permuted, permuted.diagonal().clone(), damping(permuted))
+        return PreparedHessian(perm, invert_permutation(perm), upper, None, finite & works)
     upper, total_damping = inverse_cholesky_upper(permuted, damping(permuted), layer)
     return PreparedHessian(perm, invert_permutation(perm), upper, total_damping)

@@ -88,13 +88,22 @@ def pass_precision(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
+def not_finite(module: str, dtype: torch.dtype) -> ExlbuildError:
+    """The error for a block pass whose outputs are NaN or overflow `dtype`, the dtype they are kept in."""
+    return ExlbuildError(f"{module}: outputs NaN or values beyond the range of "
+                         f"{str(dtype).removeprefix('torch.')} on the calibration rows")
+
+
 def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, rope: Rope,
-              out: Tensor | None = None, hessians: bool = False, module: str = "block") -> dict[str, Tensor]:
+              out: Tensor | None = None, hessians: bool = False, module: str = "block",
+              finite: Tensor | None = None) -> dict[str, Tensor]:
     """Run the block on every row of x (rows, tokens, hidden), a chunk of rows at a time in float32.
 
     The outputs of the first out.shape[0] rows go into `out` (in its dtype), if given; `out` may be x itself,
     since each chunk is read before it is written. Returns the Hessian (H1) of each capture point, keyed by
-    capture point, if asked (else an empty dict). `module` names the block in errors.
+    capture point, if asked (else an empty dict). Raises `not_finite` (`module` names the block) if an output
+    in `out` is NaN or infinite; given `finite` (a 0-dim bool on x's device), the check goes into it instead and
+    nothing is read, for a caller that reads its checks all at once (each read waits for the GPU).
     """
     acc: dict[str, HessianAccumulator] = {}
 
@@ -107,7 +116,9 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
     hook = capture if hessians else None
     step = chunk_rows(x, cfg)
     rows = x.shape[0] if hessians or out is None else out.shape[0]  # rows past `out` matter only for Hessians
-    finite = torch.ones((), dtype=torch.bool, device=x.device)  # read once at the end: a read waits for the GPU
+    read = finite is None
+    if read:  # read once at the end: a read waits for the GPU
+        finite = torch.ones((), dtype=torch.bool, device=x.device)
     for start in range(0, rows, step):
         chunk = x[start:start + step].float()
         with pass_precision(x.device):
@@ -119,9 +130,8 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
             kept = y[:out.shape[0] - start].to(out.dtype)
             finite &= torch.isfinite(kept).all()
             out[start:start + kept.shape[0]] = kept
-    if not finite:
-        raise ExlbuildError(f"{module}: outputs NaN or values beyond the range of "
-                            f"{str(out.dtype).removeprefix('torch.')} on the calibration rows")
+    if read and not finite:
+        raise not_finite(module, out.dtype)
     return {point: a.hessian() for point, a in acc.items()}
 
 

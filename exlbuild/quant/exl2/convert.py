@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for 
     Block,
     LayerCheckpoint,
     check_calibration_ids,
+    not_finite,
     relative_error,
     resume_point,
     run_block,
@@ -255,6 +257,54 @@ def quantize_linear(
     return tensors, decoded
 
 
+@dataclass(frozen=True)
+class QuantizedPass:
+    """A block's quantized pass as launched, its checks still on the device: read with the next block's (a read
+    waits for the GPU, so the host queues the next block's work while the GPU runs this pass)."""
+
+    module: str  # the block's key (model.layers.3.self_attn)
+    finite: Tensor  # 0-dim bool: every output finite in the states' dtype
+    rfn_error: Tensor  # 0-dim float32
+
+    def checks(self) -> Tensor:
+        """(2,) float64 on the device: what `settle` takes, once read."""
+        return torch.stack([self.finite.double(), self.rfn_error.double()])
+
+    def settle(self, read: list[float], rfn_error: dict[str, float]) -> None:
+        """Raise if the outputs were not finite, else put rfn_error into `rfn_error`, from `checks` as read."""
+        finite, error = read
+        if not finite:
+            raise not_finite(f"{self.module} (quantized)", STATE_DTYPE)
+        rfn_error[self.module] = error
+
+
+def _quantize_linears(
+    block: Block, w: dict[str, Tensor], hessians: dict[str, Tensor], options: Mapping[str, QuantOption], prefix: str,
+    speculative: bool,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], list[tuple[str, QuantOption, dict[str, Tensor], torch.Size]],
+           list[Tensor], list[Tensor]]:
+    """Every linear of the block quantized from its input's Hessian (popped from `hessians`): the decoded weights by
+    name, the EXL2 tensors by full key (on their way to host memory), what _check_linear needs of each linear besides
+    its faults, each linear's faults and, where `speculative` (prepare_hessian), each prepared Hessian's `usable`."""
+    prepared: dict[str, PreparedHessian] = {}
+    decoded_w: dict[str, Tensor] = {}
+    packed: dict[str, Tensor] = {}
+    checks, faults, usable = [], [], []
+    for name in BLOCK_LINEARS[block]:
+        point, key = LINEAR_INPUTS[name], prefix + name
+        if point not in prepared:  # k/v share one Hessian, as do gate/up
+            prepared[point] = prepare_hessian(hessians.pop(point), key, speculative)
+            if speculative:
+                usable.append(prepared[point].usable)
+        weight = w[f"{name}.weight"]
+        tensors, decoded, found = _quantize_linear(weight, prepared[point], options[name], key, w.get(f"{name}.bias"))
+        decoded_w[f"{name}.weight"] = decoded
+        packed.update({f"{key}.{suffix}": t for suffix, t in tensors.items()})
+        checks.append((key, options[name], tensors, weight.shape))
+        faults.append(found.double())
+    return decoded_w, packed, checks, faults, usable
+
+
 def quantize_block(
     block: Block,
     x: Tensor,
@@ -263,41 +313,48 @@ def quantize_block(
     cfg: LlamaConfig,
     rope: Rope,
     prefix: str,
+    rfn_error: dict[str, float],
+    previous: QuantizedPass | None = None,
     error_rows: int = 16,
-) -> tuple[dict[str, Tensor], float]:
+) -> tuple[dict[str, Tensor], QuantizedPass]:
     """4.8 steps 1–4 for one block: Hessians of the unquantized block `w` (fp16 weights) on inputs x (rows,
     tokens, hidden), each linear quantized with options[name], then the block rerun with the decoded weights.
 
     The quantized block's outputs (the next block's inputs) replace x in place: the pass holds one copy of the
-    states. Returns the EXL2 tensors keyed by full name (on the CPU) and rfn_error against the unquantized
-    outputs, over the first `error_rows` rows (whose unquantized outputs are all that is kept). `w` is not
-    modified. The checks of quantize_linear are read once, at the end (each read waits for the GPU).
+    states. Returns the EXL2 tensors keyed by full name (on the CPU) and the quantized pass as launched: its
+    rfn_error against the unquantized outputs (over the first `error_rows` rows, whose unquantized outputs are all
+    that is kept) goes into `rfn_error` when the next block reads it (or the caller: QuantizedPass.settle). `w` is
+    not modified.
+
+    The block reads device values once (each read waits for the GPU): after its quantization is queued and before
+    its quantized pass, `previous` block's checks with its own, the Hessians prepared speculatively. Where one did not
+    work at the first damping, the block's Hessians are made and prepared again, reading as they go (the retries, or
+    the error), and its linears quantized again: the same result as preparing them so at first.
     """
     module = prefix + BLOCK_MODULES[block]
     reference = torch.empty_like(x[:error_rows])
-    hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, module=f"{module} (unquantized)")
-    prepared: dict[str, PreparedHessian] = {}
-    decoded_w = dict(w)
-    packed: dict[str, Tensor] = {}
-    checks, reads = [], []
-    for name in BLOCK_LINEARS[block]:
-        point, key = LINEAR_INPUTS[name], prefix + name
-        if point not in prepared:  # k/v share one Hessian, as do gate/up
-            prepared[point] = prepare_hessian(hessians.pop(point), key)
-        weight = w[f"{name}.weight"]
-        tensors, decoded, found = _quantize_linear(weight, prepared[point], options[name], key, w.get(f"{name}.bias"))
-        decoded_w[f"{name}.weight"] = decoded
-        packed.update({f"{key}.{suffix}": t for suffix, t in tensors.items()})
-        checks.append((key, options[name], tensors, weight.shape))
-        reads.append(found.double())
-    del hessians, prepared
-    run_block(block, x, decoded_w, cfg, rope, out=x, module=f"{module} (quantized)")
-    reads.append(relative_error(x[:error_rows], reference).double()[None])
-    # The block's one read (float64 holds the counts and the float32 error exactly); the host copies are done after it.
-    *counts, rfn_error = torch.cat(reads).tolist()
+    finite = torch.ones((), dtype=torch.bool, device=x.device)
+    hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, finite=finite)
+    decoded_w, packed, checks, faults, usable = _quantize_linears(block, w, hessians, options, prefix, True)
+    del hessians
+    earlier = [] if previous is None else [previous.checks()]
+    read = torch.cat([*earlier, finite.double()[None], torch.stack(usable).all().double()[None], *faults]).tolist()
+    if previous is not None:
+        previous.settle(read[:2], rfn_error)
+        read = read[2:]
+    finite_outputs, usable_hessians, *counts = read
+    if not finite_outputs:
+        raise not_finite(f"{module} (unquantized)", reference.dtype)
+    if not usable_hessians:
+        hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, module=f"{module} (unquantized)")
+        decoded_w, packed, checks, faults, _ = _quantize_linears(block, w, hessians, options, prefix, False)
+        del hessians
+        counts = torch.cat(faults).tolist()
     for k, check in enumerate(checks):
         _check_linear(*check, [int(c) for c in counts[3 * k : 3 * k + 3]])
-    return packed, rfn_error
+    finite = torch.ones((), dtype=torch.bool, device=x.device)
+    run_block(block, x, {**w, **decoded_w}, cfg, rope, out=x, finite=finite)
+    return packed, QuantizedPass(module, finite, relative_error(x[:error_rows], reference))
 
 
 def replay_layer(x: Tensor, tensors: dict[str, Tensor], i: int, out_features: dict[str, int], cfg: LlamaConfig,
@@ -395,11 +452,15 @@ def quantize_model(
                                                                                     device)):
             prefix = layer_prefix(i)
             tensors = {prefix + n: to_host(w[n]) for n in BLOCK_NORMS.values()}  # (done at quantize_block's read)
+            launched = None
             for block, module in BLOCK_MODULES.items():
                 key = prefix + module
-                packed, rfn_error[key] = quantize_block(block, x, w, options[key], cfg, rope, prefix, metric_rows)
+                packed, launched = quantize_block(block, x, w, options[key], cfg, rope, prefix, rfn_error, launched,
+                                                  metric_rows)
                 tensors.update(packed)
             del w  # free this layer before the next one loads
+            # The layer's last read: its checkpoint is finished and checked, as a crash after it finds it.
+            launched.settle(launched.checks().tolist(), rfn_error)
             _save_atomic(tensors, state_dir / layer_file(i))
             checkpoint.save(i + 1, {}, {"fingerprint": fingerprint, "rfn_error": rfn_error})
 
