@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,10 +41,28 @@ def test_the_first_layer_model_holds_the_model_s_first_layer(tmp_path: Path) -> 
 def test_rehearsal_quantizes_and_refines_in_its_own_process(tmp_path: Path) -> None:
     model = tiny_model(tmp_path / "model", vocab_size=256, **SHAPE)
     args = {"fit": "refined", "model_dir": str(model), "work": str(tmp_path / "work"), "length": 32,
-            "params": fit_params(RefineSpec()), "head_bits": 6, "device": "cpu"}
+            "params": fit_params(RefineSpec()), "head_bits": 6, "device": "cpu", "build": os.getpid()}
     subprocess.run([sys.executable, "-m", "exlbuild.quant.exl2.rehearse", json.dumps(args)], check=True, timeout=300)
     assert (tmp_path / "work" / "refined" / layer_file(0)).is_file()
     assert not (tmp_path / "work" / "refined" / layer_file(1)).exists()
+
+
+def test_a_rehearsal_whose_build_was_killed_removes_its_own_files(tmp_path: Path) -> None:
+    """A build killed with SIGKILL never ends its rehearsal: the rehearsal, orphaned, finishes and cleans up."""
+    model = tiny_model(tmp_path / "model", vocab_size=256, **SHAPE)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = {"fit": "tuned", "model_dir": str(model), "work": str(work), "length": 32,
+            "params": fit_params(TuneSpec()), "head_bits": 6, "device": "cpu"}
+    # A stand-in build that starts the rehearsal as start_rehearsal does and is gone at once.
+    spawn = ("import json, os, subprocess, sys; spec = json.loads(sys.argv[1]); spec['build'] = os.getpid(); "
+             "subprocess.Popen([sys.executable, '-m', 'exlbuild.quant.exl2.rehearse', json.dumps(spec)], "
+             "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)")
+    subprocess.run([sys.executable, "-c", spawn, json.dumps(args)], check=True, timeout=60)
+    deadline = time.monotonic() + 300
+    while work.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not work.exists()
 
 
 def test_rehearsal_of_the_tuning(tmp_path: Path) -> None:

@@ -109,7 +109,7 @@ def start_rehearsal(fit: str, model_dir: Path, length: int, params: dict[str, An
         return None
     work = Path(tempfile.mkdtemp(prefix="exlbuild-rehearsal-"))
     args = {"fit": fit, "model_dir": str(model_dir), "work": str(work), "length": length, "params": params,
-            "head_bits": head_bits, "device": device}
+            "head_bits": head_bits, "device": device, "build": os.getpid()}
     errors = work / "stderr.txt"
     with open(errors, "wb") as stderr:
         process = subprocess.Popen([sys.executable, "-m", __name__, json.dumps(args)], stdin=subprocess.DEVNULL,
@@ -134,5 +134,9 @@ if __name__ == "__main__":
     if hasattr(os, "nice"):
         os.nice(10)  # the build's own host work comes first
     spec = json.loads(sys.argv[1])
-    rehearse(spec["fit"], Path(spec["model_dir"]), Path(spec["work"]), spec["length"], spec["params"],
-             spec["head_bits"], spec["device"])
+    try:
+        rehearse(spec["fit"], Path(spec["model_dir"]), Path(spec["work"]), spec["length"], spec["params"],
+                 spec["head_bits"], spec["device"])
+    finally:
+        if os.getppid() != spec["build"]:  # the build was killed outright (SIGKILL), and what removes the files with it
+            shutil.rmtree(spec["work"], ignore_errors=True)
