@@ -145,6 +145,29 @@ def test_refining_is_deterministic(calibrated: dict, tmp_path: Path) -> None:
     assert file_bytes(tmp_path / "a") != file_bytes(tmp / "quantized")
 
 
+def test_the_next_layer_is_set_up_while_the_last_part_s_steps_run(calibrated: dict, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where it fits under AHEAD_BYTES, the next layer is set up once the last part's steps are queued (on CUDA while
+    the GPU runs them), else when the layer starts: the same bytes either way."""
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
+    fit = {"steps": 8, "lr": 0.05, "rows_per_step": 3, "weights_per_fit": 3000}  # 13 parts a layer
+    given = []
+    run_steps = refine.run_steps
+
+    def recording(*args, meanwhile=None, **kwargs):
+        given.append(meanwhile is not None)
+        return run_steps(*args, meanwhile=meanwhile, **kwargs)
+
+    monkeypatch.setattr(refine, "run_steps", recording)
+    refine_model(model, tmp / "quantized", tmp_path / "ahead", ids, **fit)
+    assert given == [False] * 12 + [True] + [False] * 13  # layer 1, the last, has no next layer
+    given.clear()
+    monkeypatch.setattr(refine, "AHEAD_BYTES", 0)
+    refine_model(model, tmp / "quantized", tmp_path / "in-turn", ids, **fit)
+    assert given == [False] * 26
+    assert file_bytes(tmp_path / "ahead") == file_bytes(tmp_path / "in-turn")
+
+
 def test_resume_after_interruption(calibrated: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted refinement goes on at its next layer (the finished one is not fitted again) and writes what an
     uninterrupted one writes, with the same metrics; a state directory of other parameters is refused."""

@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -100,6 +100,12 @@ from exlbuild.transfer import to_device
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
 HELD_OUT_EVERY = 10  # one calibration row in this many is not trained on: it judges each fit
+# The next layer is set up (read, decoded, its codes unpacked: host work, ~25 ms a SmolLM2 layer on the H100's host)
+# once this layer's last steps are queued, so that on CUDA it runs while the GPU runs them, where that setup's ~5 bytes
+# a weight on the device (the decoded float32 weights, the codes) stay under AHEAD_BYTES: not at 70B (0.86 billion
+# weights a layer), whose fit's peak is near the 20 GB goal. (On the CPU it changes only the order of the work.)
+AHEAD_BYTES_PER_WEIGHT = 5
+AHEAD_BYTES = 2 << 30
 
 
 class LinearCodes:
@@ -163,6 +169,18 @@ class LinearCodes:
         device: the caller reads the sum of a layer's once."""
         rows = slice(0, self.out_features)
         return (self.codes[rows] != self._decoded_codes(q_weight)[rows]).sum()
+
+
+class _LayerSetup(NamedTuple):
+    """A layer's quantization-pass tensors (its file's, in host memory), its decoded weights, and its fit's
+    starting point: the scaled linears and norms, the codes, the multipliers."""
+
+    layer: dict[str, Tensor]
+    unrefined: dict[str, Tensor]
+    linears: list[ScaledLinear]
+    norms: list[ScaledNorm]
+    codes: list[LinearCodes]
+    multipliers: Multipliers
 
 
 @dataclass(frozen=True)
@@ -377,18 +395,28 @@ def refine_model(
             run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
             run(quantized_states, decode_layer_weights(load_file(str(state_dir / layer_file(i))), i, out_features,
                                                        device))
-        layers = range(start, cfg.num_hidden_layers)
-        for i, unquantized in zip(progress.track(layers, "refining"),
-                                  layers_ahead(ckpt, cfg, layers, torch.float16, device)):
+        def set_up(i: int) -> _LayerSetup:
+            """Layer i of the quantization pass and what its fit starts from. Reads no device value, so that it can
+            be queued while the GPU runs the previous layer's steps."""
             layer = load_file(str(quantized_dir / layer_file(i)))
-            run(unrefined_states, decode_layer_weights(layer, i, out_features, device))
             keys = [layer_prefix(i) + name for name in LINEARS]
             linears = [ScaledLinear(linear_tensors(layer, key), key, out_features[name], device, dtype)
                        for key, name in zip(keys, LINEARS)]
             norms = [ScaledNorm(layer[layer_prefix(i) + name], device) for name in NORMS]
             codes = [LinearCodes(linear_tensors(layer, key), key, out_features[name], device)
                      for key, name in zip(keys, LINEARS)]
-            multipliers = Multipliers(linears, norms, device)
+            return _LayerSetup(layer, decode_layer_weights(layer, i, out_features, device), linears, norms, codes,
+                               Multipliers(linears, norms, device))
+
+        # The next layer is set up during this layer's last steps where it fits beside them (module constant).
+        set_up_ahead = AHEAD_BYTES_PER_WEIGHT * sum(o * k for o, k in shapes.values()) <= AHEAD_BYTES
+        ahead: list[_LayerSetup] = []
+        layers = range(start, cfg.num_hidden_layers)
+        for i, unquantized in zip(progress.track(layers, "refining"),
+                                  layers_ahead(ckpt, cfg, layers, torch.float16, device)):
+            layer, unrefined, linears, norms, codes, multipliers = ahead.pop() if ahead else set_up(i)
+            run(unrefined_states, unrefined)
+            del unrefined
 
             # The target: the unquantized layer on the unquantized model's states (kept for the next layer).
             run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
@@ -446,8 +474,12 @@ def refine_model(
                                                 % len(training)])
                     decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
 
+                meanwhile = None
+                if set_up_ahead and slices is parts[-1] and i + 1 < cfg.num_hidden_layers:
+                    def meanwhile() -> None:
+                        ahead.append(set_up(i + 1))
                 steps_started = time.perf_counter()
-                run_steps(train_step, prepare, steps, device)
+                run_steps(train_step, prepare, steps, device, meanwhile=meanwhile)
                 steps_seconds += time.perf_counter() - steps_started
                 if before is None:
                     before = loss = mean_loss(judged_before)

@@ -223,12 +223,15 @@ def deterministic_algorithms() -> Iterator[None]:
 
 
 def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], steps: int, device: torch.device,
-              label: str | None = None, graph: bool = True) -> list[float]:
+              label: str | None = None, graph: bool = True,
+              meanwhile: Callable[[], None] | None = None) -> list[float]:
     """`steps` times: prepare(step), then train_step(), which returns the step's loss; the losses, read once at the
     end (no wait for the GPU within the loop). train_step may read only tensors that prepare fills in place: on
     CUDA, after EAGER_STEPS ordinary steps (on a side stream, as a capture requires), it is captured once as a
     CUDA graph and replayed (unless not `graph`: a step that waits for the device cannot be captured). A step is
-    thousands of small kernels, and launching them one by one from Python took longer than running them."""
+    thousands of small kernels, and launching them one by one from Python took longer than running them.
+    `meanwhile` is called once every step is queued, before the read: host work that reads no device value and
+    needs none of the steps' results runs there while the GPU runs the steps."""
     cuda = device.type == "cuda"
     capture = cuda and graph
     losses = torch.zeros(steps, device=device)
@@ -257,6 +260,8 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
                 losses[step] = train_step()
     if cuda:
         torch.cuda.current_stream(device).wait_stream(side)
+    if meanwhile is not None:
+        meanwhile()
     values = losses.tolist()
     if captured is not None:
         # Give the graph's memory pool back. cuBLAS keeps a workspace per (handle, stream) for the process's life;
