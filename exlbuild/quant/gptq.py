@@ -74,7 +74,8 @@ def _damped_inverse_factor(hessian: Tensor, undamped: Tensor, total: Tensor) -> 
     """One attempt of H4: upper U with (H + total·I)⁻¹ = UᵀU, `total` added to `hessian`'s diagonal in place (its
     values before any damping are `undamped`), and whether the attempt worked, as a 0-dim bool on the device (where
     it did not, U is garbage)."""
-    torch.add(undamped, total.float(), out=hessian.diagonal())  # total in float64, added in float32 as a Python float
+    # The float64 total added in float32, as a Python float would be.
+    torch.add(undamped, total.float(), out=hessian.diagonal())
     lower, info = torch.linalg.cholesky_ex(hessian)
     # (H + k·d·I)⁻¹ = L⁻ᵀL⁻¹: L⁻¹ is solved in place of an identity, then squared. Two K × K temporaries at a
     # time besides H, where torch.cholesky_inverse takes three (9 GB at K = 28672).
@@ -119,7 +120,7 @@ class PreparedHessian:
     perm: Tensor  # (K,) int64: stored row k holds input feature perm[k]
     invperm: Tensor  # (K,) int64: input feature i sits in stored row invperm[i]
     inverse_factor: Tensor  # (K, K) float32 upper U of the damped, permuted Hessian's inverse
-    damping: float | None  # total amount added to the diagonal (None where `usable` is not read yet)
+    damping: float | None  # total amount added to the diagonal (None for a speculative preparation: not read)
     # Of a speculative preparation, whether H was finite and its first damping worked: a 0-dim bool on the device
     # (None where prepare_hessian read it and went on until an attempt worked).
     usable: Tensor | None = None

@@ -338,6 +338,7 @@ def quantize_block(
     decoded_w, packed, checks, faults, usable = _quantize_linears(block, w, hessians, options, prefix, True)
     del hessians
     earlier = [] if previous is None else [previous.checks()]
+    # The read (float64 holds the counts and the float32 error exactly); the host copies queued before are done then.
     read = torch.cat([*earlier, finite.double()[None], torch.stack(usable).all().double()[None], *faults]).tolist()
     if previous is not None:
         previous.settle(read[:2], rfn_error)
@@ -459,7 +460,7 @@ def quantize_model(
                                                   metric_rows)
                 tensors.update(packed)
             del w  # free this layer before the next one loads
-            # The layer's last read: its checkpoint is finished and checked, as a crash after it finds it.
+            # The layer's last read, before its checkpoint: every layer a resumed pass starts after was checked.
             launched.settle(launched.checks().tolist(), rfn_error)
             _save_atomic(tensors, state_dir / layer_file(i))
             checkpoint.save(i + 1, {}, {"fingerprint": fingerprint, "rfn_error": rfn_error})

@@ -395,6 +395,7 @@ def refine_model(
             run(unquantized_states, {k: v.float() for k, v in unquantized.items()})
             run(quantized_states, decode_layer_weights(load_file(str(state_dir / layer_file(i))), i, out_features,
                                                        device))
+
         def set_up(i: int) -> _LayerSetup:
             """Layer i of the quantization pass and what its fit starts from. Reads no device value, so that it can
             be queued while the GPU runs the previous layer's steps."""
@@ -408,7 +409,7 @@ def refine_model(
             return _LayerSetup(layer, decode_layer_weights(layer, i, out_features, device), linears, norms, codes,
                                Multipliers(linears, norms, device))
 
-        # The next layer is set up during this layer's last steps where it fits beside them (module constant).
+        # The next layer is set up during this layer's last steps where it fits beside them (AHEAD_BYTES).
         set_up_ahead = AHEAD_BYTES_PER_WEIGHT * sum(o * k for o, k in shapes.values()) <= AHEAD_BYTES
         ahead: list[_LayerSetup] = []
         layers = range(start, cfg.num_hidden_layers)
@@ -474,10 +475,8 @@ def refine_model(
                                                 % len(training)])
                     decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
 
-                meanwhile = None
-                if set_up_ahead and slices is parts[-1] and i + 1 < cfg.num_hidden_layers:
-                    def meanwhile() -> None:
-                        ahead.append(set_up(i + 1))
+                next_layer_now = set_up_ahead and slices is parts[-1] and i + 1 < cfg.num_hidden_layers
+                meanwhile = (lambda k=i + 1: ahead.append(set_up(k))) if next_layer_now else None
                 steps_started = time.perf_counter()
                 run_steps(train_step, prepare, steps, device, meanwhile=meanwhile)
                 steps_seconds += time.perf_counter() - steps_started
