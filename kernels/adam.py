@@ -28,7 +28,9 @@ def adam_update_reference(param: Tensor, grad: Tensor, mean: Tensor, square: Ten
     param.sub_(step_size * (mean / c1) / ((square / c2).sqrt() + eps))
 
 
-@jit
+# N unspecialized: the refinement's multipliers differ in length from layer to layer, and a fit captured as a CUDA
+# graph without ordinary steps first (tune.run_steps) must not meet a new specialization to compile.
+@jit(do_not_specialize=["N"])
 def _adam_kernel(param_ptr, grad_ptr, mean_ptr, square_ptr, step_ptr, c1_ptr, c2_ptr, N, one_minus_b1, b2,
                  one_minus_b2, eps, BLOCK: tl.constexpr):
     at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

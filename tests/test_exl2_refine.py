@@ -13,7 +13,10 @@ from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.pack import dequantize, validate_layer
 from exlbuild.quant.exl2 import refine
 from exlbuild.quant.exl2.refine import LinearCodes, RowSlice, fit_parts, held_out_rows, refine_model
-from exlbuild.quant.exl2.convert import linear_tensors
+from exlbuild.model.config import LlamaConfig
+from exlbuild.quant.exl2.convert import linear_shapes, linear_tensors
+from exlbuild.quant.exl2.tune import EAGER_STEPS
+from exlbuild.quant.stream import LINEARS
 from test_exl2_convert import SHAPE, Interrupted, file_bytes, random_ids, strategy
 from test_exl2_tune import changed_tensors, kl_to_model, quantized  # noqa: F401 (quantized: the fixture, a 2-layer model at ~2.5 bits)
 
@@ -30,7 +33,8 @@ def test_linear_codes_decode_and_pack_as_stored(quantized: dict) -> None:
         linear = linear_tensors(tensors, f"model.layers.0.{name}")
         codes = LinearCodes(linear, name, out_features, torch.device("cpu"))
         assert torch.equal(codes.weight(torch.float16), dequantize(linear, out_features))
-        assert torch.equal(codes.q_weight(), linear["q_weight"])
+        q_weight, out_of_range = codes.pack()
+        assert torch.equal(q_weight, linear["q_weight"]) and not out_of_range
         assert codes.changed_from(linear["q_weight"]) == 0
         rows = slice(2, 6)
         latent = codes.latent(rows)
@@ -40,7 +44,7 @@ def test_linear_codes_decode_and_pack_as_stored(quantized: dict) -> None:
         largest = int(codes.codes[4, 6]) == int(codes.high[6] + codes.zero[6])
         codes.store(rows, latent)
         assert codes.changed_from(linear["q_weight"]) == 2 - largest
-        decoded = dequantize({**linear, "q_weight": codes.q_weight()}, out_features)
+        decoded = dequantize({**linear, "q_weight": codes.pack()[0]}, out_features)
         assert torch.equal(decoded[rows], expected) and torch.equal(decoded, codes.weight(torch.float16))
 
 
@@ -168,6 +172,29 @@ def test_the_next_layer_is_set_up_while_the_last_part_s_steps_run(calibrated: di
     assert file_bytes(tmp_path / "ahead") == file_bytes(tmp_path / "in-turn")
 
 
+def test_only_a_part_of_new_shapes_runs_ordinary_steps_before_its_capture(calibrated: dict, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit is captured as a CUDA graph at once (no ordinary steps first) where a part of the same shapes was fitted
+    before in the run: the first layer's parts warm up, the second layer's reuse what they compiled."""
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
+    given = []
+    run_steps = refine.run_steps
+
+    def recording(*args, eager_steps, **kwargs):
+        given.append(eager_steps)
+        return run_steps(*args, eager_steps=eager_steps, **kwargs)
+
+    monkeypatch.setattr(refine, "run_steps", recording)
+    refine_model(model, tmp / "quantized", tmp_path / "parts", ids, steps=4, lr=0.05, rows_per_step=3,
+                 weights_per_fit=3000)
+    linears = linear_shapes(LlamaConfig.from_dir(model))
+    in_features = [linears[name].in_features for name in LINEARS]
+    shapes = [[(s.stop - s.start, in_features[s.linear]) for s in part] for part in fit_parts(
+        [(linears[name].out_features, linears[name].in_features) for name in LINEARS], 3000)]
+    first_layer = [EAGER_STEPS if part not in shapes[:n] else 0 for n, part in enumerate(shapes)]
+    assert given == first_layer + [0] * len(shapes) and 0 < given.count(EAGER_STEPS) < len(shapes)
+
+
 def test_resume_after_interruption(calibrated: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted refinement goes on at its next layer (the finished one is not fitted again) and writes what an
     uninterrupted one writes, with the same metrics; a state directory of other parameters is refused."""
@@ -209,6 +236,27 @@ def test_refining_is_deterministic_on_cuda(calibrated: dict, tmp_path: Path) -> 
                                    rows_per_step=4, weights_per_fit=weights_per_fit, device="cuda")
             assert all(m["loss_after"] < m["loss_before"] for m in metrics["layers"])
         assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fits_captured_at_once_write_what_warmed_up_fits_write(calibrated: dict, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit captured as a CUDA graph before any ordinary step of its own (its shapes fitted before) writes the
+    same bytes as one that runs its ordinary steps first, in one part and in several."""
+    tmp, model, ids = calibrated["tmp"], calibrated["model"], calibrated["ids"]
+    run_steps = refine.run_steps
+    for weights_per_fit in (1 << 27, 3000):
+        fit = {"steps": 20, "lr": 0.05, "rows_per_step": 4, "weights_per_fit": weights_per_fit, "device": "cuda"}
+        runs = {}
+        for name, eager_steps in (("at-once", None), ("warmed", EAGER_STEPS)):
+            monkeypatch.setattr(refine, "run_steps", lambda *args, eager_steps, forced=eager_steps, **kwargs: run_steps(
+                *args, eager_steps=eager_steps if forced is None else forced, **kwargs))
+            state = tmp_path / f"{name}-{weights_per_fit}"  # the refined layers, written whether or not kept
+            refine_model(model, tmp / "quantized", tmp_path / name, ids, state_dir=state, **fit)
+            runs[name] = file_bytes(state / "layers"), file_bytes(tmp_path / name)
+        assert runs["at-once"] == runs["warmed"]
+        assert runs["at-once"][0] != file_bytes(tmp / "quantized" / "layers")
 
 
 def test_a_fit_that_only_learnt_its_training_rows_is_dropped(quantized: dict, tmp_path: Path) -> None:

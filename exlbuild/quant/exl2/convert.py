@@ -55,7 +55,7 @@ from exlbuild.model.config import LlamaConfig
 from exlbuild.model.llama import LINEAR_INPUTS, Rope, embed, rms_norm, rope_tables
 from exlbuild.quant.allocate import allocate
 from exlbuild.quant.exl2.measurement_json import LinearShape, Measurement, measurement_to_json
-from exlbuild.quant.exl2.options import QuantOption, head_option, option_from_json, pad_to_32, total_bits
+from exlbuild.quant.exl2.options import Group, QuantOption, head_option, option_from_json, pad_to_32, total_bits
 from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, validate_layer
 from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
 from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
@@ -190,21 +190,25 @@ def linear_bias(tensors: dict[str, Tensor], out_features: int, device: torch.dev
 
 
 def decode_linear(tensors: dict[str, Tensor], key: str, out_features: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+                  dtype: torch.dtype, groups: tuple[Group, ...] | None = None) -> tuple[Tensor, Tensor | None]:
     """The (out, in) weight and the bias (or None) of one EXL2 linear, decoded on `device` (where the kernels
-    are; its structure checked where the tensors are, a file's in host memory) and cast to `dtype`."""
-    weight = dequantize(tensors, out_features, key, device).to(dtype)
+    are; its structure checked where the tensors are, a file's in host memory, unless `groups` gives it: see
+    dequantize) and cast to `dtype`."""
+    weight = dequantize(tensors, out_features, key, device, groups).to(dtype)
     return weight, linear_bias(tensors, out_features, device, dtype)
 
 
 def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[str, int],
-                         device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+                         device: torch.device, dtype: torch.dtype = torch.float32,
+                         groups: dict[str, tuple[Group, ...]] | None = None) -> dict[str, Tensor]:
     """Decoder layer i of the quantization pass's layout (a file's dict of full names) as the forward's weights in
-    `dtype`, its linears decoded as the loader decodes them."""
+    `dtype`, its linears decoded as the loader decodes them; `groups`, by linear name: their structure, for tensors
+    the caller made (not checked, so that tensors on the device are not read)."""
     weights = {name: to_device(tensors[layer_prefix(i) + name].to(dtype), device) for name in NORMS}
     for name in LINEARS:
         key = layer_prefix(i) + name
-        weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, dtype)
+        weight, bias = decode_linear(linear_tensors(tensors, key), key, out_features[name], device, dtype,
+                                     None if groups is None else groups[name])
         weights[f"{name}.weight"] = weight
         if bias is not None:
             weights[f"{name}.bias"] = bias

@@ -78,6 +78,7 @@ from exlbuild.quant.exl2.pack import (
     unpack_scale_nibbles,
 )
 from exlbuild.quant.exl2.tune import (
+    EAGER_STEPS,
     Adam,
     Multipliers,
     ScaledLinear,
@@ -96,7 +97,7 @@ from exlbuild.quant.stream import (
     pass_precision,
     resume_point,
 )
-from exlbuild.transfer import to_device
+from exlbuild.transfer import to_device, to_host
 
 METRIC_ROWS = 16  # calibration rows of the reported perplexity, as the tuning reports it
 HELD_OUT_EVERY = 10  # one calibration row in this many is not trained on: it judges each fit
@@ -154,15 +155,13 @@ class LinearCodes:
         backward the rounding passes the gradient straight through."""
         return _StraightThroughWeight.apply(latent, scale, self.low, self.high, factor)
 
-    def q_weight(self) -> Tensor:
-        """q_weight of the current codes (on the CPU)."""
+    def pack(self) -> tuple[Tensor, Tensor]:
+        """q_weight of the current codes, and whether any code was out of range for its bit width (a 0-dim bool),
+        both on the codes' device: the caller reads the flags of a layer once."""
         stored = torch.empty_like(self.codes.T)
         stored[self.invperm] = self.codes.T
-        out_of_range = torch.zeros((), dtype=torch.bool, device=stored.device)  # read once, after the copy's wait
-        q_weight = pack_q_weight(stored, self.groups, out_of_range).cpu()
-        if out_of_range:
-            raise ValueError("codes out of range for their bit widths")
-        return q_weight
+        out_of_range = torch.zeros((), dtype=torch.bool, device=stored.device)
+        return pack_q_weight(stored, self.groups, out_of_range), out_of_range
 
     def changed_from(self, q_weight: Tensor) -> Tensor:
         """How many codes differ from those of `q_weight` (this linear's as stored before), as a 0-dim tensor on the
@@ -412,6 +411,7 @@ def refine_model(
         # The next layer is set up during this layer's last steps where it fits beside them (AHEAD_BYTES).
         set_up_ahead = AHEAD_BYTES_PER_WEIGHT * sum(o * k for o, k in shapes.values()) <= AHEAD_BYTES
         ahead: list[_LayerSetup] = []
+        fitted_shapes: list[list[torch.Size]] = []  # of each part's latent values, fitted so far in this run
         layers = range(start, cfg.num_hidden_layers)
         for i, unquantized in zip(progress.track(layers, "refining"),
                                   layers_ahead(ckpt, cfg, layers, torch.float16, device)):
@@ -477,8 +477,13 @@ def refine_model(
 
                 next_layer_now = set_up_ahead and slices is parts[-1] and i + 1 < cfg.num_hidden_layers
                 meanwhile = (lambda k=i + 1: ahead.append(set_up(k))) if next_layer_now else None
+                # Ordinary steps before the capture only for a part of shapes not yet fitted in this run (layers
+                # differ in their groups, which only torch's own indexing sees).
+                shapes_seen = part.shapes in fitted_shapes
+                fitted_shapes.append(part.shapes)
                 steps_started = time.perf_counter()
-                run_steps(train_step, prepare, steps, device, meanwhile=meanwhile)
+                run_steps(train_step, prepare, steps, device, meanwhile=meanwhile,
+                          eager_steps=0 if shapes_seen else EAGER_STEPS)
                 steps_seconds += time.perf_counter() - steps_started
                 if before is None:
                     before = loss = mean_loss(judged_before)
@@ -499,20 +504,31 @@ def refine_model(
                         multipliers.log.copy_(log_before)
                 del part, code_optimizer, scale_optimizer
 
+            # The layer as written: its codes packed on the device, copied to host memory with the multipliers, and
+            # one read (of the counts, after the copies) before the next layer's inputs are queued; its file is
+            # written while the GPU runs them.
+            packed = [linear_codes.pack() for linear_codes in codes]
+            host_q_weights = [to_host(q_weight) for q_weight, _ in packed]
+            log = to_host(multipliers.log.detach())
+            changed = torch.stack([c.changed_from(layer[f"{linear.key}.q_weight"]) for linear, c in zip(linears, codes)])
+            out_of_range = torch.stack([flag for _, flag in packed]).any()
+            codes_changed, out_of_range = torch.stack([changed.sum(), out_of_range.long()]).tolist()
+            if out_of_range:
+                raise ValueError(f"layer {i}: refined codes out of range for their bit widths")
             refined = dict(layer)
-            changed = 0
-            for k, (linear, linear_codes) in enumerate(zip(linears, codes)):
-                changed += linear_codes.changed_from(layer[f"{linear.key}.q_weight"])
-                refined.update({f"{linear.key}.{s}": t for s, t in linear.tuned(multipliers.of_linear(k)).items()})
-                refined[f"{linear.key}.q_weight"] = linear_codes.q_weight()
+            for k, (linear, q_weight) in enumerate(zip(linears, host_q_weights)):
+                refined.update({f"{linear.key}.{s}": t for s, t in linear.tuned(multipliers.of_linear(k, log)).items()})
+                refined[f"{linear.key}.q_weight"] = q_weight
             for k, (name, norm) in enumerate(zip(NORMS, norms)):
-                refined[layer_prefix(i) + name] = norm.tuned(multipliers.of_norm(k))
-            codes_changed = int(changed)  # read here, where q_weight's copies have waited for the GPU already
-            save_file({k: v.contiguous() for k, v in refined.items()}, str(state_dir / layer_file(i)))
+                refined[layer_prefix(i) + name] = norm.tuned(multipliers.of_norm(k, log))
 
-            # The next layer's inputs: this layer as written, decoded as the loader does. (Nothing waits for this
-            # pass before the next layer's fit is set up.)
-            run(quantized_states, decode_layer_weights(refined, i, out_features, device))
+            # The next layer's inputs: this layer as written, decoded as the loader does (from the same codes, still
+            # on the device). Nothing waits for this pass before the next layer's fit is set up.
+            on_device = {**refined, **{f"{linear.key}.q_weight": q_weight
+                                       for linear, (q_weight, _) in zip(linears, packed)}}
+            run(quantized_states, decode_layer_weights(on_device, i, out_features, device,
+                                                       groups=dict(zip(LINEARS, (c.groups for c in codes)))))
+            save_file({k: v.contiguous() for k, v in refined.items()}, str(state_dir / layer_file(i)))
             layer_metrics.append({"loss_before": before, "loss_after": loss, "parts": len(parts), "kept": kept,
                                   "codes_changed": codes_changed})
             checkpoint.save(i + 1, {}, {"fingerprint": fingerprint, "layers": layer_metrics})

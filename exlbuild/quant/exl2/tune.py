@@ -147,11 +147,13 @@ class Multipliers:
         per_feature = _ExpandGroups.apply(factor[:groups], self.index, self.members)
         return per_feature.split(self.features), factor[groups:].split(self.norm_features)
 
-    def of_linear(self, k: int) -> Tensor:
-        return self.log.detach()[self.group_starts[k]:self.group_starts[k + 1]]
+    def of_linear(self, k: int, log: Tensor | None = None) -> Tensor:
+        """Linear k's log-multipliers, of `log` (a copy of them in host memory, say) or else of the live ones."""
+        return (self.log.detach() if log is None else log)[self.group_starts[k]:self.group_starts[k + 1]]
 
-    def of_norm(self, k: int) -> Tensor:
-        return self.log.detach()[self.norm_starts[k]:self.norm_starts[k + 1]]
+    def of_norm(self, k: int, log: Tensor | None = None) -> Tensor:
+        """Norm k's log-multipliers, as of_linear."""
+        return (self.log.detach() if log is None else log)[self.norm_starts[k]:self.norm_starts[k + 1]]
 
 
 class Adam:
@@ -224,12 +226,15 @@ def deterministic_algorithms() -> Iterator[None]:
 
 def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], steps: int, device: torch.device,
               label: str | None = None, graph: bool = True,
-              meanwhile: Callable[[], None] | None = None) -> list[float]:
+              meanwhile: Callable[[], None] | None = None, eager_steps: int = EAGER_STEPS) -> list[float]:
     """`steps` times: prepare(step), then train_step(), which returns the step's loss; the losses, read once at the
     end (no wait for the GPU within the loop). train_step may read only tensors that prepare fills in place: on
-    CUDA, after EAGER_STEPS ordinary steps (on a side stream, as a capture requires), it is captured once as a
+    CUDA, after `eager_steps` ordinary steps (on a side stream, as a capture requires), it is captured once as a
     CUDA graph and replayed (unless not `graph`: a step that waits for the device cannot be captured). A step is
     thousands of small kernels, and launching them one by one from Python took longer than running them.
+    The ordinary steps first compile, load and allocate what the step needs; a caller that has run a step of the
+    same kernels and shapes in this process already may pass 0: the step is then captured at once, while the GPU
+    still runs the work queued before (the same steps either way, so the same bits).
     `meanwhile` is called once every step is queued, before the read: host work that reads no device value and
     needs none of the steps' results runs there while the GPU runs the steps."""
     cuda = device.type == "cuda"
@@ -240,14 +245,16 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
     if cuda:
         side.wait_stream(torch.cuda.current_stream(device))
     for step in progress.track(range(steps), label) if label else range(steps):
-        if capture and step >= EAGER_STEPS:
+        if capture and step >= eager_steps:
             if captured is None:
-                # Captured on the side stream, once its steps are done (torch.cuda.graph would also empty the
-                # allocator's cache, a second lost here).
-                side.synchronize()
+                # Captured on the side stream, once its ordinary steps are done (torch.cuda.graph would also empty
+                # the allocator's cache, a second lost here). Thread-local: the layers' reader thread may pin host
+                # memory meanwhile, which a global capture forbids to every thread.
+                if eager_steps:
+                    side.synchronize()
                 captured = torch.cuda.CUDAGraph()
                 with torch.cuda.stream(side):
-                    captured.capture_begin()
+                    captured.capture_begin(capture_error_mode="thread_local")
                     static_loss = train_step()
                     captured.capture_end()
                 torch.cuda.current_stream(device).wait_stream(side)
