@@ -411,7 +411,7 @@ def refine_model(
         # The next layer is set up during this layer's last steps where it fits beside them (AHEAD_BYTES).
         set_up_ahead = AHEAD_BYTES_PER_WEIGHT * sum(o * k for o, k in shapes.values()) <= AHEAD_BYTES
         ahead: list[_LayerSetup] = []
-        fitted_shapes: list[list[torch.Size]] = []  # of each part's latent values, fitted so far in this run
+        fitted_shapes: set[tuple[torch.Size, ...]] = set()  # of each part's latent values, fitted so far in this run
         layers = range(start, cfg.num_hidden_layers)
         for i, unquantized in zip(progress.track(layers, "refining"),
                                   layers_ahead(ckpt, cfg, layers, torch.float16, device)):
@@ -479,8 +479,8 @@ def refine_model(
                 meanwhile = (lambda k=i + 1: ahead.append(set_up(k))) if next_layer_now else None
                 # Ordinary steps before the capture only for a part of shapes not yet fitted in this run (layers
                 # differ in their groups, which only torch's own indexing sees).
-                shapes_seen = part.shapes in fitted_shapes
-                fitted_shapes.append(part.shapes)
+                shapes_seen = tuple(part.shapes) in fitted_shapes
+                fitted_shapes.add(tuple(part.shapes))
                 steps_started = time.perf_counter()
                 run_steps(train_step, prepare, steps, device, meanwhile=meanwhile,
                           eager_steps=0 if shapes_seen else EAGER_STEPS)
