@@ -1,6 +1,6 @@
 """The decoder layer's elementwise and per-token work (exlbuild.model.llama), one kernel forward and one backward
-each: RMSNorm, the rotary embedding, the gated activation silu(gate)·up, and the refinement's loss (each token's
-squared error relative to its target's squared norm).
+each: RMSNorm, the rotary embedding, the gated activation silu(gate)·up, the fits' per-feature scales of the linears'
+inputs, and the refinement's loss (each token's squared error relative to its target's squared norm).
 
 In PyTorch each of these is a chain of elementwise and reduction kernels (an RMSNorm in bfloat16 is ~8 forward and
 ~10 backward, the rotary embedding 4 and 6 for each of q and k, the loss ~8 and ~8), and in the fits' steps
@@ -14,7 +14,10 @@ The references below are the layer's definitions. What the kernels reproduce, an
   values and gradients equal the reference's bit for bit;
 - rms_norm, gated_activation, squared_relative_error: the same formulas in float32 with the reference's roundings
   to the tensor's dtype, but their sums (over a token's features, over tokens for the norm weight's gradient) run in
-  another order and exp, rsqrt and division are the GPU's fast ones: equal within a few units of the last place of the output dtype.
+  another order and exp, rsqrt and division are the GPU's fast ones: equal within a few units of the last place of the output dtype;
+- scale_features: the products equal the reference's bit for bit; of the gradients, the input's sums the linears'
+  rounded products in float32 and rounds once (autograd adds them in the dtype), and the scales' sum over tokens in
+  another order: within a few units of the last place.
 
 CUDA tensors go to the kernels, others to the references (exlbuild.kernels.runtime). The kernels' gradients come
 from torch.autograd.Function subclasses, so the layer differentiates the same way on either path.
@@ -44,6 +47,11 @@ def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     head_dim) in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+
+def scale_features_reference(x: Tensor, scales: list[Tensor]) -> list[Tensor]:
+    """x (..., features) times each per-feature scale (features,): the inputs of linears that read x, each scaled."""
+    return [x * scale for scale in scales]
 
 
 def gated_activation_reference(gate: Tensor, up: Tensor) -> Tensor:
@@ -226,6 +234,129 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if use_triton(x, cos, sin):
         return rotary_triton(x, cos, sin)
     return rotary_reference(x, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-feature scales of the linears' inputs (the fits' group multipliers: exlbuild.quant.exl2.tune)
+
+MAX_SCALES = 3  # q, k and v read one input
+
+
+@jit
+def _scale_features_forward_kernel(x_ptr, s0_ptr, s1_ptr, s2_ptr, o0_ptr, o1_ptr, o2_ptr, ROWS, COLS,
+                                   SCALES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    at = rows.to(tl.int64)[:, None] * COLS + cols[None, :]
+    x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    dtype = o0_ptr.dtype.element_ty
+    s = tl.load(s0_ptr + cols, mask=cols < COLS, other=0.0).to(tl.float32)[None, :]
+    tl.store(o0_ptr + at, (x * s).to(dtype), mask=mask)
+    if SCALES > 1:
+        s = tl.load(s1_ptr + cols, mask=cols < COLS, other=0.0).to(tl.float32)[None, :]
+        tl.store(o1_ptr + at, (x * s).to(dtype), mask=mask)
+    if SCALES > 2:
+        s = tl.load(s2_ptr + cols, mask=cols < COLS, other=0.0).to(tl.float32)[None, :]
+        tl.store(o2_ptr + at, (x * s).to(dtype), mask=mask)
+
+
+@jit
+def _scaled_gradient(g_ptr, s_ptr, x, at, mask, cols, COLS):
+    """One linear's share: its gradient times its scale as the dtype rounds the product (the input's gradient), and
+    the sum over these rows of its gradient times x, each rounded so (its scale's gradient)."""
+    g = tl.load(g_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + cols, mask=cols < COLS, other=0.0).to(tl.float32)[None, :]
+    dtype = g_ptr.dtype.element_ty
+    return (g * s).to(dtype).to(tl.float32), tl.sum((g * x).to(dtype).to(tl.float32), axis=0)
+
+
+@jit
+def _scale_features_backward_kernel(x_ptr, s0_ptr, s1_ptr, s2_ptr, g0_ptr, g1_ptr, g2_ptr, grad_x_ptr, partial_ptr,
+                                    ROWS, COLS, SCALES: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+                                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One program: ROWS_PER_PROGRAM rows of BLOCK_C columns, BLOCK_R rows at a time; its sums over those rows go to
+    # its row of `partial` (programs, SCALES, COLS), summed over programs afterwards in a fixed order.
+    program = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sum0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for first in range(0, ROWS_PER_PROGRAM, BLOCK_R):
+        rows = program * ROWS_PER_PROGRAM + first + tl.arange(0, BLOCK_R)
+        mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+        at = rows.to(tl.int64)[:, None] * COLS + cols[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        grad_x, part = _scaled_gradient(g0_ptr, s0_ptr, x, at, mask, cols, COLS)
+        sum0 += part
+        if SCALES > 1:
+            share, part = _scaled_gradient(g1_ptr, s1_ptr, x, at, mask, cols, COLS)
+            grad_x += share
+            sum1 += part
+        if SCALES > 2:
+            share, part = _scaled_gradient(g2_ptr, s2_ptr, x, at, mask, cols, COLS)
+            grad_x += share
+            sum2 += part
+        tl.store(grad_x_ptr + at, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    out = partial_ptr + program.to(tl.int64) * SCALES * COLS + cols
+    tl.store(out, sum0, mask=cols < COLS)
+    if SCALES > 1:
+        tl.store(out + COLS, sum1, mask=cols < COLS)
+    if SCALES > 2:
+        tl.store(out + 2 * COLS, sum2, mask=cols < COLS)
+
+
+_SCALE_TILE = {"BLOCK_R": 16, "BLOCK_C": 256, "num_warps": 4}
+
+
+def _up_to_three(tensors: list[Tensor]) -> list[Tensor]:
+    """The kernels' three pointers of a kind: the tensors given, the first repeated in the unused places."""
+    return [*tensors, *[tensors[0]] * (MAX_SCALES - len(tensors))]
+
+
+class _ScaleFeatures(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, *scales: Tensor) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(x, *scales)
+        rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+        dtype = torch.promote_types(x.dtype, scales[0].dtype)
+        outs = [torch.empty(x.shape, dtype=dtype, device=x.device) for _ in scales]
+        tile = _SCALE_TILE
+        grid = (-(-rows // tile["BLOCK_R"]), -(-cols // tile["BLOCK_C"]))
+        launch(_scale_features_forward_kernel, grid, x.device, x, *_up_to_three(list(scales)), *_up_to_three(outs),
+               rows, cols, SCALES=len(scales), **tile)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:
+        x, *scales = ctx.saved_tensors
+        rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+        tile = _SCALE_TILE
+        # ~256 row programs at most, each a multiple of BLOCK_R rows: the scales' partial sums stay small.
+        per_program = tile["BLOCK_R"] * max(1, -(-rows // (256 * tile["BLOCK_R"])))
+        programs = -(-rows // per_program)
+        grad_x = torch.empty_like(x)
+        partial = torch.empty(programs, len(scales), cols, dtype=torch.float32, device=x.device)
+        launch(_scale_features_backward_kernel, (programs, -(-cols // tile["BLOCK_C"])), x.device, x,
+               *_up_to_three(scales), *_up_to_three([g.to(x.dtype).contiguous() for g in grads]), grad_x, partial,
+               rows, cols, SCALES=len(scales), ROWS_PER_PROGRAM=per_program, **tile)
+        grad_scales = partial.sum(0)
+        return grad_x, *(g.to(s.dtype) for g, s in zip(grad_scales, scales))
+
+
+def scale_features_triton(x: Tensor, scales: list[Tensor]) -> list[Tensor]:
+    return list(_ScaleFeatures.apply(x.contiguous(), *(s.contiguous() for s in scales)))
+
+
+def scale_features(x: Tensor, scales: list[Tensor]) -> list[Tensor]:
+    """x (..., features) times each of 1 to 3 per-feature scales (features,), in the promoted dtype: the inputs of
+    linears that read x, each with its own factors, in one pass over x each way. Triton on CUDA, else the
+    reference."""
+    if not 1 <= len(scales) <= MAX_SCALES:
+        raise ValueError(f"scale_features takes 1 to {MAX_SCALES} scales, got {len(scales)}")
+    if use_triton(x, *scales) and all(s.dtype == x.dtype for s in scales):  # (the kernel does not promote)
+        return scale_features_triton(x, scales)
+    return scale_features_reference(x, scales)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from exlbuild.kernels.decoder_ops import (
     rms_norm_triton,
     rotary_reference,
     rotary_triton,
+    scale_features_reference,
+    scale_features_triton,
     squared_relative_error_reference,
     squared_relative_error_triton,
 )
@@ -406,6 +408,30 @@ def decoder_gated_activation(device: str, real: bool, seed: int) -> None:
 
 
 @check
+def decoder_scale_features(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    # The tuning's 2 rows of SmolLM2's hidden and intermediate widths, and a 70B-shaped intermediate width; small.
+    for rows, features, count in [(2 * 2048, 576, 3), (2 * 2048, 1536, 1), (3, 28672, 2)] if real else \
+            [(37, 300, 3), (5, 40, 2), (9, 17, 1)]:
+        for dtype in decoder_dtypes(real):
+            x = (torch.randn(rows, features, generator=g) * 3).to(dtype)
+            scales = [(torch.rand(features, generator=g) + 0.5).to(dtype) for _ in range(count)]
+            grad = torch.randn(count, rows, features, generator=g).to(dtype)
+            inputs = [t.to(device) for t in (x, *scales)]
+
+            def stacked(fn: Callable[..., list[torch.Tensor]]) -> Callable[..., torch.Tensor]:
+                return lambda x, *scales: torch.stack(fn(x, list(scales)))
+
+            ours = values_and_gradients(stacked(scale_features_triton), inputs, grad.to(device), 1 + count)
+            reference = values_and_gradients(stacked(scale_features_reference), inputs, grad.to(device), 1 + count)
+            where = f"{dtype} {rows}×{features}, {count} scales, seed {seed}"
+            assert same(ours[0], reference[0]), f"products differ: {where}"
+            close(ours[1], reference[1], 4, f"x's gradient, {where}")
+            for k in range(count):  # a sum over thousands of tokens
+                close(ours[2 + k], reference[2 + k], 16, f"scale {k}'s gradient, {where}")
+
+
+@check
 def refine_squared_relative_error(device: str, real: bool, seed: int) -> None:
     g = generator(seed)
     for shape in [(4, 2048, 576)] if real else [(2, 9, 72)]:
@@ -436,6 +462,9 @@ def decoder_layer_paths(device: str, real: bool, seed: int) -> None:
     weights = {f"{k}.weight": torch.randn(shape, generator=g) / shape[1] ** 0.5 for k, shape in shapes.items()}
     weights.update({k: torch.rand(hidden, generator=g) + 0.5 for k in ("input_layernorm.weight",
                                                                         "post_attention_layernorm.weight")})
+    # The fits' factors on the inputs of some linears (q and v but not k; gate; down), as the tuning gives them.
+    weights.update({f"{k}.input_scale": torch.rand(shapes[k][1], generator=g) + 0.5
+                    for k in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")})
     weights = {k: v.to(device, dtype) for k, v in weights.items()}
     x = (torch.randn(rows, seq, hidden, generator=g) * 3).to(device, dtype)
     rope = rope_tables(cfg, seq, device)

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlbuild import progress
 from exlbuild.kernels.attention_received import allowed_keys, attention_received as kernel_attention_received
-from exlbuild.kernels.decoder_ops import gated_activation, rms_norm, rotary
+from exlbuild.kernels.decoder_ops import gated_activation, rms_norm, rotary, scale_features
 from exlbuild.model.checkpoint import (
     Checkpoint,
     Device,
@@ -95,9 +95,13 @@ def embed(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, weight)
 
 
-def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    scale = w.get(name + ".input_scale")  # per input feature (EXL2 tuning): cheaper than scaling the weight
-    return F.linear(x if scale is None else x * scale, w[name + ".weight"], w.get(name + ".bias"))
+def _linears(x: torch.Tensor, w: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
+    """The outputs of the linears `names`, which all read x, each of whose inputs is first multiplied by its
+    `input_scale` where it has one (the EXL2 fits' factors per input feature: cheaper than scaling the weight), one
+    pass over x for all of them."""
+    scaled = [name for name in names if name + ".input_scale" in w]
+    inputs = dict(zip(scaled, scale_features(x, [w[name + ".input_scale"] for name in scaled]))) if scaled else {}
+    return [F.linear(inputs.get(name, x), w[name + ".weight"], w.get(name + ".bias")) for name in names]
 
 
 def _attention_mask(cfg: LlamaConfig, seq_len: int, device: torch.device) -> torch.Tensor | None:
@@ -161,14 +165,15 @@ def attention_block(
 ) -> torch.Tensor:
     """x + attention(norm(x)) for x of shape (batch, seq, hidden)."""
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-    q, k, v = (_linear(h, w, f"self_attn.{p}_proj") for p in "qkv")
+    q, k, v = _linears(h, w, [f"self_attn.{p}_proj" for p in "qkv"])
     if capture:
         capture("attn_input", h)
         capture("attn_kv_input", h * attention_received(q, k, cfg, rope).sqrt().unsqueeze(-1))
     a = attention(q, k, v, cfg, rope)
     if capture:
         capture("attn_output", a)
-    return x + _linear(a, w, "self_attn.o_proj")
+    (o,) = _linears(a, w, ["self_attn.o_proj"])
+    return x + o
 
 
 def mlp_block(
@@ -178,10 +183,11 @@ def mlp_block(
     h = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
     if capture:
         capture("mlp_input", h)
-    m = gated_activation(_linear(h, w, "mlp.gate_proj"), _linear(h, w, "mlp.up_proj"))
+    m = gated_activation(*_linears(h, w, ["mlp.gate_proj", "mlp.up_proj"]))
     if capture:
         capture("mlp_hidden", m)
-    return x + _linear(m, w, "mlp.down_proj")
+    (down,) = _linears(m, w, ["mlp.down_proj"])
+    return x + down
 
 
 def decoder_layer(
@@ -204,7 +210,7 @@ def decoder_layer_step(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaCo
     positions' keys and values in `cache` (this token's are stored there): the same outputs as decoder_layer's at
     that position on the whole rows."""
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-    q, k, v = (_linear(h, w, f"self_attn.{p}_proj") for p in "qkv")
+    q, k, v = _linears(h, w, [f"self_attn.{p}_proj" for p in "qkv"])
     here = Rope(rope.cos[position : position + 1], rope.sin[position : position + 1])
     q, k = apply_rope(_split_heads(q, cfg), here), apply_rope(_split_heads(k, cfg), here)
     cache.keys[:, :, position] = k[:, 0]
@@ -218,8 +224,8 @@ def decoder_layer_step(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaCo
     q = q.reshape(rows, kv_heads, cfg.num_kv_groups, cfg.head_dim)
     scores = torch.einsum("bkgd,bktd->bkgt", q, keys).float() / math.sqrt(cfg.head_dim)
     a = torch.einsum("bkgt,bktd->bkgd", torch.softmax(scores, dim=-1).to(values.dtype), values)
-    x = x + _linear(a.reshape(rows, 1, -1), w, "self_attn.o_proj")
-    return mlp_block(x, w, cfg)
+    (o,) = _linears(a.reshape(rows, 1, -1), w, ["self_attn.o_proj"])
+    return mlp_block(x + o, w, cfg)
 
 
 def final_logits(x: torch.Tensor, norm_w: torch.Tensor, head_w: torch.Tensor, eps: float) -> torch.Tensor:
