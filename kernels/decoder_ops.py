@@ -319,8 +319,7 @@ class _ScaleFeatures(torch.autograd.Function):
     def forward(ctx, x: Tensor, *scales: Tensor) -> tuple[Tensor, ...]:
         ctx.save_for_backward(x, *scales)
         rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-        dtype = torch.promote_types(x.dtype, scales[0].dtype)
-        outs = [torch.empty(x.shape, dtype=dtype, device=x.device) for _ in scales]
+        outs = [torch.empty_like(x) for _ in scales]  # (x and the scales share one dtype: see scale_features)
         tile = _SCALE_TILE
         grid = (-(-rows // tile["BLOCK_R"]), -(-cols // tile["BLOCK_C"]))
         launch(_scale_features_forward_kernel, grid, x.device, x, *_up_to_three(list(scales)), *_up_to_three(outs),
