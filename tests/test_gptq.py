@@ -63,6 +63,9 @@ def test_prepare_hessian_factor():
     assert prepared.damping == pytest.approx(d)
     damped = hessian[perm][:, perm].double() + d * torch.eye(32, dtype=torch.float64)
     torch.testing.assert_close(upper.double().T @ upper.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
+    # The one such factor (upper, positive diagonal), to float32 precision.
+    truth = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert (upper.double() - truth).norm() / truth.norm() < 1e-5
 
 
 def test_singular_hessian_is_fixed_by_damping():

@@ -78,13 +78,14 @@ class Measure(Rule):
     """Every candidate's accuracy for every block (exllamav2's measurement pass)."""
 
     name = "exl2-measurement"
-    version = 11  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
+    version = 12  # 2: float16 states between blocks; 3: sensitivity.json; 4: scale search for GPTQ's loss;
     # 5: k/v Hessians weighted by the attention each token receives; 6: TF32 block passes on CUDA;
     # 7: received attention summed over slices of query positions in rows of more than ~4,000 tokens
     # 8: RMSNorm, the rotary embedding and silu(gate)·up as Triton kernels on CUDA (other float roundings)
     # 9: the block passes' attention on float16 q, k, v on CUDA (stream.pass_precision)
     # 10: the attention each token receives as Triton kernels on CUDA (kernels/attention_received.py)
     # 11: 16-bit attention on CUDA in SDPA's grouped-query mode (measured the same bits; bumped to be sure)
+    # 12: GPTQ's inverse factor from one Cholesky factorization of the reversed Hessian (quant/gptq.py)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -138,9 +139,9 @@ class Quantize(Rule):
     """GPTQ with each block's chosen options, layer by layer; resumes at the next unfinished layer."""
 
     name = "exl2-quantized"
-    version = 10  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
+    version = 11  # 2: float16 states between blocks; rfn_error on metric rows; 3: scale search for GPTQ's loss;
     # 4: k/v Hessians weighted by received attention; 5: TF32 block passes on CUDA; 6: as measurement 7;
-    # 7: as measurement 8; 8: as measurement 9; 9: as measurement 10; 10: as measurement 11
+    # 7: as measurement 8; 8: as measurement 9; 9: as measurement 10; 10: as measurement 11; 11: as measurement 12
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import quantize_model, strategy_from_json
