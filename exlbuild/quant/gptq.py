@@ -76,17 +76,18 @@ def _damped_inverse_factor(hessian: Tensor, undamped: Tensor, total: Tensor) -> 
     it did not, U is garbage)."""
     # The float64 total added in float32, as a Python float would be.
     torch.add(undamped, total.float(), out=hessian.diagonal())
-    # With J the reversal of the order and J·H·J = L·Lᵀ (H's rows and columns reversed, factored), H⁻¹ = UᵀU for
-    # U = J·L⁻¹·J, upper triangular with a positive diagonal: the factor itself, from one factorization and one
-    # triangular solve (not H⁻¹ formed and factored again: half the work, and one rounding path fewer). L⁻¹ is solved
-    # in place of an identity; two K × K temporaries at a time besides H (3.3 GB each at K = 28672).
+    # With J the reversal of the order and J·H·J = L·Lᵀ (H's rows and columns reversed, factored),
+    # H⁻¹ = UᵀU for U = J·L⁻¹·J, upper triangular with a positive diagonal: the factor itself, from one
+    # factorization and one triangular solve (not H⁻¹ formed and factored again: half the work, and one
+    # rounding path fewer). L⁻¹ is solved in place of an identity; two K × K temporaries at a time besides H
+    # (3.3 GB each at K = 28672).
     lower, info = torch.linalg.cholesky_ex(hessian.flip(0, 1))
     inverse = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
     del lower
     upper = inverse.flip(0, 1)
     del inverse
-    return upper, (info == 0) & ~torch.isnan(upper).any()
+    return upper, (info == 0) & torch.isfinite(upper).all()  # (a solve that overflowed gives inf, not NaN)
 
 
 def inverse_cholesky_upper(hessian: Tensor, damp: Tensor, layer: str = "layer") -> tuple[Tensor, float]:
