@@ -8,7 +8,7 @@ from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, QuantOp
 from exlbuild.quant.exl2.pack import bits_per_row, dequantize, dequantize_codes, scale_from_nibbles, validate_layer
 from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step
 from exlbuild.kernels.scale_search import find_group_scales, multiplier_grid
-from exlbuild.quant.exl2.quantize import pack_layer, quantize, quantize_options
+from exlbuild.quant.exl2.quantize import RowLoopGraphs, pack_layer, quantize, quantize_options, row_loop_graphs
 from exlbuild.quant.gptq import prepare_hessian
 
 K, N = 256, 72
@@ -331,3 +331,51 @@ def test_block_step_checks_its_tensors_when_made():
         BlockStep(**{**tensors, "codes": torch.empty(b, n, k, dtype=torch.uint8).transpose(1, 2)})
     with pytest.raises(ValueError, match="zero must have consecutive rows"):
         BlockStep(**{**tensors, "zero": torch.full((k, b), 8.0).T})
+
+
+def test_row_loop_graphs_only_on_cuda():
+    with row_loop_graphs(torch.device("cpu")) as graphs:
+        assert graphs is None
+
+
+def assert_same_results(got: list, want: list) -> None:
+    assert [r.option for r in got] == [r.option for r in want]
+    for g, w in zip(got, want):
+        for name in ("codes", "nibbles", "scale_max", "perm"):
+            assert torch.equal(getattr(g, name), getattr(w, name)), f"{g.option}: {name} differ"
+        assert torch.equal(g.weight.view(torch.int16), w.weight.view(torch.int16)), f"{g.option}: weights differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_row_loop_graphs_give_the_loops_bytes():
+    """Row loops replayed from CUDA graphs give what the loop run directly gives, call after call: a set of options
+    runs directly the first time, is captured the second and replayed from then on; shapes share buffers, and a
+    call's results stay as they were through later replays. With no budget, nothing is captured. Afterwards the
+    graphs' memory is given back."""
+    device = torch.device("cuda")
+    cases = [(256, 72, OPTIONS), (256, 72, OPTIONS[1:2]), (512, 300, OPTIONS[3:4]), (256, 200, OPTIONS[:2])]
+    torch.cuda.synchronize()
+    torch._C._cuda_clearCublasWorkspaces()  # (closing the graphs clears them: the baseline without)
+    allocated = torch.cuda.memory_allocated()
+    for budget, captured in ((1 << 30, True), (0, False)):
+        kept, factors = [], {}
+        graphs = RowLoopGraphs(device, budget)
+        for round in range(4):
+            for k, n, options in cases:
+                weight, hessian = realistic_layer(k, n, seed=10 * round + k + n)
+                prepared = prepare_hessian(hessian.to(device))
+                factors[k] = prepared.inverse_factor
+                got = quantize_options(weight.to(device), prepared, options, graphs=graphs)
+                assert_same_results(got, quantize_options(weight.to(device), prepared, options))
+                if round == 1:
+                    kept.append((got, [r.codes.clone() for r in got], [r.weight.clone() for r in got]))
+        for k, n, options in cases:
+            loop = graphs.loop(tuple(option.groups(k) for option in options), factors[k], n)
+            assert (loop is not None and loop.graph is not None) is captured, (k, n, options)
+        for got, codes, weights in kept:  # (later replays wrote other values into the graphs' buffers)
+            assert all(torch.equal(r.codes, c) and torch.equal(r.weight, w) for r, c, w in zip(got, codes, weights))
+        graphs.close()
+        del kept, factors, got, loop, prepared, graphs
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == allocated, budget

@@ -57,7 +57,7 @@ from exlbuild.quant.allocate import allocate
 from exlbuild.quant.exl2.measurement_json import LinearShape, Measurement, measurement_to_json
 from exlbuild.quant.exl2.options import Group, QuantOption, head_option, option_from_json, pad_to_32, total_bits
 from exlbuild.quant.exl2.pack import REQUIRED_KEYS, dequantize, validate_layer
-from exlbuild.quant.exl2.quantize import pack_layer, quantize_options
+from exlbuild.quant.exl2.quantize import RowLoopGraphs, pack_layer, quantize_options, row_loop_graphs
 from exlbuild.quant.gptq import HessianAccumulator, PreparedHessian, prepare_hessian
 from exlbuild.quant.stream import (  # noqa: F401 (BLOCK_NORMS: re-exported for compile)
     BLOCK_LINEARS,
@@ -216,12 +216,13 @@ def decode_layer_weights(tensors: dict[str, Tensor], i: int, out_features: dict[
 
 
 def _quantize_linear(
-    weight: Tensor, prepared: PreparedHessian, option: QuantOption, key: str, bias: Tensor | None
+    weight: Tensor, prepared: PreparedHessian, option: QuantOption, key: str, bias: Tensor | None,
+    graphs: RowLoopGraphs | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """quantize_linear, its checks left to the caller (reading device values waits for the GPU, so a block reads
     those of all its linears at once): the EXL2 tensors on their way to host memory, the decoded weight, and the
     (3,) int64 `faults` on the device that _check_linear reads."""
-    result = quantize_options(weight, prepared, [option], key)[0]
+    result = quantize_options(weight, prepared, [option], key, graphs)[0]
     out_of_range = torch.zeros((), dtype=torch.bool, device=result.codes.device)
     tensors = pack_layer(result, bias, out_of_range)
     # Decoded with the quantizer's own groups, not parsed from the device (_check_linear checks the host copies).
@@ -284,7 +285,7 @@ class QuantizedPass:
 
 def _quantize_linears(
     block: Block, w: dict[str, Tensor], hessians: dict[str, Tensor], options: Mapping[str, QuantOption], prefix: str,
-    speculative: bool,
+    speculative: bool, graphs: RowLoopGraphs | None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], list[tuple[str, QuantOption, dict[str, Tensor], torch.Size]],
            list[Tensor], list[Tensor]]:
     """Every linear of the block quantized from its input's Hessian (popped from `hessians`): the decoded weights by
@@ -301,7 +302,8 @@ def _quantize_linears(
             if speculative:
                 usable.append(prepared[point].usable)
         weight = w[f"{name}.weight"]
-        tensors, decoded, found = _quantize_linear(weight, prepared[point], options[name], key, w.get(f"{name}.bias"))
+        tensors, decoded, found = _quantize_linear(weight, prepared[point], options[name], key, w.get(f"{name}.bias"),
+                                                   graphs)
         decoded_w[f"{name}.weight"] = decoded
         packed.update({f"{key}.{suffix}": t for suffix, t in tensors.items()})
         checks.append((key, options[name], tensors, weight.shape))
@@ -320,6 +322,7 @@ def quantize_block(
     rfn_error: dict[str, float],
     previous: QuantizedPass | None = None,
     error_rows: int = 16,
+    graphs: RowLoopGraphs | None = None,
 ) -> tuple[dict[str, Tensor], QuantizedPass]:
     """4.8 steps 1–4 for one block: Hessians of the unquantized block `w` (fp16 weights) on inputs x (rows,
     tokens, hidden), each linear quantized with options[name], then the block rerun with the decoded weights.
@@ -328,7 +331,7 @@ def quantize_block(
     states. Returns the EXL2 tensors keyed by full name (on the CPU) and the quantized pass as launched: its
     rfn_error against the unquantized outputs (over the first `error_rows` rows, whose unquantized outputs are all
     that is kept) goes into `rfn_error` when the next block reads it (or the caller: QuantizedPass.settle). `w` is
-    not modified.
+    not modified. `graphs`: the pass's row loop graphs (quantize_options).
 
     The block reads device values once (each read waits for the GPU): after its quantization is queued and before
     its quantized pass, `previous` block's checks with its own, the Hessians prepared speculatively. Where one did not
@@ -339,7 +342,7 @@ def quantize_block(
     reference = torch.empty_like(x[:error_rows])
     finite = torch.ones((), dtype=torch.bool, device=x.device)
     hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, finite=finite)
-    decoded_w, packed, checks, faults, usable = _quantize_linears(block, w, hessians, options, prefix, True)
+    decoded_w, packed, checks, faults, usable = _quantize_linears(block, w, hessians, options, prefix, True, graphs)
     del hessians
     earlier = [] if previous is None else [previous.checks()]
     # The read (float64 holds the counts and the float32 error exactly); the host copies queued before are done then.
@@ -352,7 +355,7 @@ def quantize_block(
         raise not_finite(f"{module} (unquantized)", reference.dtype)
     if not usable_hessians:
         hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, module=f"{module} (unquantized)")
-        decoded_w, packed, checks, faults, _ = _quantize_linears(block, w, hessians, options, prefix, False)
+        decoded_w, packed, checks, faults, _ = _quantize_linears(block, w, hessians, options, prefix, False, graphs)
         del hessians
         counts = torch.cat(faults).tolist()
     for k, check in enumerate(checks):
@@ -440,6 +443,7 @@ def quantize_model(
             state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="exlbuild-exl2-")))
         state_dir = Path(state_dir)
         checkpoint = stack.enter_context(LayerCheckpoint(state_dir))
+        graphs = stack.enter_context(row_loop_graphs(device))
         start, notes = resume_point(checkpoint, fingerprint,
                                     "a quantization pass of other inputs (model config, calibration or strategy)")
         embedding = embedding_weight(ckpt, torch.float16, device)
@@ -461,7 +465,7 @@ def quantize_model(
             for block, module in BLOCK_MODULES.items():
                 key = prefix + module
                 packed, launched = quantize_block(block, x, w, options[key], cfg, rope, prefix, rfn_error, launched,
-                                                  metric_rows)
+                                                  metric_rows, graphs)
                 tensors.update(packed)
             del w  # free this layer before the next one loads
             # The layer's last read, before its checkpoint: every layer a resumed pass starts after was checked.

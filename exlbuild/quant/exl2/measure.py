@@ -56,7 +56,7 @@ from exlbuild.quant.exl2.measurement_json import (
     parse_measurement,
 )
 from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES, CandidateTable, QuantOption, total_bits
-from exlbuild.quant.exl2.quantize import quantize_options
+from exlbuild.quant.exl2.quantize import RowLoopGraphs, quantize_options, row_loop_graphs
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
 from exlbuild.quant.stream import (
     BLOCK_MODULES,
@@ -140,10 +140,10 @@ def distinct_layouts(weight_shape: Sequence[int], options: Sequence[QuantOption]
 
 def quantize_candidates(
     weight: Tensor, bias: Tensor | None, prepared: PreparedHessian, options: Sequence[QuantOption], layer: str,
-    storage: torch.device | str | None = None,
+    storage: torch.device | str | None = None, graphs: RowLoopGraphs | None = None,
 ) -> CandidateLinear:
     """Quantize one linear for a column of the candidate table (3.5): each distinct layout once. The float16
-    results are kept on `storage` (default: the weight's device)."""
+    results are kept on `storage` (default: the weight's device). `graphs`: quantize_options' row loop graphs."""
     layouts = [option.groups(weight.shape[1]) for option in options]
     distinct = distinct_layouts(weight.shape, options)
     chosen = [options[layouts.index(layout)] for layout in distinct]
@@ -151,7 +151,7 @@ def quantize_candidates(
     per_call = max(1, QUANTIZE_BYTES // (7 * weight.numel()))
     weights = []
     for start in range(0, len(chosen), per_call):
-        results = quantize_options(weight, prepared, chosen[start : start + per_call], layer)
+        results = quantize_options(weight, prepared, chosen[start : start + per_call], layer, graphs)
         weights += [r.weight.to(storage) for r in results]
         del results  # the quantizer's work tensors of this call, before the next one
     index = torch.tensor([distinct.index(layout) for layout in layouts], device=storage)
@@ -167,12 +167,14 @@ def measure_block(
     rope: Rope,
     module: str | None = None,
     probe: tuple[int, int] | None = None,
+    graphs: RowLoopGraphs | None = None,
 ) -> tuple[list[MeasuredCandidate], Tensor, Tensor | None]:
     """Measure every candidate of one block (4.5) on reference inputs x (rows, tokens, hidden).
 
     Returns the candidates in list order, the reference output Y_ref (the next block's input, in x's dtype)
     and, if `probe` = (rows, tokens) is given, the output of the candidate closest to PROBE_BITS on
     x[:rows, :tokens] (in x's dtype; else None). `module` names the block in errors (e.g. model.layers.3.mlp).
+    `graphs`: the measurement's row loop graphs (quantize_options).
     """
     module = module or BLOCK_MODULES[block]
     table = CANDIDATES[block]
@@ -193,7 +195,7 @@ def measure_block(
         if point not in prepared:
             prepared[point] = prepare_hessian(hessians.pop(point), f"{module}.{projection}")
         linears[projection] = quantize_candidates(weight_of[projection], w.get(name + ".bias"), prepared[point],
-                                                  columns[projection], f"{module}.{projection}", storage)
+                                                  columns[projection], f"{module}.{projection}", storage, graphs)
     del prepared
 
     rows, tokens, _ = x.shape
@@ -313,7 +315,7 @@ def measure_model(
     x = x.to(device, STATE_DTYPE)
     del saved
 
-    with checkpoint or contextlib.nullcontext():
+    with checkpoint or contextlib.nullcontext(), row_loop_graphs(device) as graphs:
         layers = range(start, cfg.num_hidden_layers)
         # (float16: rounded as the reference loads them, 4.2)
         for i, w in zip(progress.track(layers, "measuring layers"), layers_ahead(ckpt, cfg, layers, torch.float16,
@@ -325,7 +327,7 @@ def measure_model(
                     carried = perturbed[: len(probe_errors)].flatten(0, 1)
                     run_block(block, carried, w_block, cfg, rope, out=carried, module=f"{key} (sensitivity probe)")
                 modules[key], x, probe_out = measure_block(block, x, w_block, cfg, rope, module=key,
-                                                           probe=probe if probe_tokens else None)
+                                                           probe=probe if probe_tokens else None, graphs=graphs)
                 del w_block
                 if probe_tokens:
                     probe_errors.append(relative_error(probe_out, x[: probe[0], : probe[1]]).item())

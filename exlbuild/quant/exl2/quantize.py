@@ -22,7 +22,9 @@ The measurement quantizes every distinct option of a layer from the same weight 
   other devices as their PyTorch references; the block step is bit-exact either way. The loop is
   host-bound on the GPU, so everything that does not change from block to block (the dispatch, the
   shape checks, the search batches' index tensors and scratch) is settled before it: a block is then one
-  block-step launch and the trailing update, a group start two launches and two reductions.
+  block-step launch and the trailing update, a group start two launches and two reductions. A pass that
+  quantizes many layers passes `RowLoopGraphs`, which captures a loop met again as a CUDA graph and
+  replays it: one launch for the loop, the same bytes.
 
 Memory is about 7 bytes per weight and option (float32 work copy, fp16 values, uint8 codes), so a
 caller with a large layer and little memory splits the options into several calls.
@@ -30,13 +32,16 @@ caller with a large layer and little memory splits the options into several call
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from exlbuild.cuda_graph import capture, release
 from exlbuild.errors import ExlbuildError
 from exlbuild.kernels.gptq_block import (
     BLOCK_ROWS,
@@ -62,6 +67,9 @@ from exlbuild.quant.exl2.pack import (
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
 from exlbuild.transfer import to_device
 
+# RowLoopGraphs' buffers of one pass at most (and an eighth of the GPU's free memory); SmolLM2's take tens of MB.
+GRAPH_BYTES = 1 << 30
+
 
 @dataclass(frozen=True, eq=False)
 class QuantizedLinear:
@@ -78,11 +86,13 @@ class QuantizedLinear:
 
 
 def quantize_options(
-    weight: Tensor, prepared: PreparedHessian, options: Sequence[QuantOption], layer: str = "layer"
+    weight: Tensor, prepared: PreparedHessian, options: Sequence[QuantOption], layer: str = "layer",
+    graphs: RowLoopGraphs | None = None,
 ) -> list[QuantizedLinear]:
     """Quantize one (out, in) weight with every option in one pass (see the module docstring).
 
-    Runs in float32 on the device of `prepared`; results are in the order of `options`.
+    Runs in float32 on the device of `prepared`; results are in the order of `options`. `graphs`: where the row
+    loop of a repeated shape and set of options is captured and replayed (on CUDA; the same bytes either way).
     """
     if not options:
         return []
@@ -94,56 +104,32 @@ def quantize_options(
         raise ValueError(f"{layer}: Hessian of size {prepared.perm.numel()} for {in_features} input features")
     if in_features % BLOCK_ROWS:
         raise ExlbuildError(f"{layer}: EXL2 needs in_features to be a multiple of {BLOCK_ROWS}, got {in_features}")
-    device = factor.device
-    layouts = [option.groups(in_features) for option in options]
-    n_options = len(options)
-
-    row_bits = torch.stack([bits_per_row(layout, device) for layout in layouts])
-    row_zero = (2 ** (row_bits - 1)).float()
-    row_maxq = (2**row_bits - 1).float()
+    layouts = tuple(option.groups(in_features) for option in options)
     # One path for the whole call (the dispatch is decided once, not at every block).
     triton = use_triton(factor)
-
+    loop = graphs.loop(layouts, factor, out_features) if graphs is not None and triton else None
+    if loop is None:
+        loop = _RowLoop.allocate(layouts, _RowBuffers.allocate(len(options), factor, out_features), triton)
+    else:
+        loop.buffers.factor.copy_(factor)
     # The float32 work copy is filled from the permuted weight in its own dtype (half the bytes of a float32
     # intermediate for an fp16 weight: 2 GB less at a 128256 × 8192 head).
-    work = torch.empty(n_options, in_features, out_features, dtype=torch.float32, device=device)
-    work.copy_(weight.to(device).T[prepared.perm].expand_as(work))
-    codes = torch.empty(n_options, in_features, out_features, dtype=torch.uint8, device=device)
-    values = torch.empty(n_options, in_features, out_features, dtype=torch.float16, device=device)
-    # Every option's groups one after another (option o's at rows first_group[o]...): the searches write a group's
-    # nibbles and q_scale_max at its row of these.
-    group_counts = [len(layout) for layout in layouts]
-    first_group = [sum(group_counts[:o]) for o in range(n_options)]
-    all_nibbles = torch.empty(sum(group_counts), out_features, dtype=torch.uint8, device=device)
-    all_scale_max = torch.empty(sum(group_counts), dtype=torch.float16, device=device)
-    scale = torch.empty(n_options, out_features, dtype=torch.float16, device=device)
-    block_errors = torch.empty(n_options, BLOCK_ROWS, out_features, device=device)
-    row_weights = factor.diagonal().square().reciprocal()
-    target = SearchTarget(work, row_bits, row_weights, scale, all_nibbles, all_scale_max)
-    searches = _plan_searches(layouts, first_group, out_features, device, triton)
-
-    step = BlockStep(work, factor, scale, row_zero, row_maxq, codes, values, block_errors)
-    search = search_batch_triton if triton else search_batch_reference
-    block_step = gptq_block_step_triton if triton else gptq_block_step_reference
-    for a in range(0, in_features, BLOCK_ROWS):
-        e = a + BLOCK_ROWS
-        for batch in searches[a]:
-            search(target, batch)
-        block_step(step, a)
-        work[:, e:].sub_(torch.matmul(factor[a:e, e:].T, block_errors))  # (`-=` would also copy_ it onto itself)
-    del work, step, target, searches
-    # One option's groups are all of the buffers; several options' are copied apart (views would keep, and
-    # torch.save write, every option's).
-    nibbles = all_nibbles.split(group_counts)
-    scale_max = all_scale_max.split(group_counts)
-    if n_options > 1:
+    work = loop.buffers.work
+    work.copy_(weight.to(work.device).T[prepared.perm].expand_as(work))
+    loop.run()
+    # A graph's buffers are overwritten by its next replay: its results are copied out. A loop run directly lets go
+    # of its work stack first (the results' copies then fit where it was: 2 GB at a 128256 × 8192 head).
+    own = loop.graph is None
+    codes, values, nibbles, scale_max = loop.buffers.codes, loop.buffers.values, loop.nibbles, loop.scale_max
+    nibbles, scale_max = nibbles.split(loop.group_counts), scale_max.split(loop.group_counts)
+    del loop, work
+    if not own or len(options) > 1:  # (views of one call's would keep, and torch.save write, every option's)
         nibbles, scale_max = [t.clone() for t in nibbles], [t.clone() for t in scale_max]
-
     return [
         QuantizedLinear(
             option=option,
             groups=layouts[o],
-            codes=codes[o],
+            codes=codes[o] if own else codes[o].clone(),
             nibbles=nibbles[o],
             scale_max=scale_max[o],
             perm=prepared.perm,
@@ -152,6 +138,175 @@ def quantize_options(
         )
         for o, option in enumerate(options)
     ]
+
+
+@dataclass(frozen=True, eq=False)
+class _RowBuffers:
+    """The row loop's large tensors for B options of a (K, N) weight: `work` and `factor` filled before a run,
+    `codes` and `values` read after it (see BlockStep)."""
+
+    work: Tensor  # (B, K, N) float32
+    factor: Tensor  # (K, K) float32: U
+    row_weights: Tensor  # (K,) float32: 1 / U_rr², the scale searches' row weights
+    codes: Tensor  # (B, K, N) uint8
+    values: Tensor  # (B, K, N) float16
+    scale: Tensor  # (B, N) float16
+    errors: Tensor  # (B, 32, N) float32
+
+    @classmethod
+    def allocate(cls, options: int, factor: Tensor, out_features: int) -> _RowBuffers:
+        """Buffers on `factor`'s device; `factor` itself is the factor (a graph's own buffer takes a copy of its
+        strides: kernels and cuBLAS pick their variant by the strides)."""
+        in_features, device = factor.shape[0], factor.device
+        shape = (options, in_features, out_features)
+        return cls(
+            torch.empty(shape, dtype=torch.float32, device=device),
+            factor,
+            torch.empty(in_features, device=device),
+            torch.empty(shape, dtype=torch.uint8, device=device),
+            torch.empty(shape, dtype=torch.float16, device=device),
+            torch.empty(options, out_features, dtype=torch.float16, device=device),
+            torch.empty(options, BLOCK_ROWS, out_features, device=device),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _RowLoop:
+    """quantize_options' row loop for one set of group layouts on its buffers, everything that does not change
+    from block to block settled: a block is then one block-step launch and the trailing update, a group start
+    two launches and two reductions."""
+
+    layouts: tuple[tuple[Group, ...], ...]
+    buffers: _RowBuffers
+    group_counts: list[int]
+    nibbles: Tensor  # (G, N) uint8: every option's groups one after another
+    scale_max: Tensor  # (G,) float16
+    step: BlockStep
+    target: SearchTarget
+    searches: dict[int, list[GroupBatch]]  # by start row
+    triton: bool
+    graph: torch.cuda.CUDAGraph | None = None  # the loop captured (RowLoopGraphs)
+
+    @classmethod
+    def allocate(cls, layouts: tuple[tuple[Group, ...], ...], buffers: _RowBuffers, triton: bool) -> _RowLoop:
+        """The loop of these layouts (one per option) on `buffers`; `triton`: the kernels, else the references."""
+        work = buffers.work
+        device, out_features = work.device, work.shape[2]
+        row_bits = torch.stack([bits_per_row(layout, device) for layout in layouts])
+        step = BlockStep(work, buffers.factor, buffers.scale, (2 ** (row_bits - 1)).float(),
+                         (2**row_bits - 1).float(), buffers.codes, buffers.values, buffers.errors)
+        # Every option's groups one after another (option o's at rows first_group[o]...): the searches write a
+        # group's nibbles and q_scale_max at its row of these.
+        group_counts = [len(layout) for layout in layouts]
+        first_group = [sum(group_counts[:o]) for o in range(len(layouts))]
+        nibbles = torch.empty(sum(group_counts), out_features, dtype=torch.uint8, device=device)
+        scale_max = torch.empty(sum(group_counts), dtype=torch.float16, device=device)
+        target = SearchTarget(work, row_bits, buffers.row_weights, buffers.scale, nibbles, scale_max)
+        searches = _plan_searches(layouts, first_group, out_features, device, triton)
+        return cls(layouts, buffers, group_counts, nibbles, scale_max, step, target, searches, triton)
+
+    def run(self) -> None:
+        """The loop over 32-row blocks: queued, or its graph replayed."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.queue()
+
+    def queue(self) -> None:
+        """Queue the loop's kernels (it reads no device value: it can be captured)."""
+        work, factor, errors = self.buffers.work, self.buffers.factor, self.buffers.errors
+        torch.reciprocal(factor.diagonal().square(), out=self.buffers.row_weights)
+        search = search_batch_triton if self.triton else search_batch_reference
+        block_step = gptq_block_step_triton if self.triton else gptq_block_step_reference
+        for a in range(0, work.shape[1], BLOCK_ROWS):
+            e = a + BLOCK_ROWS
+            for batch in self.searches[a]:
+                search(self.target, batch)
+            block_step(self.step, a)
+            work[:, e:].sub_(torch.matmul(factor[a:e, e:].T, errors))  # (`-=` would also copy_ it onto itself)
+
+
+class RowLoopGraphs:
+    """The row loops of one pass over a model (its quantization pass or its measurement), captured as CUDA graphs.
+
+    On the GPU the row loop is host-bound: a block is a launch of the block step and the trailing update's product and
+    subtraction, each kernel shorter than its launch from Python. A pass quantizes a model's few (K, N) shapes with
+    few sets of group layouts, each tens of times. The first call of a set runs the loop as always (compiling its
+    kernels and planning its cuBLAS products: nothing may be compiled or planned inside a capture), the second
+    captures it, and that call and every later one replay it: one launch for the whole loop. The graphs of one shape
+    share its buffers (each call fills the inputs and copies the results out) and all share one memory pool for
+    their temporaries (they replay one after another); buffers past `budget` bytes are not made, and their loops
+    run as always (a large layer's launches are a small part of its time). A replay runs the same kernels on the
+    same values: the same bytes.
+    """
+
+    def __init__(self, device: torch.device, budget: int) -> None:
+        self.device, self.budget = device, budget
+        self._stream = torch.cuda.Stream(device)
+        self._pool = torch.cuda.graph_pool_handle()
+        self._seen: set[tuple] = set()
+        self._loops: dict[tuple, _RowLoop | None] = {}  # None: past the budget
+        self._buffers: dict[tuple, _RowBuffers] = {}
+        self._factors: dict[tuple, Tensor] = {}
+        self._bytes = 0
+
+    def loop(self, layouts: tuple[tuple[Group, ...], ...], factor: Tensor, out_features: int) -> _RowLoop | None:
+        """The captured loop of these layouts on this shape (the factor's strides included), to fill and run; None
+        where the loop is to run as always."""
+        key = (layouts, out_features, tuple(factor.shape), factor.stride())
+        if key in self._loops:
+            return self._loops[key]
+        if key not in self._seen:
+            self._seen.add(key)
+            return None
+        buffers = self._shared_buffers(len(layouts), factor, out_features)
+        loop = None
+        if buffers is not None:
+            loop = _RowLoop.allocate(layouts, buffers, triton=True)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            graph, _ = capture(loop.queue, self._stream, self._pool)
+            loop = dataclasses.replace(loop, graph=graph)
+        self._loops[key] = loop
+        return loop
+
+    def _shared_buffers(self, options: int, factor: Tensor, out_features: int) -> _RowBuffers | None:
+        """The buffers of B options on this shape, made if they fit the budget (with as much again for the pool's
+        temporaries: the first block's trailing product is as large as the work stack)."""
+        factor_key = (tuple(factor.shape), factor.stride())
+        key = (options, out_features, factor_key)
+        if key not in self._buffers:
+            weights = options * factor.shape[0] * out_features
+            cost = weights * (4 + 4 + 1 + 2) + (0 if factor_key in self._factors else factor.nbytes)
+            if self._bytes + cost > self.budget:
+                return None
+            self._bytes += cost
+            if factor_key not in self._factors:
+                self._factors[factor_key] = torch.empty_strided(
+                    factor.shape, factor.stride(), dtype=factor.dtype, device=factor.device
+                )
+            self._buffers[key] = _RowBuffers.allocate(options, self._factors[factor_key], out_features)
+        return self._buffers[key]
+
+    def close(self) -> None:
+        """Give back the graphs' memory."""
+        release(loop.graph for loop in self._loops.values() if loop is not None)
+        self._loops.clear()
+        self._buffers.clear()
+        self._factors.clear()
+
+
+@contextlib.contextmanager
+def row_loop_graphs(device: torch.device) -> Iterator[RowLoopGraphs | None]:
+    """RowLoopGraphs for a pass on `device`, released at its end: on CUDA only, within GRAPH_BYTES and an eighth of
+    the GPU's free memory; None elsewhere."""
+    if device.type != "cuda":
+        yield None
+        return
+    graphs = RowLoopGraphs(device, min(GRAPH_BYTES, torch.cuda.mem_get_info(device)[0] // 8))
+    try:
+        yield graphs
+    finally:
+        graphs.close()
 
 
 def _plan_searches(

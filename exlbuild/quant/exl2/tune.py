@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from exlbuild import progress
+from exlbuild.cuda_graph import capture, release
 from exlbuild.errors import ExlbuildError
 from exlbuild.kernels.adam import adam_update
 from exlbuild.kernels.kl_divergence import kl_divergence
@@ -238,25 +239,19 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
     `meanwhile` is called once every step is queued, before the read: host work that reads no device value and
     needs none of the steps' results runs there while the GPU runs the steps."""
     cuda = device.type == "cuda"
-    capture = cuda and graph
+    replayed = cuda and graph
     losses = torch.zeros(steps, device=device)
     captured, static_loss = None, None
     side = torch.cuda.Stream(device) if cuda else None
     if cuda:
         side.wait_stream(torch.cuda.current_stream(device))
     for step in progress.track(range(steps), label) if label else range(steps):
-        if capture and step >= eager_steps:
+        if replayed and step >= eager_steps:
             if captured is None:
-                # Captured on the side stream, once its ordinary steps are done (torch.cuda.graph would also empty
-                # the allocator's cache, a second lost here). Thread-local: the layers' reader thread may pin host
-                # memory meanwhile, which a global capture forbids to every thread.
+                # Captured on the side stream, once its ordinary steps are done.
                 if eager_steps:
                     side.synchronize()
-                captured = torch.cuda.CUDAGraph()
-                with torch.cuda.stream(side):
-                    captured.capture_begin(capture_error_mode="thread_local")
-                    static_loss = train_step()
-                    captured.capture_end()
+                captured, static_loss = capture(train_step, side)
                 torch.cuda.current_stream(device).wait_stream(side)
             prepare(step)
             captured.replay()
@@ -271,14 +266,8 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
         meanwhile()
     values = losses.tolist()
     if captured is not None:
-        # Give the graph's memory pool back. cuBLAS keeps a workspace per (handle, stream) for the process's life;
-        # one first taken inside the capture lies in the graph's pool and would keep all of it (GBs) allocated, so
-        # the workspaces go too (as PyTorch's own graph trees do). Even empty, the pool stays reserved until the
-        # cache is emptied: one pool per tuned variant filled the H100 at the fifth.
         del static_loss
-        captured.reset()
-        torch._C._cuda_clearCublasWorkspaces()
-        torch.cuda.empty_cache()
+        release([captured])
     return values
 
 
