@@ -379,6 +379,6 @@ def test_row_loop_graphs_give_the_loops_bytes():
         for got, codes, weights in kept:  # (later replays wrote other values into the graphs' buffers)
             assert all(torch.equal(r.codes, c) and torch.equal(r.weight, w) for r, c, w in zip(got, codes, weights))
         graphs.close()
-        del kept, factors, got, loop, prepared, graphs
+        del kept, factors, got, codes, weights, loop, prepared, graphs
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == allocated, budget
