@@ -67,8 +67,10 @@ from exlbuild.quant.exl2.pack import (
 from exlbuild.quant.gptq import PreparedHessian, prepare_hessian
 from exlbuild.transfer import to_device
 
-# RowLoopGraphs' buffers of one pass at most (and an eighth of the GPU's free memory); SmolLM2's take tens of MB.
-GRAPH_BYTES = 1 << 30
+# RowLoopGraphs' buffers of one pass at most (and an eighth of the GPU's free memory). By its count SmolLM2's
+# measurement takes ~350 MB, its quantization pass ~35 MB; of a Llama-3-70B only the quantization pass's k/v shape
+# fits (~360 MB beside that pass's 15.7 GiB peak, bench/results/scale-h100-*.md).
+GRAPH_BYTES = 512 << 20
 
 
 @dataclass(frozen=True, eq=False)
