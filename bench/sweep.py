@@ -1,7 +1,8 @@
 """The full sweep of a recipe on the GPU machine: one measurement, then every variant; times, peak GPU memory
 and perplexities into bench/results/sweep-<name>.json and a markdown table beside it.
 
-    python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [--jobs N] [--compile-log LOG.json] [overrides ...]
+    python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [--jobs N] [--compile-log LOG.json]
+        [--chunk-elements N] [overrides ...]
 
 The build runs through the CLI in a fresh store (so every step is really built) and its wall time is the
 `total_seconds`; each step's own time and peak GPU memory come from its artifact's manifest.
@@ -32,7 +33,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="exlbuild -j: targets built at once")
     ap.add_argument("--compile-log", type=Path, default=None,
                     help="build through compile_log.py, its log of every Triton compile written here")
+    ap.add_argument("--chunk-elements", type=int, default=None,
+                    help="build through chunked_build.py with the block passes' chunks of this size (another draw)")
     args = ap.parse_intermixed_args()  # overrides before or after the options
+    if args.compile_log is not None and args.chunk_elements is not None:
+        ap.error("--compile-log and --chunk-elements are separate builders: give one")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="exlbuild-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -40,8 +45,11 @@ def main() -> None:
     shutil.copy(args.recipe, recipe)
     cli = [sys.executable, "-m", "exlbuild.cli"]
     t0 = time.perf_counter()
-    builder = cli if args.compile_log is None else [sys.executable, str(Path(__file__).parent / "compile_log.py"),
-                                                    str(args.compile_log)]
+    builder = cli
+    if args.compile_log is not None:
+        builder = [sys.executable, str(Path(__file__).parent / "compile_log.py"), str(args.compile_log)]
+    if args.chunk_elements is not None:
+        builder = [sys.executable, str(Path(__file__).parent / "chunked_build.py"), str(args.chunk_elements)]
     subprocess.run(builder + [str(recipe), "-j", str(args.jobs), *args.overrides], check=True)
     total = time.perf_counter() - t0
 
