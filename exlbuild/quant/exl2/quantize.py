@@ -290,11 +290,13 @@ class RowLoopGraphs:
         return self._buffers[key]
 
     def close(self) -> None:
-        """Give back the graphs' memory."""
-        release(loop.graph for loop in self._loops.values() if loop is not None)
+        """Give back the graphs' memory: their buffers, then their pool (release empties the allocator's cache, so
+        the buffers go first)."""
+        graphs = [loop.graph for loop in self._loops.values() if loop is not None]
         self._loops.clear()
         self._buffers.clear()
         self._factors.clear()
+        release(graphs)
 
 
 @contextlib.contextmanager
