@@ -2,7 +2,7 @@
 and perplexities into bench/results/sweep-<name>.json and a markdown table beside it.
 
     python bench/sweep.py recipes/smollm2-sweep.yaml --name h100 [--jobs N] [--compile-log LOG.json]
-        [--chunk-elements N] [overrides ...]
+        [--chunk-elements N [--pass-precision MODE]] [overrides ...]
 
 The build runs through the CLI in a fresh store (so every step is really built) and its wall time is the
 `total_seconds`; each step's own time and peak GPU memory come from its artifact's manifest.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,13 @@ def main() -> None:
                     help="build through compile_log.py, its log of every Triton compile written here")
     ap.add_argument("--chunk-elements", type=int, default=None,
                     help="build through chunked_build.py with the block passes' chunks of this size (another draw)")
+    ap.add_argument("--pass-precision", default=None,
+                    help="with --chunk-elements: the GPU's calibration passes at this precision (chunked_build.py)")
     args = ap.parse_intermixed_args()  # overrides before or after the options
     if args.compile_log is not None and args.chunk_elements is not None:
         ap.error("--compile-log and --chunk-elements are separate builders: give one")
+    if args.pass_precision is not None and args.chunk_elements is None:
+        ap.error("--pass-precision is chunked_build.py's: give --chunk-elements too")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="exlbuild-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -50,7 +55,8 @@ def main() -> None:
         builder = [sys.executable, str(Path(__file__).parent / "compile_log.py"), str(args.compile_log)]
     if args.chunk_elements is not None:
         builder = [sys.executable, str(Path(__file__).parent / "chunked_build.py"), str(args.chunk_elements)]
-    subprocess.run(builder + [str(recipe), "-j", str(args.jobs), *args.overrides], check=True)
+    env = {**os.environ, "PASS_PRECISION": args.pass_precision} if args.pass_precision else None
+    subprocess.run(builder + [str(recipe), "-j", str(args.jobs), *args.overrides], check=True, env=env)
     total = time.perf_counter() - t0
 
     status = json.loads(subprocess.run(cli + ["status", str(recipe), "--json", *args.overrides], check=True,
