@@ -10,7 +10,7 @@ path. The artifacts' keys stay the same, so build each draw in a fresh store.
 
 PASS_PRECISION (`sweep.py --pass-precision`) sets the precision of the GPU's calibration passes for an experiment
 (cpu-vs-gpu.md, session 25), by holding torch's float32 matmul precision where stream.pass_precision would change
-it: `default` as built (TF32 products, float16 attention); `fp32attn` TF32 products, attention in float32;
+it: `default` as built (TF32 products, float16 attention); `fp32attn` TF32 products, attention (and attention_received) in float32;
 `fp32all` no TF32 and no float16 attention (what the CPU computes); `fp32meas` so in the measurement only;
 `fp32quant` so everywhere but the measurement. No effect on the CPU.
 """
@@ -35,7 +35,7 @@ def hold_precision(mode: str) -> None:
     """Patch torch for PASS_PRECISION `mode` (the default precision, "highest", is then kept where asked)."""
     if mode not in PRECISIONS:
         raise SystemExit(f"PASS_PRECISION={mode!r}: one of {', '.join(PRECISIONS)}")
-    if mode == "fp32attn":  # llama.attention reads the precision to choose float16 attention
+    if mode == "fp32attn":  # llama.attention and attention_received read it to choose float16 / TF32
         torch.get_float32_matmul_precision = lambda: "highest"
     if mode not in ("fp32all", "fp32meas", "fp32quant"):
         return
