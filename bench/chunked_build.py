@@ -10,9 +10,9 @@ path. The artifacts' keys stay the same, so build each draw in a fresh store.
 
 PASS_PRECISION (`sweep.py --pass-precision`) sets the precision of the GPU's calibration passes for an experiment
 (cpu-vs-gpu.md, session 25), by holding torch's float32 matmul precision where stream.pass_precision would change
-it: `default` as built (TF32 products, float16 attention); `fp32attn` TF32 products, attention (and attention_received) in float32;
-`fp32all` no TF32 and no float16 attention (what the CPU computes); `fp32meas` so in the measurement only;
-`fp32quant` so everywhere but the measurement. No effect on the CPU.
+it: `default` as built (TF32 products, float16 attention); `fp32attn` TF32 products, attention (and
+attention_received) in float32; `fp32all` no TF32 and no float16 attention (what the CPU computes); `fp32meas` so in
+the measurement only; `fp32quant` so everywhere but the measurement. No effect on the CPU.
 """
 
 from __future__ import annotations
