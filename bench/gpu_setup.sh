@@ -40,13 +40,13 @@ fetch)
         unzip -p "$tmp"/exllamav2-0.3.2-*.whl "exllamav2/conversion/standard_cal_data/$t.utf8" > .dev/texts/$t.txt
     done
     python3 -c 'import idlelib, shutil, os; shutil.copy(os.path.join(os.path.dirname(idlelib.__file__), "NEWS.txt"), ".dev/texts/NEWS.txt")'
-    # exllamav2's requirements that the image may lack (it has torch, numpy, safetensors, ninja, regex); pip takes
+    # exllamav2's requirements that the image may lack (it has torch, numpy, safetensors, regex); pip takes
     # from this folder only what is missing there.
     mkdir -p .dev/exllamav2
     cp "$tmp"/exllamav2-0.3.2-*.whl .dev/exllamav2/
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .dev/exllamav2 fastparquet cramjam fsspec pandas python-dateutil pytz tzdata six websockets pillow
+        -d .dev/exllamav2 fastparquet cramjam fsspec packaging pandas python-dateutil pytz tzdata six websockets pillow ninja
     python3 bench/heldout_text.py .dev/texts/heldout.txt
     rm -r "$tmp"
     ;;
