@@ -28,7 +28,9 @@ import exlbuild.quant.exl2.measure as measure
 import exlbuild.quant.stream as stream
 from exlbuild.cli import main
 
-PRECISIONS = ("default", "fp32attn", "fp32all", "fp32meas", "fp32quant")
+# Where each mode holds the precision: (inside the measurement, outside it).
+HELD = {"fp32all": (True, True), "fp32meas": (True, False), "fp32quant": (False, True)}
+PRECISIONS = ("default", "fp32attn", *HELD)
 
 
 def hold_precision(mode: str) -> None:
@@ -37,10 +39,10 @@ def hold_precision(mode: str) -> None:
         raise SystemExit(f"PASS_PRECISION={mode!r}: one of {', '.join(PRECISIONS)}")
     if mode == "fp32attn":  # llama.attention and attention_received read it to choose float16 / TF32
         torch.get_float32_matmul_precision = lambda: "highest"
-    if mode not in ("fp32all", "fp32meas", "fp32quant"):
+    if mode not in HELD:
         return
     real_set, held = torch.set_float32_matmul_precision, (lambda precision: None)
-    inside, outside = {"fp32all": (held, held), "fp32meas": (held, real_set), "fp32quant": (real_set, held)}[mode]
+    inside, outside = (held if hold else real_set for hold in HELD[mode])
     torch.set_float32_matmul_precision = outside
     measure_model: Callable[..., Any] = measure.measure_model  # (the rule imports it when it runs)
 

@@ -29,10 +29,10 @@ from exlbuild.eval import evaluate
 from exlbuild.rules.exl2 import compute_device
 
 
-def exllamav2_variants(model_dir: Path, work: Path, bits: list[float], head_bits: int,
-                       seconds: dict[str, float]) -> dict[str, Path]:
+def exllamav2_variants(model_dir: Path, work: Path, bits: list[float], head_bits: int
+                       ) -> tuple[dict[str, Path], dict[str, float]]:
     """exllamav2's converter on the FP16 model in `model_dir`: its measurement, then each of `bits` from it, in
-    `work`; the output directories by name (exllamav2-Bbpw), each step's wall time into `seconds`."""
+    `work`; the output directories by name (exllamav2-Bbpw), and each step's wall time by name."""
     convert = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(model_dir), "-o", str(work / "job"),
                "-nr"]
     measurement = work / "measurement.json"
@@ -41,6 +41,7 @@ def exllamav2_variants(model_dir: Path, work: Path, bits: list[float], head_bits
         steps[f"exllamav2-{b}bpw"] = ["-m", str(measurement), "-b", str(b), "-hb", str(head_bits),
                                       "-cf", str(work / f"exllamav2-{b}bpw")]
     work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
     for name, args in steps.items():
         t0 = time.perf_counter()
         run = subprocess.run(convert + args, capture_output=True, text=True)
@@ -50,7 +51,7 @@ def exllamav2_variants(model_dir: Path, work: Path, bits: list[float], head_bits
                              f"{run.stderr[-3000:]}")
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"exllamav2 {name}: {seconds[name]} s", flush=True)
-    return {name: work / name for name in steps if name != "measurement"}
+    return {name: work / name for name in steps if name != "measurement"}, seconds
 
 
 def main() -> None:
@@ -72,8 +73,9 @@ def main() -> None:
               for t in status["targets"] if t["kind"] in ("model", "compiled")}
     seconds: dict[str, float] = {}
     if args.exllamav2_bits:
-        models.update(exllamav2_variants(models["model"], args.exllamav2_work, args.exllamav2_bits, args.head_bits,
-                                         seconds))
+        reference, seconds = exllamav2_variants(models["model"], args.exllamav2_work, args.exllamav2_bits,
+                                                args.head_bits)
+        models.update(reference)
     results: dict[str, dict] = {}
     for name, directory in models.items():
         for text in args.texts:
@@ -81,7 +83,8 @@ def main() -> None:
                               device=compute_device())
             results.setdefault(name, {})[text.stem] = result
             print(name, text.stem, json.dumps(result), flush=True)
-    args.out.write_text(json.dumps({**results, **({"exllamav2-seconds": seconds} if seconds else {})}, indent=1) + "\n")
+    report = {**results, "exllamav2-seconds": seconds} if seconds else results
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     fp16 = results.pop("model")
     print("| variant | " + " | ".join(t.stem for t in args.texts) + " |")
     print("| --- |" + " ---: |" * len(args.texts))
