@@ -2,8 +2,8 @@
 
     python bench/evals.py WORK/smollm2-sweep.yaml OUT.json c4.txt wiki.txt heldout.txt NEWS.txt [--set KEY=VALUE ...]
 
-The recipe is the one bench/sweep.py copied into its --work folder, already built (with the same `--set`
-overrides as the sweep's, where they change the model or the variants); the model and the compiled directories
+The recipe is the one bench/sweep.py copied into its --work folder, already built (with the sweep's overrides as
+`--set`: those that change the model or the variants, and eval.text, which `status` resolves too); the model and the compiled directories
 are found through `exlbuild status --json`, as bench/sweep.py finds its steps. Each text is scored under its file
 name's stem, in windows of `--window` tokens, at most `--max-windows` of them, on the GPU if there is one. The texts
 of bench/results/quality-h100.md: exllamav2 0.3.2's bundled C4 and Wikipedia samples

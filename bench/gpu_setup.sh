@@ -40,8 +40,8 @@ fetch)
         unzip -p "$tmp"/exllamav2-0.3.2-*.whl "exllamav2/conversion/standard_cal_data/$t.utf8" > .dev/texts/$t.txt
     done
     python3 -c 'import idlelib, shutil, os; shutil.copy(os.path.join(os.path.dirname(idlelib.__file__), "NEWS.txt"), ".dev/texts/NEWS.txt")'
-    # exllamav2's requirements that the image may lack (it has torch, numpy, safetensors, regex); pip takes
-    # from this folder only what is missing there.
+    # exllamav2's requirements that the image may lack (it has torch, numpy, safetensors, regex); the install
+    # takes from this folder only what is missing there.
     mkdir -p .dev/exllamav2
     cp "$tmp"/exllamav2-0.3.2-*.whl .dev/exllamav2/
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -69,7 +69,14 @@ part2)
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     ;;
 exllamav2)
-    python3 -m pip install -q --no-index --find-links .dev/exllamav2 exllamav2==0.3.2
+    # Each wheel whose distribution the image lacks, without pip's resolver: it would also check the image's torch
+    # against torch's own pins (setuptools<82, which the image does not meet) and stop.
+    missing=()
+    for wheel in .dev/exllamav2/*.whl; do
+        name=$(basename "$wheel" | cut -d- -f1)
+        python3 -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$name" 2>/dev/null || missing+=("$wheel")
+    done
+    python3 -m pip install -q --no-index --no-deps "${missing[@]}"
     ;;
 *)
     echo "usage: bash bench/gpu_setup.sh fetch|part1|part2|exllamav2" >&2
