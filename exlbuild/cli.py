@@ -11,11 +11,13 @@ from typing import Any, Callable
 
 from exlbuild import __version__
 from exlbuild.errors import ExlbuildError
+from exlbuild.host import reuse_freed_memory
 
 COMMANDS = ("build", "plan", "status", "graph", "verify", "clean", "gc", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
+    reuse_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "build")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from exlbuild import progress
 from exlbuild.errors import ExlbuildError
 from exlbuild.graph import BuildContext, Graph, Node, explain
+from exlbuild.host import reuse_freed_memory
 from exlbuild.store import Store, tree_size
 
 UP_TO_DATE, BUILT, REUSED, FAILED, STALE = "up to date", "built", "reused", "failed", "stale"
@@ -200,6 +201,7 @@ def _start_worker(slots: Any, messages: Any) -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
+    reuse_freed_memory()
     slot = slots.get()
     _worker["messages"] = messages
     try:
