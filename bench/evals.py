@@ -3,10 +3,10 @@
     python bench/evals.py WORK/smollm2-sweep.yaml OUT.json c4.txt wiki.txt heldout.txt NEWS.txt [--set KEY=VALUE ...]
 
 The recipe is the one bench/sweep.py copied into its --work folder, already built (with the sweep's overrides as
-`--set`: those that change the model or the variants, and eval.text, which `status` resolves too); the model and the compiled directories
-are found through `exlbuild status --json`, as bench/sweep.py finds its steps. Each text is scored under its file
-name's stem, in windows of `--window` tokens, at most `--max-windows` of them, on the GPU if there is one. The texts
-of bench/results/quality-h100.md: exllamav2 0.3.2's bundled C4 and Wikipedia samples
+`--set`: those that change the model or the variants, and eval.text, which `status` resolves too); the model and the
+compiled directories are found through `exlbuild status --json`, as bench/sweep.py finds its steps. Each text is
+scored under its file name's stem, in windows of `--window` tokens, at most `--max-windows` of them, on the GPU if there
+is one. The texts of bench/results/quality-h100.md: exllamav2 0.3.2's bundled C4 and Wikipedia samples
 (conversion/standard_cal_data/c4.utf8 and wiki.utf8 in its wheel; for evaluation only), bench/heldout_text.py's
 held-out articles, and Python 3.11's idlelib/NEWS.txt (the GPU machine's Python has no idlelib: carry it).
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import platform
+import resource
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-# A CPU pass's pattern between its GEMMs, in a fresh process: temporaries of megabytes, written, then freed (16 × 2 MiB,
-# 30 times over); the page faults after the first round.
+# A CPU pass's pattern between its GEMMs, in a fresh process: temporaries of megabytes, written, then freed
+# (16 × 2 MiB, 30 times over); the page faults after the first round.
 CHURN = textwrap.dedent("""
     import resource, torch
     from exlbuild.host import reuse_freed_memory
@@ -25,7 +26,7 @@ CHURN = textwrap.dedent("""
         churn()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
-ROUND_PAGES = 16 * (2 << 20) // 4096
+ROUND_PAGES = 16 * (2 << 20) // resource.getpagesize()
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc")
