@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 # glibc's mallopt parameters (malloc.h) and the values set: blocks up to 32 MiB (glibc's largest mmap threshold on
 # 64-bit hosts) come from the heap, and up to 1 GiB of free heap top is kept rather than handed back.
@@ -19,12 +18,11 @@ def reuse_freed_memory() -> bool:
     times. By default glibc maps each block over its threshold afresh and returns it on free, or trims the heap's
     free top, and the kernel then faults every page of the next one in and zeroes it: the CPU demo took 121 million
     minor page faults and 16 % of its CPU time in the kernel (bench/NOTES.md §33). Nothing computed changes."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl, macOS)
+        process = ctypes.CDLL(None)  # the symbols the process has loaded, libc's among them (no library search)
+    except (OSError, TypeError):  # (Windows)
+        return False
+    mallopt = getattr(process, "mallopt", None)
+    if mallopt is None or not hasattr(process, "gnu_get_libc_version"):  # not glibc (musl, macOS)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
