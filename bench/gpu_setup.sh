@@ -76,7 +76,8 @@ exllamav2)
         name=$(basename "$wheel" | cut -d- -f1)
         python3 -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "$name" 2>/dev/null || missing+=("$wheel")
     done
-    python3 -m pip install -q --no-index --no-deps "${missing[@]}"
+    # (nothing missing: already installed by an earlier call on this machine)
+    [ ${#missing[@]} -eq 0 ] || python3 -m pip install -q --no-index --no-deps "${missing[@]}"
     ;;
 *)
     echo "usage: bash bench/gpu_setup.sh fetch|part1|part2|exllamav2" >&2
