@@ -9,10 +9,9 @@ is byte-identical: exlbuild.quant.exl2.tune.deterministic_algorithms.)
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
+from sdpa_probe import timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEADS, KV_HEADS, POSITIONS, HEAD_DIM = 9, 3, 2048, 64
@@ -45,18 +44,10 @@ def case(rows: int, backend: SDPBackend, deterministic: bool, grouped: bool) -> 
         return f"fails: {str(e).splitlines()[0][:80]}"
     repeatable = all(all(torch.equal(a, b) for a, b in zip(step(), first)) for _ in range(5))
 
-    def ms(fn) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(REPEAT):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / REPEAT * 1e3
-
-    both = ms(step)
+    both = timed(step, REPEAT)
     with torch.no_grad():
-        alone = ms(forward)
-    return f"forward+backward {both:.3f} ms, forward {alone:.3f} ms, repeatable {repeatable}"
+        alone = timed(forward, REPEAT)
+    return f"forward+backward {both * 1e3:.3f} ms, forward {alone * 1e3:.3f} ms, repeatable {repeatable}"
 
 
 def main() -> None:
