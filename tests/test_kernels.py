@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from exlbuild.kernels.adam import adam_update_reference, adam_update_triton
+from exlbuild.kernels.attention import causal_attention_reference, causal_attention_triton
 from exlbuild.kernels.attention_received import attention_received_reference, attention_received_triton
 from exlbuild.kernels.decoder_ops import (
     gated_activation_reference,
@@ -590,6 +591,42 @@ def attention_received(device: str, real: bool, seed: int) -> None:
             sums = torch.full((rows,), float(seq), device=device)
             torch.testing.assert_close(ours.sum(-1), sums, rtol=1e-5, atol=0, msg=where)
 
+
+
+@check
+def causal_attention(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    # (rows, heads, kv heads, seq, head_dim): a refinement step's and a tuning step's SmolLM2 attention (groups of 3),
+    # or small ones whose lengths end inside a block of 64, with groups of 3 and 2. bfloat16 (the fits') on the GPU,
+    # float16 in the interpreter (numpy has no bfloat16) and on the GPU.
+    cases = [(4, 9, 3, 2048, 64), (2, 9, 3, 2048, 64)] if real else [(2, 3, 1, 100, 16), (1, 4, 2, 70, 32)]
+    for rows, heads, kv_heads, seq, dim in cases:
+        for dtype in [torch.bfloat16, torch.float16] if real else [torch.float16]:
+            where = f"{dtype} {rows}×{heads}/{kv_heads}×{seq}×{dim}, seed {seed}"
+            # The model's layout: q (rows, seq, heads, dim) transposed; an attention sink as in attention_received.
+            sink = torch.randn(dim, generator=g)
+            q = torch.randn(rows, seq, heads, dim, generator=g) + sink * torch.rand(rows, seq, heads, 1, generator=g)
+            k = torch.randn(rows, seq, kv_heads, dim, generator=g)
+            k[:, 0] += 4 * sink
+            v = torch.randn(rows, seq, kv_heads, dim, generator=g)
+            grad_out = torch.randn(rows, seq, heads, dim, generator=g)
+            q, k, v, grad_out = (x.to(device, dtype).transpose(1, 2) for x in (q, k, v, grad_out))
+            inputs = [x.requires_grad_() for x in (q, k, v)]
+            ours = causal_attention_triton(*inputs, dim**-0.5)
+            ours_grads = torch.autograd.grad(ours, inputs, grad_out)
+            again = causal_attention_triton(*inputs, dim**-0.5)
+            assert same(again, ours) and all(same(a, b) for a, b in
+                                             zip(torch.autograd.grad(again, inputs, grad_out), ours_grads)), \
+                f"{where}: not the same bits twice"
+            reference = causal_attention_reference(*inputs, dim**-0.5)
+            reference_grads = torch.autograd.grad(reference, inputs, grad_out)
+            # Relative to the largest value: the kernels round the probabilities and dS to the inputs' dtype before
+            # their products (8 bits of bfloat16's, 11 of float16's), the reference keeps them in float32. Measured in
+            # the interpreter: at most 7e-4 in float16.
+            bound = 2**-4 if dtype == torch.bfloat16 else 2**-7
+            for name, a, b in zip(["output", "dQ", "dK", "dV"], [ours, *ours_grads], [reference, *reference_grads]):
+                error = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                assert error <= bound, f"{name}, {where}: {error:.3g} of the largest value, over {bound:.3g}"
 
 # ---------------------------------------------------------------------------------------------
 # CPU: the checks in one child process under Triton's interpreter.

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlbuild import progress
+from exlbuild.kernels.attention import causal_attention
 from exlbuild.kernels.attention_received import allowed_keys, attention_received as kernel_attention_received
 from exlbuild.kernels.decoder_ops import gated_activation, rms_norm, rotary, scale_features
 from exlbuild.model.checkpoint import (
@@ -133,12 +134,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
         # attention takes float16's 10 bits: flash attention instead of float32's ~5× slower kernel. (q, k and v
         # project normalized states: far inside float16's range; an overflow would fail the pass's finite check.)
         q, k, v = q.half(), k.half(), v.half()
+    in_place = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
+    if in_place and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) \
+            and cfg.head_dim >= 16 and cfg.head_dim & (cfg.head_dim - 1) == 0:
+        # The fits' steps (differentiated). Flash attention's backward adds dQ atomically; in the deterministic mode
+        # the fits run in it runs fewer, longer programs: 0.68 against 0.43 ms a refinement step's attention on the
+        # H100 (bench/results/attention-determinism-h100.txt). This kernel's backward is deterministic by
+        # construction and reads the KV heads in place (kernels/attention.py).
+        a = causal_attention(q, k, v, 1 / math.sqrt(cfg.head_dim)).to(dtype)
+        return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
     # Each KV head serves num_kv_groups consecutive query heads. Flash attention (CUDA, 16-bit) reads them in place
     # in SDPA's grouped mode: copies of k and v expanded to every query head, and the sums of their gradients, took
     # 0.80 ms of a refinement step's attention where it takes 0.68, with the same bits (bench/NOTES.md §25). The
     # other kernels (and flash with a window's mask) have no grouped mode (PyTorch would fall back to the math
     # kernel): there an expanded view copied once.
-    grouped = cfg.num_kv_groups > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
+    grouped = cfg.num_kv_groups > 1 and in_place
     if cfg.num_kv_groups > 1 and not grouped:
         b, kv_heads, _, d = k.shape
         k, v = (y[:, :, None].expand(b, kv_heads, cfg.num_kv_groups, t, d).reshape(b, -1, t, d) for y in (k, v))

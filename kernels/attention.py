@@ -1,0 +1,277 @@
+"""Causal attention with a backward that is deterministic by construction, for the fits' steps (the refinement and the
+tuning differentiate through every layer's attention).
+
+PyTorch's flash attention adds each key block's share of dQ atomically; in the deterministic mode the fits run in (so
+that a rebuild is byte-identical) it runs fewer, longer programs instead, which cost the refinement's attention 0.68
+against 0.43 ms a step on the H100 (bench/results/attention-determinism-h100.txt). Here no program adds into memory
+another writes: the backward is two kernels, one program per key block for dK and dV (over the query heads that share
+its KV head and the query blocks that see it) and one per query block for dQ (over the key blocks it sees), each
+recomputing the probabilities from the forward's log-sum-exp. Every result is summed in one program in a fixed order.
+
+q (batch, heads, seq, dim), k and v (batch, kv_heads, seq, dim), heads a multiple of kv_heads (each KV head serves
+heads / kv_heads consecutive query heads), causal, softmax(scale · q·kᵀ)·v. Products of float16 or bfloat16 inputs,
+summed in float32; the probabilities and dS are rounded to the inputs' dtype before their products (as flash attention
+does), the softmax and every sum in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from exlbuild.kernels.runtime import interpreting, jit, launch, tl, use_triton
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The attention in PyTorch's own ops (its backward by autograd): KV heads expanded to their query heads, the
+    logits and the softmax in float32, the output in q's dtype."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    t = q.shape[2]
+    logits = (q.float() @ k.float().mT) * scale
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    p = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    return (p @ v.float()).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+#
+# As in attention_received.py: Triton 3.6's interpreter cannot loop to a run-time bound, so with INTERPRETED the loops
+# are while loops; compiled they are for loops, which Triton pipelines.
+
+
+@jit
+def _forward_step(q, k_base, v_base, kv_st, start, i, d, m, total, acc, T, qk_scale,
+                  BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    # One block of keys: the running maximum m and sum of exp2(logit − m) (log2 units), and acc = Σ p·v.
+    j = start + tl.arange(0, BLOCK_N)
+    k = tl.load(k_base + j[None, :] * kv_st + d[:, None], mask=(j < T)[None, :], other=0.0)  # (D, BLOCK_N)
+    s = tl.dot(q, k) * qk_scale
+    s = tl.where(i[:, None] >= j[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    rescale = tl.exp2(m - m_new)
+    total = total * rescale + tl.sum(p, axis=1)
+    v = tl.load(v_base + j[:, None] * kv_st + d[None, :], mask=(j < T)[:, None], other=0.0)  # (BLOCK_N, D)
+    acc = acc * rescale[:, None] + tl.dot(p.to(DTYPE), v)
+    return m_new, total, acc
+
+
+@jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
+                    o_sb, o_sh, o_st,
+                    HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # One program: one row, one query head, BLOCK_M query positions, against the key blocks up to the last of them.
+    # The last query blocks see the most keys: they start first.
+    block = tl.num_programs(0) - 1 - tl.program_id(0)
+    row_head = tl.program_id(1)
+    b, h = row_head // HEADS, row_head % HEADS
+    i = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + i[:, None] * q_st + d[None, :], mask=(i < T)[:, None],
+                other=0.0)
+    kv_at = b.to(tl.int64) * kv_sb + (h // GROUP) * kv_sh
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    last = tl.minimum(T, (block + 1) * BLOCK_M)
+    if INTERPRETED:
+        start = 0
+        while start < last:
+            m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
+                                          qk_scale, BLOCK_N, DTYPE)
+            start += BLOCK_N
+    else:
+        for start in range(0, last, BLOCK_N):
+            m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
+                                          qk_scale, BLOCK_N, DTYPE)
+    o = acc / total[:, None]
+    tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + i[:, None] * o_st + d[None, :], o.to(DTYPE),
+             mask=(i < T)[:, None])
+    tl.store(lse_ptr + row_head.to(tl.int64) * T + i, m + tl.log2(total), mask=i < T)
+
+
+@jit
+def _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T, qk_scale,
+                    BLOCK_M: tl.constexpr, DTYPE: tl.constexpr):
+    # One block of queries of one head against this program's keys: pᵀ and dSᵀ (keys × queries), dV += pᵀ·dO and
+    # dK += dSᵀ·q (dK still without the logits' scale). Queries past the end take lse = +inf: p = 0.
+    i = start + tl.arange(0, BLOCK_M)
+    inside = (i < T)[:, None]
+    q = tl.load(q_base + i[:, None] * q_st + d[None, :], mask=inside, other=0.0)
+    do = tl.load(do_base + i[:, None] * q_st + d[None, :], mask=inside, other=0.0)
+    lse = tl.load(lse_base + i, mask=i < T, other=float("inf"))
+    delta = tl.load(delta_base + i, mask=i < T, other=0.0)
+    s = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
+    p = tl.where(j[:, None] <= i[None, :], tl.exp2(s - lse[None, :]), 0.0)
+    dv += tl.dot(p.to(DTYPE), do)
+    dp = tl.dot(v, tl.trans(do))
+    ds = p * (dp - delta[None, :])
+    dk += tl.dot(ds.to(DTYPE), q)
+    return dk, dv
+
+
+@jit
+def _key_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, qk_scale, scale,
+                      q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
+                      HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # One program: one row, one KV head, BLOCK_N key positions; for each query head of the group, the query blocks
+    # from the one holding the first key to the end. dO has q's layout (q_s*), dK and dV k's (kv_s*); lse and delta
+    # are (batch, heads, seq). The first key blocks are seen by the most queries: they start first.
+    block = tl.program_id(0)
+    row_kv = tl.program_id(1)
+    b, kv = row_kv // KV_HEADS, row_kv % KV_HEADS
+    j = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    kv_at = b.to(tl.int64) * kv_sb + kv * kv_sh + j[:, None] * kv_st + d[None, :]
+    k = tl.load(k_ptr + kv_at, mask=(j < T)[:, None], other=0.0)
+    v = tl.load(v_ptr + kv_at, mask=(j < T)[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    first = block * BLOCK_N // BLOCK_M * BLOCK_M
+    for g in range(GROUP):
+        h = kv * GROUP + g
+        q_base = q_ptr + b.to(tl.int64) * q_sb + h * q_sh
+        do_base = do_ptr + b.to(tl.int64) * q_sb + h * q_sh
+        lse_base = lse_ptr + (b * HEADS + h).to(tl.int64) * T
+        delta_base = delta_ptr + (b * HEADS + h).to(tl.int64) * T
+        if INTERPRETED:
+            start = first
+            while start < T:
+                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                         qk_scale, BLOCK_M, DTYPE)
+                start += BLOCK_M
+        else:
+            for start in range(first, T, BLOCK_M):
+                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                         qk_scale, BLOCK_M, DTYPE)
+    tl.store(dk_ptr + kv_at, (dk * scale).to(DTYPE), mask=(j < T)[:, None])
+    tl.store(dv_ptr + kv_at, dv.to(DTYPE), mask=(j < T)[:, None])
+
+
+@jit
+def _query_block_step(q, do, lse, delta, k_base, v_base, kv_st, start, i, d, dq, T, qk_scale,
+                      BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
+    # One block of keys against this program's queries: dQ += dS·k (still without the logits' scale).
+    j = start + tl.arange(0, BLOCK_N)
+    k = tl.load(k_base + j[:, None] * kv_st + d[None, :], mask=(j < T)[:, None], other=0.0)
+    v = tl.load(v_base + j[:, None] * kv_st + d[None, :], mask=(j < T)[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(i[:, None] >= j[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(DTYPE), k)
+
+
+@jit
+def _query_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, qk_scale, scale,
+                        q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
+                        HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # One program: one row, one query head, BLOCK_M query positions, against the key blocks up to the last of them;
+    # dQ in q's layout. The last query blocks see the most keys: they start first.
+    block = tl.num_programs(0) - 1 - tl.program_id(0)
+    row_head = tl.program_id(1)
+    b, h = row_head // HEADS, row_head % HEADS
+    i = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    q_at = b.to(tl.int64) * q_sb + h * q_sh + i[:, None] * q_st + d[None, :]
+    q = tl.load(q_ptr + q_at, mask=(i < T)[:, None], other=0.0)
+    do = tl.load(do_ptr + q_at, mask=(i < T)[:, None], other=0.0)
+    lse = tl.load(lse_ptr + row_head.to(tl.int64) * T + i, mask=i < T, other=float("inf"))
+    delta = tl.load(delta_ptr + row_head.to(tl.int64) * T + i, mask=i < T, other=0.0)
+    kv_at = b.to(tl.int64) * kv_sb + (h // GROUP) * kv_sh
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    last = tl.minimum(T, (block + 1) * BLOCK_M)
+    if INTERPRETED:
+        start = 0
+        while start < last:
+            dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
+                                   qk_scale, BLOCK_N, DTYPE)
+            start += BLOCK_N
+    else:
+        for start in range(0, last, BLOCK_N):
+            dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
+                                   qk_scale, BLOCK_N, DTYPE)
+    tl.store(dq_ptr + q_at, (dq * scale).to(DTYPE), mask=(i < T)[:, None])
+
+
+# Blocks of 64 query and 64 key positions, 4 warps (not yet tuned on the GPU).
+_BLOCK_M = 64
+_BLOCK_N = 64
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _common(q: Tensor) -> dict:
+    return dict(HEAD_DIM=q.shape[3], BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, DTYPE=getattr(tl, _DTYPES[q.dtype]),
+                INTERPRETED=interpreting(), num_warps=4, num_stages=2)
+
+
+def causal_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The output (q's layout and dtype) and each query's log-sum-exp of its scaled logits in log2 units (batch, heads,
+    seq) float32, for q (batch, heads, seq, dim) and k, v (batch, kv_heads, seq, dim) of one layout (last dim
+    contiguous), float16 or bfloat16, dim a power of two ≥ 16."""
+    batch, heads, t, _ = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, heads, t, dtype=torch.float32, device=q.device)
+    launch(_forward_kernel, (-(-t // _BLOCK_M), batch * heads), q.device, q, k, v, o, lse, t, scale * math.log2(math.e),
+           *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], HEADS=heads, GROUP=heads // k.shape[1], **_common(q))
+    return o, lse
+
+
+def causal_attention_backward_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV for the forward's output o and log-sum-exp lse (causal_attention_forward_triton). dO is copied to
+    q's layout if it has another."""
+    batch, heads, t, _ = q.shape
+    kv_heads = k.shape[1]
+    if grad_out.stride() != q.stride():
+        grad_out = torch.empty_like(q).copy_(grad_out)
+    # D_i = Σ_d dO·O, each query's share of the softmax's gradient: one float32 reduction (the same bits every run).
+    delta = (grad_out.float() * o.float()).sum(-1)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    qk_scale = scale * math.log2(math.e)
+    strides = (*q.stride()[:3], *k.stride()[:3])
+    launch(_key_block_kernel, (-(-t // _BLOCK_N), batch * kv_heads), q.device, q, k, v, grad_out, lse, delta, dk, dv,
+           t, qk_scale, scale, *strides, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads, **_common(q))
+    launch(_query_block_kernel, (-(-t // _BLOCK_M), batch * heads), q.device, q, k, v, grad_out, lse, delta, dq,
+           t, qk_scale, scale, *strides, HEADS=heads, GROUP=heads // kv_heads, **_common(q))
+    return dq, dk, dv
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        o, lse = causal_attention_forward_triton(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        return (*causal_attention_backward_triton(grad_out, *ctx.saved_tensors, ctx.scale), None)
+
+
+def causal_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """causal_attention_reference by the Triton kernels, differentiable (the backward deterministic). k and v are made
+    to share one layout with a contiguous last dim; on CPU tensors the kernels run in Triton's interpreter."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    return _CausalAttention.apply(q, k, v, scale)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal attention, differentiable: Triton on CUDA (a deterministic backward), else the reference."""
+    if use_triton(q, k, v):
+        return causal_attention_triton(q, k, v, scale)
+    return causal_attention_reference(q, k, v, scale)
