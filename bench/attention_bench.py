@@ -2,7 +2,8 @@
 deterministic and not, at a refinement step's and a tuning step's shapes (4 and 2 rows of SmolLM2: 9 query heads and
 3 KV heads of 64, 2048 positions, causal, bfloat16), in the model's layout. Forward and backward time, whether the
 gradients repeat bit for bit, and how far each lands from flash attention's non-deterministic result (relative to
-the largest value). With --blocks, the kernels' block sizes, warps and stages are tried too.
+the largest value). With --blocks, each kernel's block sizes, warps and stages are tried too (kernels.attention's
+LaunchConfig, one kernel at a time).
 
     python bench/attention_bench.py [--blocks] > bench/results/attention-bench-h100.txt
 """
@@ -82,17 +83,17 @@ def main() -> None:
         print(f"rows={rows} flash, deterministic:     {measure(flash, rows, True, truth)[0]}", flush=True)
         print(f"rows={rows} triton:                   {measure(triton, rows, True, truth)[0]}", flush=True)
         if args.blocks:
-            default = kernel._BLOCK_M, kernel._BLOCK_N, kernel._common
-            for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
-                kernel._BLOCK_M, kernel._BLOCK_N = block_m, block_n
-                kernel._common = lambda q, w=warps, s=stages: {**default[2](q), "num_warps": w, "num_stages": s}
-                try:
-                    line = measure(triton, rows, True, truth)[0]
-                except Exception as e:  # a configuration that does not fit (shared memory, registers)
-                    line = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                print(f"rows={rows} triton {block_m}×{block_n}, {warps} warps, {stages} stages: {line}", flush=True)
-            kernel._BLOCK_M, kernel._BLOCK_N, kernel._common = default
-
+            # One kernel's configuration at a time, the others at their defaults.
+            for name in ("FORWARD", "KEY_BLOCKS", "QUERY_BLOCKS"):
+                default = getattr(kernel, name)
+                for shape in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+                    setattr(kernel, name, kernel.LaunchConfig(*shape))
+                    try:
+                        line = measure(triton, rows, True, truth)[0]
+                    except Exception as e:  # a configuration that does not fit (shared memory, registers)
+                        line = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                    print(f"rows={rows} triton {name} {shape}: {line}", flush=True)
+                setattr(kernel, name, default)
 
 if __name__ == "__main__":
     main()

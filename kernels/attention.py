@@ -17,6 +17,7 @@ does), the softmax and every sum in float32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,12 +49,14 @@ def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
 
 @jit
 def _forward_step(q, k_base, v_base, kv_st, start, i, d, m, total, acc, T, qk_scale,
-                  BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
-    # One block of keys: the running maximum m and sum of exp2(logit − m) (log2 units), and acc = Σ p·v.
+                  BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    # One block of keys: the running maximum m and sum of exp2(logit − m) (log2 units), and acc = Σ p·v. MASKED: the
+    # block holds keys after some of the queries (the causal mask applies); the others need no mask.
     j = start + tl.arange(0, BLOCK_N)
     k = tl.load(k_base + j[None, :] * kv_st + d[:, None], mask=(j < T)[None, :], other=0.0)  # (D, BLOCK_N)
     s = tl.dot(q, k) * qk_scale
-    s = tl.where(i[:, None] >= j[None, :], s, float("-inf"))
+    if MASKED:
+        s = tl.where(i[:, None] >= j[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     p = tl.exp2(s - m_new[:, None])
     rescale = tl.exp2(m - m_new)
@@ -81,17 +84,26 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, q_sb, q_sh
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    # The key blocks wholly before the block's first query need no mask; those from there to its last query do.
+    unmasked = block * BLOCK_M // BLOCK_N * BLOCK_N
     last = tl.minimum(T, (block + 1) * BLOCK_M)
     if INTERPRETED:
         start = 0
+        while start < unmasked:
+            m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
+                                          qk_scale, BLOCK_N, DTYPE, False)
+            start += BLOCK_N
         while start < last:
             m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
-                                          qk_scale, BLOCK_N, DTYPE)
+                                          qk_scale, BLOCK_N, DTYPE, True)
             start += BLOCK_N
     else:
-        for start in range(0, last, BLOCK_N):
+        for start in range(0, unmasked, BLOCK_N):
             m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
-                                          qk_scale, BLOCK_N, DTYPE)
+                                          qk_scale, BLOCK_N, DTYPE, False)
+        for start in range(unmasked, last, BLOCK_N):
+            m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
+                                          qk_scale, BLOCK_N, DTYPE, True)
     o = acc / total[:, None]
     tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + i[:, None] * o_st + d[None, :], o.to(DTYPE),
              mask=(i < T)[:, None])
@@ -100,9 +112,10 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, q_sb, q_sh
 
 @jit
 def _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T, qk_scale,
-                    BLOCK_M: tl.constexpr, DTYPE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
     # One block of queries of one head against this program's keys: pᵀ and dSᵀ (keys × queries), dV += pᵀ·dO and
-    # dK += dSᵀ·q (dK still without the logits' scale). Queries past the end take lse = +inf: p = 0.
+    # dK += dSᵀ·q (dK still without the logits' scale). Queries past the end take lse = +inf: p = 0. MASKED: some
+    # of the block's queries come before some of the keys.
     i = start + tl.arange(0, BLOCK_M)
     inside = (i < T)[:, None]
     q = tl.load(q_base + i[:, None] * q_st + d[None, :], mask=inside, other=0.0)
@@ -110,7 +123,9 @@ def _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j,
     lse = tl.load(lse_base + i, mask=i < T, other=float("inf"))
     delta = tl.load(delta_base + i, mask=i < T, other=0.0)
     s = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
-    p = tl.where(j[:, None] <= i[None, :], tl.exp2(s - lse[None, :]), 0.0)
+    p = tl.exp2(s - lse[None, :])
+    if MASKED:
+        p = tl.where(j[:, None] <= i[None, :], p, 0.0)
     dv += tl.dot(p.to(DTYPE), do)
     dp = tl.dot(v, tl.trans(do))
     ds = p * (dp - delta[None, :])
@@ -136,7 +151,9 @@ def _key_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
     v = tl.load(v_ptr + kv_at, mask=(j < T)[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    # From the query block holding the first key; the query blocks wholly after the last key need no mask.
     first = block * BLOCK_N // BLOCK_M * BLOCK_M
+    unmasked = tl.minimum(((block + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, T)
     for g in range(GROUP):
         h = kv * GROUP + g
         q_base = q_ptr + b.to(tl.int64) * q_sb + h * q_sh
@@ -145,27 +162,37 @@ def _key_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
         delta_base = delta_ptr + (b * HEADS + h).to(tl.int64) * T
         if INTERPRETED:
             start = first
+            while start < unmasked:
+                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                         qk_scale, BLOCK_M, DTYPE, True)
+                start += BLOCK_M
             while start < T:
                 dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, DTYPE)
+                                         qk_scale, BLOCK_M, DTYPE, False)
                 start += BLOCK_M
         else:
-            for start in range(first, T, BLOCK_M):
+            for start in range(first, unmasked, BLOCK_M):
                 dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, DTYPE)
+                                         qk_scale, BLOCK_M, DTYPE, True)
+            for start in range(unmasked, T, BLOCK_M):
+                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                         qk_scale, BLOCK_M, DTYPE, False)
     tl.store(dk_ptr + kv_at, (dk * scale).to(DTYPE), mask=(j < T)[:, None])
     tl.store(dv_ptr + kv_at, dv.to(DTYPE), mask=(j < T)[:, None])
 
 
 @jit
 def _query_block_step(q, do, lse, delta, k_base, v_base, kv_st, start, i, d, dq, T, qk_scale,
-                      BLOCK_N: tl.constexpr, DTYPE: tl.constexpr):
-    # One block of keys against this program's queries: dQ += dS·k (still without the logits' scale).
+                      BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    # One block of keys against this program's queries: dQ += dS·k (still without the logits' scale). MASKED: as in
+    # _forward_step.
     j = start + tl.arange(0, BLOCK_N)
     k = tl.load(k_base + j[:, None] * kv_st + d[None, :], mask=(j < T)[:, None], other=0.0)
     v = tl.load(v_base + j[:, None] * kv_st + d[None, :], mask=(j < T)[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
-    p = tl.where(i[:, None] >= j[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        p = tl.where(i[:, None] >= j[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(DTYPE), k)
@@ -190,29 +217,49 @@ def _query_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     delta = tl.load(delta_ptr + row_head.to(tl.int64) * T + i, mask=i < T, other=0.0)
     kv_at = b.to(tl.int64) * kv_sb + (h // GROUP) * kv_sh
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    unmasked = block * BLOCK_M // BLOCK_N * BLOCK_N  # as in _forward_kernel
     last = tl.minimum(T, (block + 1) * BLOCK_M)
     if INTERPRETED:
         start = 0
+        while start < unmasked:
+            dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
+                                   qk_scale, BLOCK_N, DTYPE, False)
+            start += BLOCK_N
         while start < last:
             dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
-                                   qk_scale, BLOCK_N, DTYPE)
+                                   qk_scale, BLOCK_N, DTYPE, True)
             start += BLOCK_N
     else:
-        for start in range(0, last, BLOCK_N):
+        for start in range(0, unmasked, BLOCK_N):
             dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
-                                   qk_scale, BLOCK_N, DTYPE)
+                                   qk_scale, BLOCK_N, DTYPE, False)
+        for start in range(unmasked, last, BLOCK_N):
+            dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
+                                   qk_scale, BLOCK_N, DTYPE, True)
     tl.store(dq_ptr + q_at, (dq * scale).to(DTYPE), mask=(i < T)[:, None])
 
 
-# Blocks of 64 query and 64 key positions, 4 warps (not yet tuned on the GPU).
-_BLOCK_M = 64
-_BLOCK_N = 64
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A kernel's tiles (query and key positions a block) and its compile options."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+# Not yet tuned on the GPU: bench/attention_bench.py --blocks tries others for each kernel.
+FORWARD = LaunchConfig(64, 64, 4, 2)
+KEY_BLOCKS = LaunchConfig(64, 64, 4, 2)
+QUERY_BLOCKS = LaunchConfig(64, 64, 4, 2)
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _common(q: Tensor) -> dict:
-    return dict(HEAD_DIM=q.shape[3], BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, DTYPE=getattr(tl, _DTYPES[q.dtype]),
-                INTERPRETED=interpreting(), num_warps=4, num_stages=2)
+def _options(q: Tensor, config: LaunchConfig) -> dict:
+    return dict(HEAD_DIM=q.shape[3], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                DTYPE=getattr(tl, _DTYPES[q.dtype]), INTERPRETED=interpreting(), num_warps=config.warps,
+                num_stages=config.stages)
 
 
 def causal_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -222,8 +269,9 @@ def causal_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, scale: floa
     batch, heads, t, _ = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, t, dtype=torch.float32, device=q.device)
-    launch(_forward_kernel, (-(-t // _BLOCK_M), batch * heads), q.device, q, k, v, o, lse, t, scale * math.log2(math.e),
-           *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], HEADS=heads, GROUP=heads // k.shape[1], **_common(q))
+    launch(_forward_kernel, (-(-t // FORWARD.block_m), batch * heads), q.device, q, k, v, o, lse, t,
+           scale * math.log2(math.e), *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], HEADS=heads,
+           GROUP=heads // k.shape[1], **_options(q, FORWARD))
     return o, lse
 
 
@@ -240,10 +288,11 @@ def causal_attention_backward_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3])
-    launch(_key_block_kernel, (-(-t // _BLOCK_N), batch * kv_heads), q.device, q, k, v, grad_out, lse, delta, dk, dv,
-           t, qk_scale, scale, *strides, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads, **_common(q))
-    launch(_query_block_kernel, (-(-t // _BLOCK_M), batch * heads), q.device, q, k, v, grad_out, lse, delta, dq,
-           t, qk_scale, scale, *strides, HEADS=heads, GROUP=heads // kv_heads, **_common(q))
+    launch(_key_block_kernel, (-(-t // KEY_BLOCKS.block_n), batch * kv_heads), q.device, q, k, v, grad_out, lse,
+           delta, dk, dv, t, qk_scale, scale, *strides, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads,
+           **_options(q, KEY_BLOCKS))
+    launch(_query_block_kernel, (-(-t // QUERY_BLOCKS.block_m), batch * heads), q.device, q, k, v, grad_out, lse,
+           delta, dq, t, qk_scale, scale, *strides, HEADS=heads, GROUP=heads // kv_heads, **_options(q, QUERY_BLOCKS))
     return dq, dk, dv
 
 

@@ -12,6 +12,7 @@ be optimal to that rounding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from exlbuild.kernels.adam import adam_update_reference, adam_update_triton
-from exlbuild.kernels.attention import causal_attention_reference, causal_attention_triton
+import exlbuild.kernels.attention as attention_kernels
+from exlbuild.kernels.attention import LaunchConfig, causal_attention_reference, causal_attention_triton
 from exlbuild.kernels.attention_received import attention_received_reference, attention_received_triton
 from exlbuild.kernels.decoder_ops import (
     gated_activation_reference,
@@ -593,6 +595,22 @@ def attention_received(device: str, real: bool, seed: int) -> None:
 
 
 
+@contextmanager
+def launch_configs(tiles: tuple[tuple[int, int], ...] | None) -> Iterator[None]:
+    """The attention kernels' (forward, key blocks, query blocks) tiles (block_m, block_n) for the duration; None
+    leaves them as configured."""
+    names = ["FORWARD", "KEY_BLOCKS", "QUERY_BLOCKS"]
+    before = [getattr(attention_kernels, name) for name in names]
+    for name, config, tile in zip(names, before, tiles or [None] * 3):
+        if tile is not None:
+            setattr(attention_kernels, name, LaunchConfig(*tile, config.warps, config.stages))
+    try:
+        yield
+    finally:
+        for name, config in zip(names, before):
+            setattr(attention_kernels, name, config)
+
+
 @check
 def causal_attention(device: str, real: bool, seed: int) -> None:
     g = generator(seed)
@@ -600,9 +618,12 @@ def causal_attention(device: str, real: bool, seed: int) -> None:
     # or small ones whose lengths end inside a block of 64, with groups of 3 and 2. bfloat16 (the fits') on the GPU,
     # float16 in the interpreter (numpy has no bfloat16) and on the GPU.
     cases = [(4, 9, 3, 2048, 64), (2, 9, 3, 2048, 64)] if real else [(2, 3, 1, 100, 16), (1, 4, 2, 70, 32)]
-    for rows, heads, kv_heads, seq, dim in cases:
+    # The kernels' tiles as configured, and in the interpreter also tiles of other sizes for each kernel (the
+    # unmasked blocks are found from both tile sizes).
+    tiles = [None] if real else [None, ((32, 64), (64, 32), (32, 16))]
+    for (rows, heads, kv_heads, seq, dim), tile in itertools.product(cases, tiles):
         for dtype in [torch.bfloat16, torch.float16] if real else [torch.float16]:
-            where = f"{dtype} {rows}×{heads}/{kv_heads}×{seq}×{dim}, seed {seed}"
+            where = f"{dtype} {rows}×{heads}/{kv_heads}×{seq}×{dim}, tiles {tile or 'as configured'}, seed {seed}"
             # The model's layout: q (rows, seq, heads, dim) transposed; an attention sink as in attention_received.
             sink = torch.randn(dim, generator=g)
             q = torch.randn(rows, seq, heads, dim, generator=g) + sink * torch.rand(rows, seq, heads, 1, generator=g)
@@ -612,12 +633,13 @@ def causal_attention(device: str, real: bool, seed: int) -> None:
             grad_out = torch.randn(rows, seq, heads, dim, generator=g)
             q, k, v, grad_out = (x.to(device, dtype).transpose(1, 2) for x in (q, k, v, grad_out))
             inputs = [x.requires_grad_() for x in (q, k, v)]
-            ours = causal_attention_triton(*inputs, dim**-0.5)
-            ours_grads = torch.autograd.grad(ours, inputs, grad_out)
-            again = causal_attention_triton(*inputs, dim**-0.5)
-            assert same(again, ours) and all(same(a, b) for a, b in
-                                             zip(torch.autograd.grad(again, inputs, grad_out), ours_grads)), \
-                f"{where}: not the same bits twice"
+            with launch_configs(tile):
+                ours = causal_attention_triton(*inputs, dim**-0.5)
+                ours_grads = torch.autograd.grad(ours, inputs, grad_out)
+                again = causal_attention_triton(*inputs, dim**-0.5)
+                assert same(again, ours) and all(same(a, b) for a, b in
+                                                 zip(torch.autograd.grad(again, inputs, grad_out), ours_grads)), \
+                    f"{where}: not the same bits twice"
             reference = causal_attention_reference(*inputs, dim**-0.5)
             reference_grads = torch.autograd.grad(reference, inputs, grad_out)
             # Relative to the largest value: the kernels round the probabilities and dS to the inputs' dtype before
