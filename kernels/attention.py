@@ -48,6 +48,15 @@ def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
 
 
 @jit
+def _query_program(HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
+    # A program of a grid (query blocks, rows × heads): its query block, row × head, row, head and query positions.
+    # The last query blocks see the most keys: they start first.
+    block = tl.num_programs(0) - 1 - tl.program_id(0)
+    row_head = tl.program_id(1)
+    return block, row_head, row_head // HEADS, row_head % HEADS, block * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@jit
 def _forward_step(q, k_base, v_base, kv_st, start, i, d, m, total, acc, T, qk_scale,
                   BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
     # One block of keys: the running maximum m and sum of exp2(logit − m) (log2 units), and acc = Σ p·v. MASKED: the
@@ -72,11 +81,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, q_sb, q_sh
                     HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     # One program: one row, one query head, BLOCK_M query positions, against the key blocks up to the last of them.
-    # The last query blocks see the most keys: they start first.
-    block = tl.num_programs(0) - 1 - tl.program_id(0)
-    row_head = tl.program_id(1)
-    b, h = row_head // HEADS, row_head % HEADS
-    i = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, row_head, b, h, i = _query_program(HEADS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + i[:, None] * q_st + d[None, :], mask=(i < T)[:, None],
                 other=0.0)
@@ -204,11 +209,8 @@ def _query_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                         HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     # One program: one row, one query head, BLOCK_M query positions, against the key blocks up to the last of them;
-    # dQ in q's layout. The last query blocks see the most keys: they start first.
-    block = tl.num_programs(0) - 1 - tl.program_id(0)
-    row_head = tl.program_id(1)
-    b, h = row_head // HEADS, row_head % HEADS
-    i = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    # dQ in q's layout.
+    block, row_head, b, h, i = _query_program(HEADS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     q_at = b.to(tl.int64) * q_sb + h * q_sh + i[:, None] * q_st + d[None, :]
     q = tl.load(q_ptr + q_at, mask=(i < T)[:, None], other=0.0)
