@@ -3,8 +3,8 @@ tuning differentiate through every layer's attention).
 
 PyTorch's flash attention adds each key block's share of dQ atomically; in the deterministic mode the fits run in (so
 that a rebuild is byte-identical) it runs fewer, longer programs instead, which cost the refinement's attention 0.68
-against 0.43 ms a step on the H100 (bench/results/attention-determinism-h100.txt). Here no program adds into memory
-another writes: the backward is two kernels, one program per key block for dK and dV (over the query heads that share
+against 0.43 ms a step on the H100 (bench/results/attention-determinism-h100.txt). Here no two programs add into the
+same memory: the backward is two kernels, one program per key block for dK and dV (over the query heads that share
 its KV head and the query blocks that see it) and one per query block for dQ (over the key blocks it sees), each
 recomputing the probabilities from the forward's log-sum-exp. Every result is summed in one program in a fixed order.
 
