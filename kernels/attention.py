@@ -58,7 +58,7 @@ def _query_program(HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @jit
 def _forward_step(q, k_base, v_base, kv_st, start, i, d, m, total, acc, T, qk_scale,
-                  BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     # One block of keys: the running maximum m and sum of exp2(logit − m) (log2 units), and acc = Σ p·v. MASKED: the
     # block holds keys after some of the queries (the causal mask applies); the others need no mask.
     j = start + tl.arange(0, BLOCK_N)
@@ -71,7 +71,7 @@ def _forward_step(q, k_base, v_base, kv_st, start, i, d, m, total, acc, T, qk_sc
     rescale = tl.exp2(m - m_new)
     total = total * rescale + tl.sum(p, axis=1)
     v = tl.load(v_base + j[:, None] * kv_st + d[None, :], mask=(j < T)[:, None], other=0.0)  # (BLOCK_N, D)
-    acc = acc * rescale[:, None] + tl.dot(p.to(DTYPE), v)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, total, acc
 
 
@@ -79,7 +79,7 @@ def _forward_step(q, k_base, v_base, kv_st, start, i, d, m, total, acc, T, qk_sc
 def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
                     o_sb, o_sh, o_st,
                     HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+                    BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     # One program: one row, one query head, BLOCK_M query positions, against the key blocks up to the last of them.
     block, row_head, b, h, i = _query_program(HEADS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
@@ -96,28 +96,28 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, T, qk_scale, q_sb, q_sh
         start = 0
         while start < unmasked:
             m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
-                                          qk_scale, BLOCK_N, DTYPE, False)
+                                          qk_scale, BLOCK_N, False)
             start += BLOCK_N
         while start < last:
             m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
-                                          qk_scale, BLOCK_N, DTYPE, True)
+                                          qk_scale, BLOCK_N, True)
             start += BLOCK_N
     else:
         for start in range(0, unmasked, BLOCK_N):
             m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
-                                          qk_scale, BLOCK_N, DTYPE, False)
+                                          qk_scale, BLOCK_N, False)
         for start in range(unmasked, last, BLOCK_N):
             m, total, acc = _forward_step(q, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, m, total, acc, T,
-                                          qk_scale, BLOCK_N, DTYPE, True)
+                                          qk_scale, BLOCK_N, True)
     o = acc / total[:, None]
-    tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + i[:, None] * o_st + d[None, :], o.to(DTYPE),
+    tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + i[:, None] * o_st + d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=(i < T)[:, None])
     tl.store(lse_ptr + row_head.to(tl.int64) * T + i, m + tl.log2(total), mask=i < T)
 
 
 @jit
 def _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T, qk_scale,
-                    BLOCK_M: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     # One block of queries of one head against this program's keys: pᵀ and dSᵀ (keys × queries), dV += pᵀ·dO and
     # dK += dSᵀ·q (dK still without the logits' scale). Queries past the end take lse = +inf: p = 0. MASKED: some
     # of the block's queries come before some of the keys.
@@ -131,10 +131,10 @@ def _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j,
     p = tl.exp2(s - lse[None, :])
     if MASKED:
         p = tl.where(j[:, None] <= i[None, :], p, 0.0)
-    dv += tl.dot(p.to(DTYPE), do)
+    dv += tl.dot(p.to(do.dtype), do)
     dp = tl.dot(v, tl.trans(do))
     ds = p * (dp - delta[None, :])
-    dk += tl.dot(ds.to(DTYPE), q)
+    dk += tl.dot(ds.to(q.dtype), q)
     return dk, dv
 
 
@@ -142,7 +142,7 @@ def _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j,
 def _key_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, qk_scale, scale,
                       q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     # One program: one row, one KV head, BLOCK_N key positions; for each query head of the group, the query blocks
     # from the one holding the first key to the end. dO has q's layout (q_s*), dK and dV k's (kv_s*); lse and delta
     # are (batch, heads, seq). The first key blocks are seen by the most queries: they start first.
@@ -169,26 +169,26 @@ def _key_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, d
             start = first
             while start < unmasked:
                 dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, DTYPE, True)
+                                         qk_scale, BLOCK_M, True)
                 start += BLOCK_M
             while start < T:
                 dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, DTYPE, False)
+                                         qk_scale, BLOCK_M, False)
                 start += BLOCK_M
         else:
             for start in range(first, unmasked, BLOCK_M):
                 dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, DTYPE, True)
+                                         qk_scale, BLOCK_M, True)
             for start in range(unmasked, T, BLOCK_M):
                 dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, DTYPE, False)
-    tl.store(dk_ptr + kv_at, (dk * scale).to(DTYPE), mask=(j < T)[:, None])
-    tl.store(dv_ptr + kv_at, dv.to(DTYPE), mask=(j < T)[:, None])
+                                         qk_scale, BLOCK_M, False)
+    tl.store(dk_ptr + kv_at, (dk * scale).to(dk_ptr.dtype.element_ty), mask=(j < T)[:, None])
+    tl.store(dv_ptr + kv_at, dv.to(dv_ptr.dtype.element_ty), mask=(j < T)[:, None])
 
 
 @jit
 def _query_block_step(q, do, lse, delta, k_base, v_base, kv_st, start, i, d, dq, T, qk_scale,
-                      BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+                      BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     # One block of keys against this program's queries: dQ += dS·k (still without the logits' scale). MASKED: as in
     # _forward_step.
     j = start + tl.arange(0, BLOCK_N)
@@ -200,14 +200,14 @@ def _query_block_step(q, do, lse, delta, k_base, v_base, kv_st, start, i, d, dq,
         p = tl.where(i[:, None] >= j[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(DTYPE), k)
+    return dq + tl.dot(ds.to(k.dtype), k)
 
 
 @jit
 def _query_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, qk_scale, scale,
                         q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
                         HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+                        BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     # One program: one row, one query head, BLOCK_M query positions, against the key blocks up to the last of them;
     # dQ in q's layout.
     block, row_head, b, h, i = _query_program(HEADS, BLOCK_M)
@@ -225,20 +225,20 @@ def _query_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         start = 0
         while start < unmasked:
             dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
-                                   qk_scale, BLOCK_N, DTYPE, False)
+                                   qk_scale, BLOCK_N, False)
             start += BLOCK_N
         while start < last:
             dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
-                                   qk_scale, BLOCK_N, DTYPE, True)
+                                   qk_scale, BLOCK_N, True)
             start += BLOCK_N
     else:
         for start in range(0, unmasked, BLOCK_N):
             dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
-                                   qk_scale, BLOCK_N, DTYPE, False)
+                                   qk_scale, BLOCK_N, False)
         for start in range(unmasked, last, BLOCK_N):
             dq = _query_block_step(q, do, lse, delta, k_ptr + kv_at, v_ptr + kv_at, kv_st, start, i, d, dq, T,
-                                   qk_scale, BLOCK_N, DTYPE, True)
-    tl.store(dq_ptr + q_at, (dq * scale).to(DTYPE), mask=(i < T)[:, None])
+                                   qk_scale, BLOCK_N, True)
+    tl.store(dq_ptr + q_at, (dq * scale).to(dq_ptr.dtype.element_ty), mask=(i < T)[:, None])
 
 
 @dataclass(frozen=True)
@@ -255,13 +255,11 @@ class LaunchConfig:
 FORWARD = LaunchConfig(64, 64, 4, 2)
 KEY_BLOCKS = LaunchConfig(64, 64, 4, 2)
 QUERY_BLOCKS = LaunchConfig(64, 64, 4, 2)
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _options(q: Tensor, config: LaunchConfig) -> dict:
-    return dict(HEAD_DIM=q.shape[3], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                DTYPE=getattr(tl, _DTYPES[q.dtype]), INTERPRETED=interpreting(), num_warps=config.warps,
-                num_stages=config.stages)
+    return dict(HEAD_DIM=q.shape[3], BLOCK_M=config.block_m, BLOCK_N=config.block_n, INTERPRETED=interpreting(),
+                num_warps=config.warps, num_stages=config.stages)
 
 
 def causal_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
