@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import torch
 import torch.nn.functional as F
+from sdpa_probe import timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import exlbuild.kernels.attention as kernel
@@ -53,18 +53,9 @@ def measure(attention, rows: int, deterministic: bool, truth: list[torch.Tensor]
 
     first = step()
     repeatable = all(all(torch.equal(a, b) for a, b in zip(step(), first)) for _ in range(5))
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(REPEAT):
-        step()
-    torch.cuda.synchronize()
-    both = (time.perf_counter() - t) / REPEAT * 1e3
+    both = timed(step, REPEAT) * 1e3
     with torch.no_grad():
-        t = time.perf_counter()
-        for _ in range(REPEAT):
-            attention(*leaves)
-        torch.cuda.synchronize()
-        alone = (time.perf_counter() - t) / REPEAT * 1e3
+        alone = timed(lambda: attention(*leaves), REPEAT) * 1e3
     line = f"forward+backward {both:.3f} ms, forward {alone:.3f} ms, repeatable {repeatable}"
     if truth is not None:
         errors = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(first, truth)]
