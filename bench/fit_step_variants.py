@@ -7,10 +7,10 @@ exlbuild.quant.exl2.refine for the run (monkeypatched; nothing here is used by b
 - reference: RMSNorm, the rotary embedding, the gated activation, the refinement's loss and Adam's update as
   PyTorch expressions;
 - fused: the code as it is (a Triton kernel each way for each of them, one for Adam);
-- fused_gqa: also attention with enable_gqa=True instead of copied key/value heads (another summation order in the
-  backward; would need a quality run).
+- flash: the fits' attention through PyTorch's flash attention (deterministic mode, KV heads read in place), as
+  before kernels/attention.py (another summation order in the backward: other bytes).
 
-    python bench/fit_step_variants.py /tmp/fit-step-variants.json
+    python bench/fit_step_variants.py /tmp/fit-step-variants.json [VARIANT ...]   (all three by default)
 """
 
 import hashlib
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from fit_profile import random_fits, timed_fit
 
 import exlbuild.model.llama as llama
@@ -29,7 +30,7 @@ from exlbuild.kernels import adam, decoder_ops
 
 LAYERS = 4
 
-PATCHED = [(llama, "rms_norm"), (llama, "rotary"), (llama, "gated_activation"), (llama, "attention"),
+PATCHED = [(llama, "rms_norm"), (llama, "rotary"), (llama, "gated_activation"), (llama, "causal_attention"),
            (refine, "squared_relative_error"), (tune, "adam_update")]
 BASE = {(module, name): getattr(module, name) for module, name in PATCHED}
 REFERENCES = {(llama, "rms_norm"): decoder_ops.rms_norm_reference, (llama, "rotary"): decoder_ops.rotary_reference,
@@ -38,15 +39,12 @@ REFERENCES = {(llama, "rms_norm"): decoder_ops.rms_norm_reference, (llama, "rota
               (tune, "adam_update"): adam.adam_update_reference}
 
 
-def attention_gqa(q, k, v, cfg, rope):
-    *lead, t, _ = q.shape
-    q, k = llama.apply_rope(llama._split_heads(q, cfg), rope), llama.apply_rope(llama._split_heads(k, cfg), rope)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), llama._split_heads(v, cfg).transpose(1, 2)
-    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
+def flash_attention(q, k, v, scale):
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-VARIANTS = {"reference": REFERENCES, "fused": {}, "fused_gqa": {(llama, "attention"): attention_gqa}}
+VARIANTS = {"reference": REFERENCES, "fused": {}, "flash": {(llama, "causal_attention"): flash_attention}}
 
 
 def digest(d):
@@ -60,7 +58,9 @@ def main() -> None:
     work = Path("/tmp/exlbuild-fit-step-variants")
     fits = random_fits(work, "smollm2", LAYERS, 100, 2048, "cuda")
     results = {"device": torch.cuda.get_device_name()}
-    for name, patch in VARIANTS.items():
+    names = sys.argv[2:] or list(VARIANTS)
+    for name in names:
+        patch = VARIANTS[name]
         for (module, attr), f in {**BASE, **patch}.items():
             setattr(module, attr, f)
         results[name] = {}
