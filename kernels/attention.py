@@ -7,8 +7,9 @@ against 0.43 ms a step on the H100 (bench/results/attention-determinism-h100.txt
 same memory: the backward is two kernels, one program per key block for dK and dV (over the query heads that share
 its KV head and the query blocks that see it) and one per query block for dQ (over the key blocks it sees), each
 recomputing the probabilities from the forward's log-sum-exp. Every result is summed in one program in a fixed order.
-On the H100 at a refinement step's shape, forward and backward take 0.46 ms, flash attention 0.64 ms deterministic and
-0.41 ms not (bench/results/attention-bench-h100.txt): a refinement step 1.50 → 1.34 ms, a tuning step 6.4 → 5.9 ms.
+At that shape these take 0.46 ms forward and backward, where flash attention took 0.64 deterministic and 0.41 not on
+the same H100 (bench/results/attention-bench-h100.txt): ~1.2 s less for each refined variant of the default sweep
+(bench/NOTES.md §35).
 
 q (batch, heads, seq, dim), k and v (batch, kv_heads, seq, dim), heads a multiple of kv_heads (each KV head serves
 heads / kv_heads consecutive query heads), causal, softmax(scale · q·kᵀ)·v. Products of float16 or bfloat16 inputs,
