@@ -594,7 +594,6 @@ def attention_received(device: str, real: bool, seed: int) -> None:
             torch.testing.assert_close(ours.sum(-1), sums, rtol=1e-5, atol=0, msg=where)
 
 
-
 @contextmanager
 def launch_configs(tiles: tuple[tuple[int, int], ...] | None) -> Iterator[None]:
     """The attention kernels' (forward, key blocks, query blocks) tiles (block_m, block_n) for the duration; None
