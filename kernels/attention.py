@@ -4,11 +4,13 @@ tuning differentiate through every layer's attention).
 PyTorch's flash attention adds each key block's share of dQ atomically; in the deterministic mode the fits run in (so
 that a rebuild is byte-identical) it runs fewer, longer programs instead, which cost the refinement's attention 0.68
 against 0.43 ms a step on the H100 (bench/results/attention-determinism-h100.txt). Here no two programs add into the
-same memory: the backward is two kernels, one program per key block for dK and dV (over the query heads that share
-its KV head and the query blocks that see it) and one per query block for dQ (over the key blocks it sees), each
-recomputing the probabilities from the forward's log-sum-exp. Every result is summed in one program in a fixed order.
-At that shape these take 0.46 ms forward and backward, where flash attention took 0.64 deterministic and 0.41 not on
-the same H100 (bench/results/attention-bench-h100.txt): ~1.2 s less for each refined variant of the default sweep
+same memory: the backward is two kernels, one program per key block and query head for that head's share of dK and dV
+(over the query blocks that see the keys) and one per query block for dQ (over the key blocks it sees), each
+recomputing the probabilities from the forward's log-sum-exp; the query heads' shares of their KV head's dK and dV
+are then added in a fixed order. Each kernel's grid launches the programs with the most blocks to walk first.
+At that shape session 28's form of these kernels (one program per key block for all the query heads of its KV head,
+grids in another order) took 0.46 ms forward and backward, where flash attention took 0.64 deterministic and 0.41 not
+on the same H100 (bench/results/attention-bench-h100.txt): ~1.2 s less for each refined variant of the default sweep
 (bench/NOTES.md §35).
 
 q (batch, heads, seq, dim), k and v (batch, kv_heads, seq, dim), heads a multiple of kv_heads (each KV head serves
@@ -52,10 +54,10 @@ def causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float) ->
 
 @jit
 def _query_program(HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
-    # A program of a grid (query blocks, rows × heads): its query block, row × head, row, head and query positions.
-    # The last query blocks see the most keys: they start first.
-    block = tl.num_programs(0) - 1 - tl.program_id(0)
-    row_head = tl.program_id(1)
+    # A program of a grid (rows × heads, query blocks): its query block, row × head, row, head and query positions.
+    # The last query blocks see the most keys: every row's and head's start first.
+    block = tl.num_programs(1) - 1 - tl.program_id(1)
+    row_head = tl.program_id(0)
     return block, row_head, row_head // HEADS, row_head % HEADS, block * BLOCK_M + tl.arange(0, BLOCK_M)
 
 
@@ -142,51 +144,52 @@ def _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j,
 
 
 @jit
-def _key_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, T, qk_scale, scale,
+def _key_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, shares_ptr, T, qk_scale,
                       q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
-                      HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
-    # One program: one row, one KV head, BLOCK_N key positions; for each query head of the group, the query blocks
-    # from the one holding the first key to the end. dO has q's layout (q_s*), dK and dV k's (kv_s*); lse and delta
-    # are (batch, heads, seq). The first key blocks are seen by the most queries: they start first.
-    block = tl.program_id(0)
-    row_kv = tl.program_id(1)
-    b, kv = row_kv // KV_HEADS, row_kv % KV_HEADS
+    # One program of a grid (rows × heads, key blocks): one row, one query head, BLOCK_N key positions of its KV
+    # head, against the query blocks from the one holding the first key to the end: that head's shares of dK (still
+    # without the logits' scale) and dV, float32, into shares (2, batch, heads, seq, dim). dO has q's layout (q_s*);
+    # lse and delta are (batch, heads, seq). The first key blocks are seen by the most queries: every row's and
+    # head's start first.
+    row_head = tl.program_id(0)
+    block = tl.program_id(1)
+    b, h = row_head // HEADS, row_head % HEADS
     j = block * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
-    kv_at = b.to(tl.int64) * kv_sb + kv * kv_sh + j[:, None] * kv_st + d[None, :]
+    kv_at = b.to(tl.int64) * kv_sb + (h // GROUP) * kv_sh + j[:, None] * kv_st + d[None, :]
     k = tl.load(k_ptr + kv_at, mask=(j < T)[:, None], other=0.0)
     v = tl.load(v_ptr + kv_at, mask=(j < T)[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    q_base = q_ptr + b.to(tl.int64) * q_sb + h * q_sh
+    do_base = do_ptr + b.to(tl.int64) * q_sb + h * q_sh
+    lse_base = lse_ptr + row_head.to(tl.int64) * T
+    delta_base = delta_ptr + row_head.to(tl.int64) * T
     # From the query block holding the first key; the query blocks wholly after the last key need no mask.
     first = block * BLOCK_N // BLOCK_M * BLOCK_M
     unmasked = tl.minimum(((block + 1) * BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M, T)
-    for g in range(GROUP):
-        h = kv * GROUP + g
-        q_base = q_ptr + b.to(tl.int64) * q_sb + h * q_sh
-        do_base = do_ptr + b.to(tl.int64) * q_sb + h * q_sh
-        lse_base = lse_ptr + (b * HEADS + h).to(tl.int64) * T
-        delta_base = delta_ptr + (b * HEADS + h).to(tl.int64) * T
-        if INTERPRETED:
-            start = first
-            while start < unmasked:
-                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, True)
-                start += BLOCK_M
-            while start < T:
-                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, False)
-                start += BLOCK_M
-        else:
-            for start in range(first, unmasked, BLOCK_M):
-                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, True)
-            for start in range(unmasked, T, BLOCK_M):
-                dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
-                                         qk_scale, BLOCK_M, False)
-    tl.store(dk_ptr + kv_at, (dk * scale).to(dk_ptr.dtype.element_ty), mask=(j < T)[:, None])
-    tl.store(dv_ptr + kv_at, dv.to(dv_ptr.dtype.element_ty), mask=(j < T)[:, None])
+    if INTERPRETED:
+        start = first
+        while start < unmasked:
+            dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                     qk_scale, BLOCK_M, True)
+            start += BLOCK_M
+        while start < T:
+            dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                     qk_scale, BLOCK_M, False)
+            start += BLOCK_M
+    else:
+        for start in range(first, unmasked, BLOCK_M):
+            dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                     qk_scale, BLOCK_M, True)
+        for start in range(unmasked, T, BLOCK_M):
+            dk, dv = _key_block_step(k, v, q_base, do_base, lse_base, delta_base, q_st, start, j, d, dk, dv, T,
+                                     qk_scale, BLOCK_M, False)
+    share_at = row_head.to(tl.int64) * T * HEAD_DIM + j[:, None] * HEAD_DIM + d[None, :]
+    tl.store(shares_ptr + share_at, dk, mask=(j < T)[:, None])
+    tl.store(shares_ptr + tl.num_programs(0).to(tl.int64) * T * HEAD_DIM + share_at, dv, mask=(j < T)[:, None])
 
 
 @jit
@@ -273,7 +276,7 @@ def causal_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, scale: floa
     batch, heads, t, _ = q.shape
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, t, dtype=torch.float32, device=q.device)
-    launch(_forward_kernel, (-(-t // FORWARD.block_m), batch * heads), q.device, q, k, v, o, lse, t,
+    launch(_forward_kernel, (batch * heads, -(-t // FORWARD.block_m)), q.device, q, k, v, o, lse, t,
            scale * math.log2(math.e), *q.stride()[:3], *k.stride()[:3], *o.stride()[:3], HEADS=heads,
            GROUP=heads // k.shape[1], **_options(q, FORWARD))
     return o, lse
@@ -282,22 +285,28 @@ def causal_attention_forward_triton(q: Tensor, k: Tensor, v: Tensor, scale: floa
 def causal_attention_backward_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV for the forward's output o and log-sum-exp lse (causal_attention_forward_triton). dO is copied to
-    q's layout if it has another."""
+    q's layout if it has another. Holds each query head's share of dK and dV in float32 meanwhile (2 × q's size in
+    float32)."""
     batch, heads, t, _ = q.shape
     kv_heads = k.shape[1]
     if grad_out.stride() != q.stride():
         grad_out = torch.empty_like(q).copy_(grad_out)
     # D_i = Σ_d dO·O, each query's share of the softmax's gradient: one float32 reduction (the same bits every run).
     delta = (grad_out.float() * o.float()).sum(-1)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qk_scale = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3])
-    launch(_key_block_kernel, (-(-t // KEY_BLOCKS.block_n), batch * kv_heads), q.device, q, k, v, grad_out, lse,
-           delta, dk, dv, t, qk_scale, scale, *strides, HEADS=heads, KV_HEADS=kv_heads, GROUP=heads // kv_heads,
-           **_options(q, KEY_BLOCKS))
-    launch(_query_block_kernel, (-(-t // QUERY_BLOCKS.block_m), batch * heads), q.device, q, k, v, grad_out, lse,
-           delta, dq, t, qk_scale, scale, *strides, HEADS=heads, GROUP=heads // kv_heads, **_options(q, QUERY_BLOCKS))
-    return dq, dk, dv
+    group = heads // kv_heads
+    shares = torch.empty(2, batch, kv_heads, group, t, q.shape[3], dtype=torch.float32, device=q.device)
+    launch(_key_block_kernel, (batch * heads, -(-t // KEY_BLOCKS.block_n)), q.device, q, k, v, grad_out, lse, delta,
+           shares, t, qk_scale, *strides, HEADS=heads, GROUP=group, **_options(q, KEY_BLOCKS))
+    dq = torch.empty_like(q)
+    launch(_query_block_kernel, (batch * heads, -(-t // QUERY_BLOCKS.block_m)), q.device, q, k, v, grad_out, lse,
+           delta, dq, t, qk_scale, scale, *strides, HEADS=heads, GROUP=group, **_options(q, QUERY_BLOCKS))
+    # Each KV head's query heads' shares added in one reduction (the same order every run).
+    dk_shares, dv_shares = shares.sum(dim=3)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    torch.mul(dk_shares, scale, out=dk)
+    return dq, dk, dv.copy_(dv_shares)
 
 
 class _CausalAttention(torch.autograd.Function):
