@@ -5,13 +5,14 @@ PyTorch's flash attention adds each key block's share of dQ atomically; in the d
 that a rebuild is byte-identical) it runs fewer, longer programs instead, which cost the refinement's attention 0.68
 against 0.43 ms a step on the H100 (bench/results/attention-determinism-h100.txt). Here no two programs add into the
 same memory: the backward is two kernels, one program per key block and query head for that head's share of dK and dV
-(over the query blocks that see the keys) and one per query block for dQ (over the key blocks it sees), each
-recomputing the probabilities from the forward's log-sum-exp; the query heads' shares of their KV head's dK and dV
-are then added in a fixed order. Each kernel's grid launches the programs with the most blocks to walk first.
-At that shape session 28's form of these kernels (one program per key block for all the query heads of its KV head,
-grids in another order) took 0.46 ms forward and backward, where flash attention took 0.64 deterministic and 0.41 not
-on the same H100 (bench/results/attention-bench-h100.txt): ~1.2 s less for each refined variant of the default sweep
-(bench/NOTES.md §35).
+(over the query blocks that see the keys) and one per query block for dQ (over the key blocks it sees; it runs first
+and also stores each query's D = Σ dO·O for the other), each recomputing the probabilities from the forward's
+log-sum-exp; the query heads' shares of their KV head's dK and dV are then added in a fixed order. Each kernel's grid
+launches the programs with the most blocks to walk first. At that shape session 28's form of these kernels (one
+program per key block for all the query heads of its KV head, grids in another order) took 0.46 ms forward and
+backward, where flash attention took 0.64 deterministic and 0.41 not on the same H100
+(bench/results/attention-bench-h100.txt): ~1.2 s less for each refined variant of the default sweep (bench/NOTES.md
+§35).
 
 q (batch, heads, seq, dim), k and v (batch, kv_heads, seq, dim), heads a multiple of kv_heads (each KV head serves
 heads / kv_heads consecutive query heads), causal, softmax(scale · q·kᵀ)·v. Products of float16 or bfloat16 inputs,
@@ -210,19 +211,22 @@ def _query_block_step(q, do, lse, delta, k_base, v_base, kv_st, start, i, d, dq,
 
 
 @jit
-def _query_block_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, qk_scale, scale,
+def _query_block_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, T, qk_scale, scale,
                         q_sb, q_sh, q_st, kv_sb, kv_sh, kv_st,
                         HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
     # One program: one row, one query head, BLOCK_M query positions, against the key blocks up to the last of them;
-    # dQ in q's layout.
+    # dQ in q's layout (as are O and dO). First its queries' D = Σ_d dO·O (each query's share of the softmax's
+    # gradient), stored for the dK/dV kernel, which runs after this one.
     block, row_head, b, h, i = _query_program(HEADS, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     q_at = b.to(tl.int64) * q_sb + h * q_sh + i[:, None] * q_st + d[None, :]
     q = tl.load(q_ptr + q_at, mask=(i < T)[:, None], other=0.0)
     do = tl.load(do_ptr + q_at, mask=(i < T)[:, None], other=0.0)
+    o = tl.load(o_ptr + q_at, mask=(i < T)[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(delta_ptr + row_head.to(tl.int64) * T + i, delta, mask=i < T)
     lse = tl.load(lse_ptr + row_head.to(tl.int64) * T + i, mask=i < T, other=float("inf"))
-    delta = tl.load(delta_ptr + row_head.to(tl.int64) * T + i, mask=i < T, other=0.0)
     kv_at = b.to(tl.int64) * kv_sb + (h // GROUP) * kv_sh
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     unmasked = block * BLOCK_M // BLOCK_N * BLOCK_N  # as in _forward_kernel
@@ -291,17 +295,16 @@ def causal_attention_backward_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: 
     kv_heads = k.shape[1]
     if grad_out.stride() != q.stride():
         grad_out = torch.empty_like(q).copy_(grad_out)
-    # D_i = Σ_d dO·O, each query's share of the softmax's gradient: one float32 reduction (the same bits every run).
-    delta = (grad_out.float() * o.float()).sum(-1)
     qk_scale = scale * math.log2(math.e)
     strides = (*q.stride()[:3], *k.stride()[:3])
     group = heads // kv_heads
+    dq = torch.empty_like(q)
+    delta = torch.empty_like(lse)
+    launch(_query_block_kernel, (batch * heads, -(-t // QUERY_BLOCKS.block_m)), q.device, q, k, v, o, grad_out, lse,
+           delta, dq, t, qk_scale, scale, *strides, HEADS=heads, GROUP=group, **_options(q, QUERY_BLOCKS))
     shares = torch.empty(2, batch, kv_heads, group, t, q.shape[3], dtype=torch.float32, device=q.device)
     launch(_key_block_kernel, (batch * heads, -(-t // KEY_BLOCKS.block_n)), q.device, q, k, v, grad_out, lse, delta,
            shares, t, qk_scale, *strides, HEADS=heads, GROUP=group, **_options(q, KEY_BLOCKS))
-    dq = torch.empty_like(q)
-    launch(_query_block_kernel, (batch * heads, -(-t // QUERY_BLOCKS.block_m)), q.device, q, k, v, grad_out, lse,
-           delta, dq, t, qk_scale, scale, *strides, HEADS=heads, GROUP=group, **_options(q, QUERY_BLOCKS))
     # Each KV head's query heads' shares added in one reduction (the same order every run).
     dk_shares, dv_shares = shares.sum(dim=3)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
