@@ -8,11 +8,10 @@ same memory: the backward is two kernels, one program per key block and query he
 (over the query blocks that see the keys) and one per query block for dQ (over the key blocks it sees; it runs first
 and also stores each query's D = Σ dO·O for the other), each recomputing the probabilities from the forward's
 log-sum-exp; the query heads' shares of their KV head's dK and dV are then added in a fixed order. Each kernel's grid
-launches the programs with the most blocks to walk first. At that shape session 28's form of these kernels (one
-program per key block for all the query heads of its KV head, grids in another order) took 0.46 ms forward and
-backward, where flash attention took 0.64 deterministic and 0.41 not on the same H100
-(bench/results/attention-bench-h100.txt): ~1.2 s less for each refined variant of the default sweep (bench/NOTES.md
-§35).
+launches the programs with the most blocks to walk first. At that shape they take 0.37 ms forward and backward, where
+flash attention takes 0.64 deterministic and 0.41 not on the same H100 (bench/results/attention-bench-h100.txt; session
+28's form, one program per key block for all the query heads of its KV head, took 0.46): ~2 s less for each refined
+variant of the default sweep than flash attention's deterministic mode (bench/NOTES.md §35, §36).
 
 q (batch, heads, seq, dim), k and v (batch, kv_heads, seq, dim), heads a multiple of kv_heads (each KV head serves
 heads / kv_heads consecutive query heads), causal, softmax(scale · q·kᵀ)·v. Products of float16 or bfloat16 inputs,
@@ -262,7 +261,8 @@ class LaunchConfig:
 
 
 # bench/attention_bench.py --blocks tried blocks of 64 and 128, 4 and 8 warps, 2 and 3 stages for each kernel on the
-# H100: none beat these by more than the timing's noise (~2 %); 8 warps and the dK/dV kernel's 128-key blocks lose.
+# H100 (sessions 28 and 29): none beat these beyond the timing's noise (~4 %); 8 warps and the dK/dV kernel's 128-key
+# blocks with 4 warps lose.
 FORWARD = LaunchConfig(64, 64, 4, 2)
 KEY_BLOCKS = LaunchConfig(64, 64, 4, 2)
 QUERY_BLOCKS = LaunchConfig(64, 64, 4, 2)
