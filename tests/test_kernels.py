@@ -615,10 +615,10 @@ def causal_attention(device: str, real: bool, seed: int) -> None:
     g = generator(seed)
     # (rows, heads, kv heads, seq, head_dim): a refinement step's and a tuning step's SmolLM2 attention (groups of 3)
     # and one row of Llama-3-8B's (groups of 4, head_dim 128, as bench/scale.py fits it), or small ones whose lengths
-    # end inside a block of 64, with groups of 3 and 2. bfloat16 (the fits') on the GPU, float16 in the interpreter
-    # (numpy has no bfloat16) and on the GPU.
+    # end inside a block of 64, with groups of 3 and 2, and head_dims 16, 32 and 128. bfloat16 (the fits') on the GPU,
+    # float16 in the interpreter (numpy has no bfloat16) and on the GPU.
     cases = [(4, 9, 3, 2048, 64), (2, 9, 3, 2048, 64), (1, 32, 8, 2048, 128)] if real else \
-        [(2, 3, 1, 100, 16), (1, 4, 2, 70, 32)]
+        [(2, 3, 1, 100, 16), (1, 4, 2, 70, 32), (1, 2, 1, 40, 128)]
     # The kernels' tiles as configured, and in the interpreter also tiles of other sizes for each kernel (the
     # unmasked blocks are found from both tile sizes).
     tiles = [None] if real else [None, ((32, 64), (64, 32), (32, 16))]
