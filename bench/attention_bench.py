@@ -15,10 +15,8 @@ import argparse
 import itertools
 
 import torch
-import torch.nn.functional as F
 from scale import SHAPES
-from sdpa_probe import timed
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from sdpa_probe import flash_attention, timed
 
 import exlbuild.kernels.attention as kernel
 
@@ -35,11 +33,6 @@ def inputs(rows: int, shape: dict) -> list[torch.Tensor]:
         return torch.randn(rows, POSITIONS, heads, head_dim, device="cuda", generator=g).bfloat16().transpose(1, 2)
 
     return [randn(heads), randn(kv_heads), randn(kv_heads), randn(heads)]
-
-
-def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 def triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -77,9 +70,9 @@ def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(), args.shape)
     truths = {}
     for rows in (4, 2):
-        line, truths[rows] = measure(flash, rows, shape, False, None)
+        line, truths[rows] = measure(flash_attention, rows, shape, False, None)
         print(f"rows={rows} flash, not deterministic: {line}", flush=True)
-        for name, attention in (("flash, deterministic:    ", flash), ("triton:                  ", triton)):
+        for name, attention in (("flash, deterministic:    ", flash_attention), ("triton:                  ", triton)):
             print(f"rows={rows} {name} {measure(attention, rows, shape, True, truths[rows])[0]}", flush=True)
     if args.blocks:
         # One kernel's configuration at a time, the others at their defaults, at the refinement's shape.

@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from fit_profile import random_fits, timed_fit
+from sdpa_probe import flash_attention
 
 import exlbuild.model.llama as llama
 import exlbuild.quant.exl2.refine as refine
@@ -37,11 +36,6 @@ REFERENCES = {(llama, "rms_norm"): decoder_ops.rms_norm_reference, (llama, "rota
               (llama, "gated_activation"): decoder_ops.gated_activation_reference,
               (refine, "squared_relative_error"): decoder_ops.squared_relative_error_reference,
               (tune, "adam_update"): adam.adam_update_reference}
-
-
-def flash_attention(q, k, v, scale):
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
 VARIANTS = {"reference": REFERENCES, "fused": {}, "flash": {(llama, "causal_attention"): flash_attention}}

@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -30,6 +31,13 @@ def timed(fn, repeat: int = 1) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / repeat
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Causal attention through PyTorch's flash attention, KV heads read in place (what the fits ran before
+    kernels/attention.py; the benches' yardstick)."""
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
 def kernels(fn) -> list[str]:
