@@ -136,13 +136,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
         q, k, v = q.half(), k.half(), v.half()
     in_place = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
     if in_place and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) \
-            and cfg.head_dim in (16, 32, 64):
+            and cfg.head_dim in (16, 32, 64, 128):
         # The fits' steps (differentiated). Flash attention's backward adds dQ atomically; in the deterministic mode
         # the fits run in it runs fewer, longer programs: 0.64 against 0.41 ms a refinement step's attention on the
         # H100. This kernel's backward is deterministic by construction and reads the KV heads in place: 0.37 ms
-        # (kernels/attention.py, bench/results/attention-bench-h100.txt). Heads of 128 (Llama-3) stay with flash
-        # attention: the kernel is faster there too, but its float32 dK and dV shares (twice q's size) have not been
-        # measured against the 70B refinement's memory goal (bench/NOTES.md §36).
+        # (kernels/attention.py, bench/results/attention-bench-h100.txt); at Llama-3's heads of 128, 8–33 % under
+        # flash attention's deterministic time (bench/NOTES.md §36).
         a = causal_attention(q, k, v, 1 / math.sqrt(cfg.head_dim)).to(dtype)
         return a.transpose(1, 2).reshape(*lead, t, cfg.num_attention_heads * cfg.head_dim)
     # Each KV head serves num_kv_groups consecutive query heads. Flash attention (CUDA, 16-bit) reads them in place
