@@ -69,7 +69,7 @@ class RefineSpec:
     weights_per_fit: int = 1 << 27
     # Only variants of fewer bits per weight are refined; the others go from quantized to tuned. At 5.0 bpw the
     # refinement lowered perplexity by 0.1-0.2 %, at 6.0 by nothing (bench/results/quality-h100.md, session 17), for
-    # ~12 s a SmolLM2 variant and ~2.5 h a 70B one.
+    # ~12 s a SmolLM2 variant and ~2 h a 70B one.
     below_bits: float = 5.0
 
 
