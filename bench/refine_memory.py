@@ -21,6 +21,7 @@ import torch
 from exlbuild.quant.exl2.convert import quantize_model
 from exlbuild.quant.exl2.options import ATTN_CANDIDATES, MLP_CANDIDATES
 from exlbuild.quant.exl2.refine import refine_model
+from exlbuild.recipe import RefineSpec
 from scale import SHAPES, write_model
 
 
@@ -29,7 +30,9 @@ def main() -> None:
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("--rows", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--weights-per-fit", type=int, default=1 << 27)
+    ap.add_argument("--rows-per-step", type=int, default=RefineSpec.rows_per_step,
+                    help="the recipe's default unless given (results before session 32: 4)")
+    ap.add_argument("--weights-per-fit", type=int, default=RefineSpec.weights_per_fit)
     ap.add_argument("--warmup", action="store_true",
                     help="refine once untimed first: on small shapes the first call's one-time costs (kernels' "
                          "first launches, the allocator) would otherwise land in the timed step difference")
@@ -47,18 +50,20 @@ def main() -> None:
     setup = time.perf_counter() - started
 
     if args.warmup:
-        refine_model(args.work / "model", args.work / "quantized", args.work / "warmup", ids, args.steps, 0.01, 4,
-                     weights_per_fit=args.weights_per_fit, device="cuda")
+        refine_model(args.work / "model", args.work / "quantized", args.work / "warmup", ids, args.steps,
+                     RefineSpec.lr, args.rows_per_step, weights_per_fit=args.weights_per_fit, device="cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     seconds, metrics = {}, None
     for steps in (args.steps, 2 * args.steps):
         t = time.perf_counter()
         metrics = refine_model(args.work / "model", args.work / "quantized", args.work / f"refined-{steps}", ids,
-                               steps, 0.01, 4, weights_per_fit=args.weights_per_fit, device="cuda")
+                               steps, RefineSpec.lr, args.rows_per_step, weights_per_fit=args.weights_per_fit,
+                               device="cuda")
         seconds[steps] = time.perf_counter() - t
     result = {
-        "shape": args.shape, "rows": args.rows, "weights_per_fit": args.weights_per_fit,
+        "shape": args.shape, "rows": args.rows, "rows_per_step": args.rows_per_step,
+        "weights_per_fit": args.weights_per_fit,
         "parts": metrics["layers"][0]["parts"], "setup_s": round(setup, 1), "refine_s": seconds,
         "per_step_s": (seconds[2 * args.steps] - seconds[args.steps]) / args.steps,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,

@@ -62,14 +62,17 @@ class MeasurementSpec:
 class RefineSpec:
     # After GPTQ, each decoder layer's codes (and fp16 scales, norms) are fitted together to the unquantized
     # layer's output (docs/exl2.md, "refined"); steps per layer, lr in units of one code; steps: 0 turns it off.
-    steps: int = 200
+    # The number of steps matters more than the rows a step: 300 steps of 2 rows lowered the log perplexity gap
+    # to FP16 by 5-7 % against 200 of 4, on four texts at 2.5-4.0 bpw, for ~0.5 s more a SmolLM2 variant
+    # (bench/NOTES.md §39).
+    steps: int = 300
     lr: float = 1e-2
-    rows_per_step: int = 4
+    rows_per_step: int = 2
     # A layer with more weights is fitted in parts of at most this many (the fit's memory: ~20 bytes a weight).
     weights_per_fit: int = 1 << 27
     # Only variants of fewer bits per weight are refined; the others go from quantized to tuned. At 5.0 bpw the
     # refinement lowered perplexity by 0.1-0.2 %, at 6.0 by nothing (bench/results/quality-h100.md, session 17), for
-    # ~12 s a SmolLM2 variant and ~2 h a 70B one.
+    # ~10 s a SmolLM2 variant (300 steps of 2 rows) and ~1.9 h a 70B one (measured at 200 steps of 4 rows).
     below_bits: float = 5.0
 
 
