@@ -29,6 +29,10 @@ from torch import Tensor
 
 from exlbuild.kernels.runtime import interpreting, jit, launch, tl, use_triton
 
+# The head sizes the kernels are checked at (tests/test_kernels.py: 16, 32 and 128 in the interpreter, 64 and 128 on
+# the GPU); callers send attention of other sizes elsewhere.
+HEAD_DIMS = (16, 32, 64, 128)
+
 # ---------------------------------------------------------------------------------------------
 # Reference
 

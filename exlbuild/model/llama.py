@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from exlbuild import progress
-from exlbuild.kernels.attention import causal_attention
+from exlbuild.kernels.attention import HEAD_DIMS, causal_attention
 from exlbuild.kernels.attention_received import allowed_keys, attention_received as kernel_attention_received
 from exlbuild.kernels.decoder_ops import gated_activation, rms_norm, rotary, scale_features
 from exlbuild.model.checkpoint import (
@@ -136,7 +136,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
         q, k, v = q.half(), k.half(), v.half()
     in_place = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
     if in_place and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) \
-            and cfg.head_dim in (16, 32, 64, 128):
+            and cfg.head_dim in HEAD_DIMS:
         # The fits' steps (differentiated). Flash attention's backward adds dQ atomically; in the deterministic mode
         # the fits run in it runs fewer, longer programs: 0.64 against 0.41 ms a refinement step's attention on the
         # H100. This kernel's backward is deterministic by construction and reads the KV heads in place: 0.37 ms
