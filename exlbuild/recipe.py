@@ -72,7 +72,7 @@ class RefineSpec:
     weights_per_fit: int = 1 << 27
     # Only variants of fewer bits per weight are refined; the others go from quantized to tuned. At 5.0 bpw the
     # refinement lowered perplexity by 0.1-0.2 %, at 6.0 by nothing (bench/results/quality-h100.md, session 17), for
-    # ~10 s a SmolLM2 variant (300 steps of 2 rows) and ~1.9 h a 70B one (measured at 200 steps of 4 rows).
+    # ~10 s a SmolLM2 variant and ~1.4 h a 70B one (bench/NOTES.md §40).
     below_bits: float = 5.0
 
 
