@@ -64,8 +64,8 @@ def generated_rows(rows: int, share: float) -> int:
 
 def calibration_dataset(recipe: LoadedRecipe, hashes: HashCache) -> tuple[dict[str, Any], dict[str, Path]]:
     """What a calibration node's parameters and sources say about the dataset: the default mix's fingerprint (with
-    the sampling's parameters where a share of the rows is sampled), the sampling's parameters or the Parquet file. Computed once for both calibration sets (the fingerprint visits the
-    standard library)."""
+    the sampling's parameters where a share of the rows is sampled), the sampling's parameters or the Parquet file.
+    Computed once for both calibration sets (the fingerprint visits the standard library)."""
     spec = recipe.spec.calibration
     if spec.dataset == GENERATED["dataset"]:
         return dict(GENERATED), {}
