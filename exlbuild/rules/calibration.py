@@ -13,7 +13,8 @@ from exlbuild.recipe import LoadedRecipe
 CALIBRATION_FILE = "calibration.safetensors"
 INPUT_IDS = "input_ids"  # (rows, length) token ids
 TEXT_ROWS = "text_rows"  # (rows,) bool: the rows of running text, the ones the fits after GPTQ distil on
-GENERATED = {"dataset": "generated", "seed": 0, "temperature": 1.0}  # sampling parameters (docs/calibration.md)
+SAMPLING = {"seed": 0, "temperature": 1.0}  # how the model's own rows are sampled (docs/calibration.md)
+GENERATED = {"dataset": "generated", **SAMPLING}
 
 
 class Calibration(Rule):
@@ -74,8 +75,7 @@ def calibration_dataset(recipe: LoadedRecipe, hashes: HashCache) -> tuple[dict[s
 
         params: dict[str, Any] = {"dataset": {"default": fingerprint(hashes.file_hash)}}
         if spec.generated_share > 0:
-            params["generated"] = {"share": spec.generated_share, "seed": GENERATED["seed"],
-                                   "temperature": GENERATED["temperature"]}
+            params["generated"] = {"share": spec.generated_share, **SAMPLING}
         return params, {}
     return {"dataset": "parquet", "text_column": spec.text_column}, {"parquet": recipe.resolve(spec.dataset)}
 
