@@ -38,9 +38,6 @@ class CalibrationSpec:
     length: int = 2048
     measurement_rows: int = 16
     measurement_length: int = 2048
-    # With the default mix: this share of each calibration set's rows (rounded) is sampled from the model itself,
-    # counted as text (docs/calibration.md, "The model's own samples in the mix"); 0: none.
-    generated_share: float = 0.0
 
 
 @dataclass
@@ -372,12 +369,6 @@ def validate(recipe: LoadedRecipe) -> None:
     _at_least(where, "calibration.length", c.length, 16)
     _at_least(where, "calibration.measurement_rows", c.measurement_rows, 1)
     _at_least(where, "calibration.measurement_length", c.measurement_length, 16)
-    if not 0 <= c.generated_share < 1:
-        raise ExlbuildError(f"{where}: calibration.generated_share: {c.generated_share} is out of range; it must be "
-                            "in [0, 1) (the share of the rows sampled from the model)")
-    if c.generated_share > 0 and c.dataset != "default":
-        raise ExlbuildError(f"{where}: calibration.generated_share: {c.generated_share} applies to the default mix "
-                            f"only; with calibration.dataset '{c.dataset}' set it to 0")
     if c.dataset not in ("default", "generated"):
         p = recipe.resolve(c.dataset)
         if p.suffix != ".parquet":

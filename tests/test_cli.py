@@ -15,9 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exlbuild.calib import build_calibration
-from exlbuild.model.tokenizer import load_tokenizer
-from exlbuild.rules.calibration import generated_rows
 from model_fixtures import recipe_project, run_cli, tiny_model_with_tokenizer
 
 RECIPE = """\
@@ -218,10 +215,6 @@ BAD_RECIPES = {
     "not a dataset": (RECIPE.replace("cal.parquet", "cal.txt"), [],
                       "calibration.dataset: 'cal.txt' is neither 'default', 'generated' nor a .parquet file"),
     "missing column": (RECIPE, ["calibration.text_column=txt"], "txt"),
-    "generated share of 1": (RECIPE, ["calibration.dataset=default", "calibration.generated_share=1"],
-                             "calibration.generated_share: 1.0 is out of range; it must be in [0, 1)"),
-    "generated share of a parquet file": (RECIPE, ["calibration.generated_share=0.2"],
-                                          "calibration.generated_share: 0.2 applies to the default mix only"),
     "negative probe": (RECIPE, ["measurement.probe_tokens=-1"], "measurement.probe_tokens: -1 is out of range"),
     "negative tuning steps": (RECIPE, ["tune.steps=-1"], "tune.steps: -1 is out of range"),
     "negative refining steps": (RECIPE, ["refine.steps=-1"], "refine.steps: -1 is out of range"),
@@ -267,33 +260,6 @@ def test_calibration_sampled_from_the_model(project, capsys):
     run_cli(capsys, "clean", project / "recipe.yaml", "calibration", "calibration.dataset=generated")
     code, _, err = run_cli(capsys, *recipe)
     assert code == 0 and (Path(targets["calibration"]["out_dir"]) / "calibration.safetensors").read_bytes() == first
-
-
-def test_calibration_with_a_share_sampled_from_the_model(project, capsys):
-    """`calibration.generated_share`: each calibration set is the default mix's rows for the rest, then that share of
-    rows (rounded, halves up) sampled from the model, counted as text; a share of 0 is the recipe without it."""
-    default = [project / "recipe.yaml", "calibration.dataset=default"]
-    keys = {}
-    for share in (None, "0", "0.5"):
-        code, out, _ = run_cli(capsys, "status", *default, *([f"calibration.generated_share={share}"] if share else []),
-                               "--json")
-        keys[share] = {t["name"]: t["key"] for t in json.loads(out)["targets"]}
-    assert keys["0"] == keys[None] and keys["0.5"]["calibration"] != keys[None]["calibration"]
-    shared = [*default, "calibration.generated_share=0.5"]
-    code, _, err = run_cli(capsys, *shared)
-    assert code == 0, err
-    code, out, _ = run_cli(capsys, "status", *shared, "--json")
-    targets = {t["name"]: t for t in json.loads(out)["targets"]}
-    tok = load_tokenizer(project / "model")
-    bos = json.loads((project / "model" / "config.json").read_text())["bos_token_id"]
-    for name, rows, sampled in (("calibration", 4, 2), ("calibration-measurement", 2, 1)):
-        tensors = load_file(str(Path(targets[name]["out_dir"]) / "calibration.safetensors"))
-        ids, text = tensors["input_ids"], tensors["text_rows"]
-        mix_ids, mix_text, _ = build_calibration(tok, "default", rows - sampled, 32)
-        assert ids.shape == (rows, 32)
-        assert torch.equal(ids[: rows - sampled], mix_ids) and torch.equal(text[: rows - sampled], mix_text)
-        assert text[rows - sampled :].all() and (ids[rows - sampled :, 0] == bos).all()
-    assert [generated_rows(rows, 0.15) for rows in (1, 2, 16, 32, 100)] == [0, 0, 2, 5, 15]
 
 
 def test_missing_config_json(project, capsys):
