@@ -20,13 +20,18 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_cached_steps_give_the_full_forward_s_logits(tmp_path: Path, layout: str) -> None:
-    """One token at a time against the key/value cache: each position's logits are the whole rows' forward's."""
+@pytest.mark.parametrize("whole_cache", [False, True], ids=["positions-so-far", "whole-cache"])
+def test_cached_steps_give_the_full_forward_s_logits(tmp_path: Path, layout: str, whole_cache: bool) -> None:
+    """One token at a time against the key/value cache: each position's logits are the whole rows' forward's,
+    whether a step reads the cache's positions so far or, as a CUDA graph's step does, the whole cache with the
+    positions after its own masked."""
     kind, overrides = LAYOUTS[layout]
     model_dir = tiny_model(tmp_path, kind, **overrides)
     ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(0))
     model = CachedModel(model_dir, rows=3, length=40, dtype=torch.float32, device=torch.device("cpu"))
-    stepped = torch.stack([model.step(ids[:, t]) for t in range(ids.shape[1])], dim=1)
+    with torch.inference_mode():
+        steps = [model.forward(ids[:, t], 40) if whole_cache else model.step(ids[:, t]) for t in range(40)]
+    stepped = torch.stack(steps, dim=1)
     torch.testing.assert_close(stepped, forward_logits(model_dir, ids), rtol=1e-4, atol=1e-4)
 
 
@@ -69,8 +74,8 @@ def test_sampling_follows_the_model_s_distribution(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cached_steps_on_cuda_give_the_full_forward_s_logits(tmp_path: Path) -> None:
-    """The same check in bfloat16 on CUDA (where the one-token attention once went to cuDNN), and the rows repeat
-    with the seed there too. bfloat16 alone moves this model's logits by ~2 % (measured on the H100), so the cached
+    """The same check in bfloat16 on CUDA (where the one-token attention once went to cuDNN, and where every step
+    after the first is a CUDA graph's replay), and the rows repeat with the seed there too. bfloat16 alone moves this model's logits by ~2 % (measured on the H100), so the cached
     steps are held to the whole forward's own bfloat16 error, against float32 on the CPU."""
     model_dir = tiny_model(tmp_path)
     ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(0))
