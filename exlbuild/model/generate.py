@@ -26,7 +26,7 @@ from exlbuild.model.checkpoint import (
     require_device_memory,
 )
 from exlbuild.model.config import LlamaConfig
-from exlbuild.model.llama import KVCache, decoder_layer_step, embed, final_logits, rope_tables
+from exlbuild.model.llama import KVCache, Rope, decoder_layer_step, embed, final_logits, rope_tables
 
 
 class CachedModel:
@@ -59,8 +59,9 @@ class CachedModel:
         """The next-token logits (rows, vocab) in float32 after `tokens` (rows,), attending to the first `visible`
         cache positions (decoder_layer_step); advances the device's position."""
         x = embed(tokens[:, None], self.embedding)
+        here = Rope(*(t.index_select(0, self.position).to(x.dtype) for t in (self.rope.cos, self.rope.sin)))
         for w, cache in zip(self.layers, self.caches):
-            x = decoder_layer_step(x, w, self.cfg, self.rope, cache, self.position, visible)
+            x = decoder_layer_step(x, w, self.cfg, here, cache, self.position, visible)
         self.position += 1
         return final_logits(x[:, 0], self.norm, self.head, self.cfg.rms_norm_eps).float()
 

@@ -215,16 +215,15 @@ class KVCache:
     values: torch.Tensor
 
 
-def decoder_layer_step(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, rope: Rope, cache: KVCache,
+def decoder_layer_step(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, here: Rope, cache: KVCache,
                        position: torch.Tensor, visible: int) -> torch.Tensor:
-    """decoder_layer for one new token of every row, x (rows, 1, hidden) at `position` (a (1,) tensor on x's device),
-    against the earlier positions' keys and values in `cache` (this token's are stored there): the same outputs as
-    decoder_layer's at that position on the whole rows. The attention reads the cache's first `visible` positions,
-    those after `position` masked: a caller that knows the position on the host passes position + 1, a CUDA graph
-    (fixed shapes, the position only on the device) the cache's capacity."""
+    """decoder_layer for one new token of every row, x (rows, 1, hidden) at `position` (a (1,) tensor on x's device;
+    `here`: the rotary tables' row at it), against the earlier positions' keys and values in `cache` (this token's
+    are stored there): the same outputs as decoder_layer's at that position on the whole rows. The attention reads
+    the cache's first `visible` positions, those after `position` masked: a caller that knows the position on the
+    host passes position + 1, a CUDA graph (fixed shapes, the position only on the device) the cache's capacity."""
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
     q, k, v = _linears(h, w, [f"self_attn.{p}_proj" for p in "qkv"])
-    here = Rope(rope.cos.index_select(0, position), rope.sin.index_select(0, position))
     q, k = apply_rope(_split_heads(q, cfg), here), apply_rope(_split_heads(k, cfg), here)
     cache.keys.index_copy_(2, position, k.transpose(1, 2))
     cache.values.index_copy_(2, position, _split_heads(v, cfg).transpose(1, 2))
