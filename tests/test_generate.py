@@ -75,8 +75,9 @@ def test_sampling_follows_the_model_s_distribution(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cached_steps_on_cuda_give_the_full_forward_s_logits(tmp_path: Path) -> None:
     """The same check in bfloat16 on CUDA (where the one-token attention once went to cuDNN, and where every step
-    after the first is a CUDA graph's replay), and the rows repeat with the seed there too. bfloat16 alone moves this model's logits by ~2 % (measured on the H100), so the cached
-    steps are held to the whole forward's own bfloat16 error, against float32 on the CPU."""
+    after the first is a CUDA graph's replay), and the rows repeat with the seed there too. bfloat16 alone moves this
+    model's logits by ~2 % (measured on the H100), so the cached steps are held to the whole forward's own bfloat16
+    error, against float32 on the CPU."""
     model_dir = tiny_model(tmp_path)
     ids = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(0))
     model = CachedModel(model_dir, rows=3, length=40, dtype=torch.bfloat16, device=torch.device("cuda"))
