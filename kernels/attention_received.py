@@ -36,10 +36,11 @@ PROBABILITY_ELEMENTS = 1 << 26
 # Reference
 
 
-def allowed_keys(queries: range, seq: int, window: int | None, device: torch.device) -> Tensor:
+def allowed_keys(queries: range | Tensor, seq: int, window: int | None, device: torch.device) -> Tensor:
     """(len(queries), seq) booleans: the keys each query position attends to (itself and earlier positions, within
-    the sliding window if there is one): the attention mask of exlbuild.model.llama."""
-    i = torch.arange(queries.start, queries.stop, device=device)[:, None]
+    the sliding window if there is one): the attention mask of exlbuild.model.llama. `queries`: the positions, as a
+    range or as a tensor of them on `device` (a CUDA graph's step, whose position lives there)."""
+    i = (torch.arange(queries.start, queries.stop, device=device) if isinstance(queries, range) else queries)[:, None]
     j = torch.arange(seq, device=device)[None, :]
     allowed = j <= i
     if window is not None:

@@ -15,6 +15,7 @@ import torch
 
 from exlbuild import progress
 from exlbuild.cuda_graph import capture, release
+from exlbuild.kernels.attention_received import allowed_keys
 from exlbuild.model.checkpoint import (
     Device,
     embedding_weight,
@@ -57,11 +58,13 @@ class CachedModel:
 
     def forward(self, tokens: torch.Tensor, visible: int) -> torch.Tensor:
         """The next-token logits (rows, vocab) in float32 after `tokens` (rows,), attending to the first `visible`
-        cache positions (decoder_layer_step); advances the device's position."""
+        cache positions; advances the device's position."""
         x = embed(tokens[:, None], self.embedding)
         here = Rope(*(t.index_select(0, self.position).to(x.dtype) for t in (self.rope.cos, self.rope.sin)))
+        # The first `visible` positions, those after this one masked: the same mask for every layer.
+        allowed = allowed_keys(self.position, visible, self.cfg.sliding_window, self.device)[0]
         for w, cache in zip(self.layers, self.caches):
-            x = decoder_layer_step(x, w, self.cfg, here, cache, self.position, visible)
+            x = decoder_layer_step(x, w, self.cfg, here, cache, self.position, allowed)
         self.position += 1
         return final_logits(x[:, 0], self.norm, self.head, self.cfg.rms_norm_eps).float()
 

@@ -216,28 +216,23 @@ class KVCache:
 
 
 def decoder_layer_step(x: torch.Tensor, w: dict[str, torch.Tensor], cfg: LlamaConfig, here: Rope, cache: KVCache,
-                       position: torch.Tensor, visible: int) -> torch.Tensor:
+                       position: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """decoder_layer for one new token of every row, x (rows, 1, hidden) at `position` (a (1,) tensor on x's device;
     `here`: the rotary tables' row at it), against the earlier positions' keys and values in `cache` (this token's
     are stored there): the same outputs as decoder_layer's at that position on the whole rows. The attention reads
-    the cache's first `visible` positions, those after `position` masked: a caller that knows the position on the
-    host passes position + 1, a CUDA graph (fixed shapes, the position only on the device) the cache's capacity."""
+    the cache's first len(`allowed`) positions, masked where `allowed` (allowed_keys' row for `position`) is False."""
     h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
     q, k, v = _linears(h, w, [f"self_attn.{p}_proj" for p in "qkv"])
     q, k = apply_rope(_split_heads(q, cfg), here), apply_rope(_split_heads(k, cfg), here)
     cache.keys.index_copy_(2, position, k.transpose(1, 2))
     cache.values.index_copy_(2, position, _split_heads(v, cfg).transpose(1, 2))
-    keys, values = cache.keys[:, :, :visible], cache.values[:, :, :visible]
+    keys, values = (c[:, :, : len(allowed)] for c in (cache.keys, cache.values))
     # One query against the cached positions, written out: scaled_dot_product_attention sends this shape to cuDNN
     # on CUDA, which plans anew for each length (2.5 ms of host time a call, measured on the H100). The query heads
     # that share a key/value head are grouped, so the cache is never expanded.
     rows, kv_heads = keys.shape[:2]
     q = q.reshape(rows, kv_heads, cfg.num_kv_groups, cfg.head_dim)
     scores = torch.einsum("bkgd,bktd->bkgt", q, keys).float() / math.sqrt(cfg.head_dim)
-    key_positions = torch.arange(visible, device=x.device)
-    allowed = key_positions <= position
-    if cfg.sliding_window is not None:
-        allowed &= key_positions > position - cfg.sliding_window
     scores = scores.masked_fill(~allowed, float("-inf"))
     a = torch.einsum("bkgt,bktd->bkgd", torch.softmax(scores, dim=-1).to(values.dtype), values)
     (o,) = _linears(a.reshape(rows, 1, -1), w, ["self_attn.o_proj"])
