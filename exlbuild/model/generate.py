@@ -76,9 +76,7 @@ class CachedModel:
         else:
             if self.graph is None:
                 side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
                 self.graph, self.graph_logits = capture(lambda: self.forward(self.graph_tokens, self.length), side)
-                torch.cuda.current_stream(self.device).wait_stream(side)
             self.graph_tokens.copy_(tokens)
             self.graph.replay()
             logits = self.graph_logits.clone()

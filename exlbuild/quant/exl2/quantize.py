@@ -265,7 +265,6 @@ class RowLoopGraphs:
         loop = None
         if buffers is not None:
             loop = _RowLoop.allocate(layouts, buffers, triton=True)
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
             graph, _ = capture(loop.queue, self._stream, self._pool)
             loop = dataclasses.replace(loop, graph=graph)
         self._loops[key] = loop

@@ -252,7 +252,6 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
                 if eager_steps:
                     side.synchronize()
                 captured, static_loss = capture(train_step, side)
-                torch.cuda.current_stream(device).wait_stream(side)
             prepare(step)
             captured.replay()
             losses[step] = static_loss
