@@ -178,11 +178,14 @@ def test_multipliers_expand_like_indexing() -> None:
 
 
 def test_adam_takes_torch_optims_steps() -> None:
+    """The same steps as torch.optim.Adam, whose rate is set to the schedule's before each step."""
     target = torch.randn(50, dtype=torch.float64)
     ours, theirs = torch.zeros(50, dtype=torch.float64), torch.zeros(50, dtype=torch.float64, requires_grad=True)
-    adam, reference = Adam(ours, lr=0.05), torch.optim.Adam([theirs], lr=0.05)
-    for _ in range(30):
-        adam.step(4 * (ours - target) ** 3 + (ours - target))
+    factors = [1.0 - step / 40 for step in range(30)]
+    adam, reference = Adam(ours, lr=0.05, factors=factors), torch.optim.Adam([theirs], lr=0.05)
+    for step in range(30):
+        adam.step(4 * (ours - target) ** 3 + (ours - target), torch.tensor(step))
+        reference.param_groups[0]["lr"] = 0.05 * factors[step]
         reference.zero_grad()
         ((theirs - target) ** 4 + (theirs - target) ** 2 / 2).sum().backward()
         reference.step()
@@ -252,9 +255,9 @@ def test_the_step_follows_the_gradient_of_the_whole_model_s_kl(quantized: dict, 
     grads = []
 
     class RecordingAdam(Adam):
-        def step(self, grad: torch.Tensor, lr_factor: float | torch.Tensor = 1.0) -> None:
+        def step(self, grad: torch.Tensor, step: torch.Tensor) -> None:
             grads.append(grad.clone())
-            super().step(grad, lr_factor)
+            super().step(grad, step)
 
     monkeypatch.setattr(tune, "Adam", RecordingAdam)
     monkeypatch.setattr(tune, "LOGIT_ELEMENTS", 256 * 100)  # 100 tokens a slice

@@ -505,12 +505,13 @@ def adam(device: str, real: bool, seed: int) -> None:
     states = [[param.clone().to(device), torch.zeros(size, device=device), torch.zeros(size, device=device)]
               for _ in range(2)]
     betas = (0.9, 0.999)
-    for t in range(1, 4):  # moments from zero, then after updates; a tensor step size (a schedule) and a float one
+    # Each step's row of the schedule: step size, c1, c2.
+    schedule = torch.tensor([[0.01 * (0.5 + 0.1 * t), *(1 - b**t for b in betas)] for t in range(1, 4)], device=device)
+    for t in range(3):  # moments from zero, then after updates
         grad = (torch.randn(size, generator=g) * 10 ** float(torch.randint(-3, 3, (1,), generator=g))).to(device)
-        c1, c2 = (torch.tensor(1 - b**t, device=device) for b in betas)
-        step = 0.01 * torch.tensor(0.5 + 0.1 * t, device=device) if t % 2 else 0.01
+        step = torch.tensor(t, device=device)
         for update, state in zip((adam_update_triton, adam_update_reference), states):
-            update(*state[:1], grad, *state[1:], step, c1, c2, betas, 1e-8)
+            update(*state[:1], grad, *state[1:], schedule, step, betas, 1e-8)
         for name, ours, reference in zip(("parameter", "mean", "square"), *states):
             close(ours, reference, 4, f"{name} after step {t}, seed {seed}")
 

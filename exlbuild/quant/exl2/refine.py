@@ -83,6 +83,8 @@ from exlbuild.quant.exl2.tune import (
     Multipliers,
     ScaledLinear,
     ScaledNorm,
+    at_step,
+    cycled_rows,
     deterministic_algorithms,
     next_token_kl,
     run_steps,
@@ -345,7 +347,9 @@ def refine_model(
     training = torch.tensor([r for r in range(rows) if r not in held_out], device=device)
     judging = torch.tensor(held_out or [0], device=device)
     step_rows = min(rows_per_step, len(training))
-    static_batch, decay = training[:step_rows].clone(), torch.ones((), device=device)  # run_steps' inputs
+    batches = training[cycled_rows(len(training), step_rows, steps, device)]
+    # Both rates decay to 0 along a half cosine over each fit's steps.
+    decay = [0.5 * (1 + math.cos(math.pi * step / steps)) for step in range(steps)]
     with torch.no_grad():
         quantized_states = embed(ids.to(device), global_tensors[EMBEDDING_KEY].to(device, STATE_DTYPE))
     unquantized_states = quantized_states.clone()
@@ -460,20 +464,16 @@ def refine_model(
             kept = 0
             for slices in parts:
                 part = _Part(slices, codes, dtype)
-                code_optimizer, scale_optimizer = Adam(part.flat, lr), Adam(multipliers.log, scale_lr)
+                code_optimizer = Adam(part.flat, lr, decay)
+                scale_optimizer = Adam(multipliers.log, scale_lr, decay)
                 log_before = multipliers.log.detach().clone()
 
-                def train_step() -> Tensor:
-                    step_loss = loss_on(static_batch, part.weights)
+                def train_step(step: Tensor) -> Tensor:
+                    step_loss = loss_on(at_step(batches, step), part.weights)
                     code_grad, scale_grad = torch.autograd.grad(step_loss, [part.flat, multipliers.log])
-                    code_optimizer.step(code_grad, decay)
-                    scale_optimizer.step(scale_grad, decay)
+                    code_optimizer.step(code_grad, step)
+                    scale_optimizer.step(scale_grad, step)
                     return step_loss.detach()
-
-                def prepare(step: int) -> None:
-                    static_batch.copy_(training[(torch.arange(step_rows, device=device) + step * step_rows)
-                                                % len(training)])
-                    decay.fill_(0.5 * (1 + math.cos(math.pi * step / steps)))
 
                 next_layer_now = set_up_ahead and slices is parts[-1] and i + 1 < cfg.num_hidden_layers
                 meanwhile = (lambda k=i + 1: ahead.append(set_up(k))) if next_layer_now else None
@@ -482,7 +482,7 @@ def refine_model(
                 shapes_seen = tuple(part.shapes) in fitted_shapes
                 fitted_shapes.add(tuple(part.shapes))
                 steps_started = time.perf_counter()
-                run_steps(train_step, prepare, steps, device, meanwhile=meanwhile,
+                run_steps(train_step, steps, device, meanwhile=meanwhile,
                           eager_steps=0 if shapes_seen else EAGER_STEPS)
                 steps_seconds += time.perf_counter() - steps_started
                 if before is None:

@@ -158,22 +158,24 @@ class Multipliers:
 
 
 class Adam:
-    """Adam (Kingma & Ba, default betas) on one tensor, in place, with its state and step count on the tensor's
-    device so that a step can be captured in a CUDA graph. (Not torch.optim: constructing one imports PyTorch's
-    compiler stack, ~900 modules, seconds of the first tuned variant where they are not byte-compiled.)"""
+    """Adam (Kingma & Ba, default betas) on one tensor, in place, for `len(factors)` steps whose learning rate is `lr`
+    times factors[t] at step t. Its state and every step's constants (a schedule, exlbuild.kernels.adam) are on the
+    tensor's device, and a step takes its number as a tensor there, so that a step can be captured in a CUDA graph.
+    (Not torch.optim: constructing one imports PyTorch's compiler stack, ~900 modules, seconds of the first tuned
+    variant where they are not byte-compiled.)"""
 
-    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+    def __init__(self, param: Tensor, lr: float, factors: list[float], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.param, self.betas, self.eps = param, betas, eps
         self.mean, self.square = torch.zeros_like(param), torch.zeros_like(param)
-        self.count = torch.zeros((), dtype=torch.float64, device=param.device)  # 1 − 0.999ᵗ needs the digits
+        count = torch.arange(1, len(factors) + 1, dtype=torch.float64, device=param.device)  # 1 − 0.999ᵗ needs them
+        step_size = torch.tensor(factors, dtype=param.dtype, device=param.device) * lr
+        self.schedule = torch.stack([step_size, *((1 - b**count).to(param.dtype) for b in betas)], dim=1)
 
     @torch.no_grad()
-    def step(self, grad: Tensor, lr_factor: float | Tensor = 1.0) -> None:
-        """One update; `lr_factor` scales the learning rate (a schedule)."""
-        b1, b2 = self.betas
-        self.count += 1
-        c1, c2 = ((1 - b ** self.count).to(self.param.dtype) for b in (b1, b2))
-        adam_update(self.param, grad, self.mean, self.square, self.lr * lr_factor, c1, c2, self.betas, self.eps)
+    def step(self, grad: Tensor, step: Tensor) -> None:
+        """The update of step number `step` (a 0-dim integer tensor on the device, from 0)."""
+        adam_update(self.param, grad, self.mean, self.square, self.schedule, step, self.betas, self.eps)
 
 
 class _Recomputed(torch.autograd.Function):
@@ -225,13 +227,24 @@ def deterministic_algorithms() -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
-def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], steps: int, device: torch.device,
-              label: str | None = None, graph: bool = True,
-              meanwhile: Callable[[], None] | None = None, eager_steps: int = EAGER_STEPS) -> list[float]:
-    """`steps` times: prepare(step), then train_step(), which returns the step's loss; the losses, read once at the
-    end (no wait for the GPU within the loop). train_step may read only tensors that prepare fills in place: on
-    CUDA, after `eager_steps` ordinary steps (on a side stream, as a capture requires), it is captured once as a
-    CUDA graph and replayed (unless not `graph`: a step that waits for the device cannot be captured). A step is
+def cycled_rows(rows: int, rows_per_step: int, steps: int, device: torch.device) -> Tensor:
+    """(steps, rows_per_step): the rows each step trains on, 0 … rows − 1 in order, cycling."""
+    return (torch.arange(steps * rows_per_step, device=device) % rows).view(steps, rows_per_step)
+
+
+def at_step(table: Tensor, step: Tensor) -> Tensor:
+    """Row `step` (a 0-dim integer tensor) of `table`, on the device: the host never reads the step."""
+    return table.index_select(0, step.view(1))[0]
+
+
+def run_steps(train_step: Callable[[Tensor], Tensor], steps: int, device: torch.device, label: str | None = None,
+              graph: bool = True, meanwhile: Callable[[], None] | None = None,
+              eager_steps: int = EAGER_STEPS) -> list[float]:
+    """`steps` times train_step(step), which returns the step's loss; step is the step's number (from 0) as a 0-dim
+    integer tensor on the device, counted there, so that what changes from step to step (the rows, the rate) is
+    looked up on the device (`at_step`). The losses are read once at the end (no wait for the GPU within the loop).
+    On CUDA, after `eager_steps` ordinary steps (on a side stream, as a capture requires), the step is captured once
+    as a CUDA graph and replayed (unless not `graph`: a step that waits for the device cannot be captured). A step is
     thousands of small kernels, and launching them one by one from Python took longer than running them.
     The ordinary steps first compile, load and allocate what the step needs; a caller that has run a step of the
     same kernels and shapes in this process already may pass 0: the step is then captured at once, while the GPU
@@ -241,6 +254,13 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
     cuda = device.type == "cuda"
     replayed = cuda and graph
     losses = torch.zeros(steps, device=device)
+    counter = torch.zeros((), dtype=torch.long, device=device)
+
+    def counted_step() -> Tensor:
+        loss = train_step(counter)
+        counter.add_(1)
+        return loss
+
     captured, static_loss = None, None
     side = torch.cuda.Stream(device) if cuda else None
     if cuda:
@@ -251,14 +271,12 @@ def run_steps(train_step: Callable[[], Tensor], prepare: Callable[[int], None], 
                 # Captured on the side stream, once its ordinary steps are done.
                 if eager_steps:
                     side.synchronize()
-                captured, static_loss = capture(train_step, side)
-            prepare(step)
+                captured, static_loss = capture(counted_step, side)
             captured.replay()
             losses[step] = static_loss
         else:
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                prepare(step)
-                losses[step] = train_step()
+                losses[step] = counted_step()
     if cuda:
         torch.cuda.current_stream(device).wait_stream(side)
     if meanwhile is not None:
@@ -392,8 +410,10 @@ def tune_model(
             w[name] = (norm.weight * factor).to(dtype)
         return decoder_layer(x, w, cfg, compute_rope)
 
-    def train_step(batch: Tensor, batch_targets: Tensor) -> Tensor:
-        """One Adam step on the KL divergence over the rows `batch`; returns the KL (per token, nats)."""
+    def train_step(step: Tensor) -> Tensor:
+        """Adam step number `step` on the KL divergence over its rows; returns the KL (per token, nats)."""
+        rows_now = at_step(batches, step)
+        batch, batch_targets = device_ids[rows_now], targets[rows_now]
         linear_factors, norm_factors = multipliers.expand()
         per_layer = len(LINEARS), len(NORMS)
         x = embed(batch, embedding)
@@ -413,28 +433,21 @@ def tune_model(
         kl, grad_x, grad_norm = next_token_kl(x, norm, student_head, batch_targets, target_norm, target_head,
                                               cfg.rms_norm_eps, grad=True)
         (grad,) = torch.autograd.grad([x, norm], multipliers.log, grad_outputs=[grad_x, grad_norm])
-        optimizer.step(grad)
+        optimizer.step(grad, step)
         return kl
 
-    optimizer = Adam(multipliers.log, lr)
+    optimizer = Adam(multipliers.log, lr, [1.0] * steps)
     device_ids = ids.to(device)
-    static_batch = device_ids[:step_rows].clone()
-    static_targets = targets[:step_rows].clone()
-
-    def prepare(step: int) -> None:
-        batch_rows = (torch.arange(step_rows, device=device) + step * step_rows) % rows
-        static_batch.copy_(device_ids[batch_rows])
-        static_targets.copy_(targets[batch_rows])
+    batches = cycled_rows(rows, step_rows, steps, device)
 
     steps_started = time.perf_counter()
     with deterministic_algorithms():
         # Streamed layers are decoded at every step, which reads their group layout on the host: no CUDA graph.
-        kl_per_step = run_steps(lambda: train_step(static_batch, static_targets), prepare, steps, device, "tuning",
-                                graph=not stream_layers)
+        kl_per_step = run_steps(train_step, steps, device, "tuning", graph=not stream_layers)
     steps_seconds = time.perf_counter() - steps_started
     if not all(math.isfinite(k) for k in kl_per_step):
         raise ExlbuildError("tuning diverged (the KL divergence became NaN or infinite); lower tune.lr")
-    del targets, static_targets, target_head, embedding
+    del targets, target_head, embedding
     resident.clear()
 
     out_layers = []
