@@ -152,27 +152,33 @@ def test_tuning_a_model_with_biases_and_padded_outputs(tmp_path: Path) -> None:
 
 
 def test_multipliers_expand_like_indexing() -> None:
-    """Each linear's input features take their group's factor, each norm's features their own, and the fixed-order
-    backward of the group expansion gives index_select's gradient (groups of uneven sizes, in any order)."""
+    """Each linear's input features take their group's factor, each norm's features their weight times their own
+    factor, in the compute dtype; the gradient (the sums over each group's features in a fixed order) is
+    index_select's (groups of uneven sizes, in any order)."""
     groups = [torch.tensor([3, 0, 0, 2, 3, 3, 1, 0, 3, 2]), torch.tensor([1, 0, 1, 1])]
     linears = [SimpleNamespace(feature_group=g, groups=int(g.max()) + 1) for g in groups]
-    norms = [SimpleNamespace(weight=torch.ones(3)), SimpleNamespace(weight=torch.ones(2))]
+    norm_weights = [torch.rand(3) + 0.5, torch.rand(2) + 0.5]
+    norms = [SimpleNamespace(weight=w) for w in norm_weights]
     multipliers = Multipliers(linears, norms, torch.device("cpu"))
     assert multipliers.log.shape == (4 + 2 + 3 + 2,)
     with torch.no_grad():
         multipliers.log.copy_(torch.randn(11))
     log = multipliers.log.detach()
-    linear_factors, norm_factors = multipliers.expand()
+    linear_factors, norm_factors = multipliers.expand(torch.float32)
     assert torch.equal(linear_factors[0], log.exp()[groups[0]]) and torch.equal(linear_factors[1], log.exp()[4 + groups[1]])
-    assert torch.equal(norm_factors[0], log.exp()[6:9]) and torch.equal(norm_factors[1], log.exp()[9:])
+    assert torch.equal(norm_factors[0], norm_weights[0] * log.exp()[6:9])
+    assert torch.equal(norm_factors[1], norm_weights[1] * log.exp()[9:])
     assert torch.equal(multipliers.of_linear(1), log[4:6]) and torch.equal(multipliers.of_norm(1), log[9:])
+    low = multipliers.expand(torch.bfloat16)
+    assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip((*low[0], *low[1]), (*linear_factors, *norm_factors)))
 
     weights = [torch.randn(t.numel()) for t in (*linear_factors, *norm_factors)]
     loss = sum((w * f).sum() for w, f in zip(weights, (*linear_factors, *norm_factors)))
     (ours,) = torch.autograd.grad(loss, multipliers.log)
     reference_log = log.clone().requires_grad_()
     index = torch.cat([groups[0], 4 + groups[1], torch.arange(6, 11)])
-    reference_loss = (torch.cat(weights) * torch.index_select(reference_log.exp(), 0, index)).sum()
+    base = torch.cat([torch.ones(14), *norm_weights])
+    reference_loss = (torch.cat(weights) * base * torch.index_select(reference_log.exp(), 0, index)).sum()
     (reference,) = torch.autograd.grad(reference_loss, reference_log)
     torch.testing.assert_close(ours, reference)
 

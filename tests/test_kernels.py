@@ -41,6 +41,13 @@ from exlbuild.kernels.decoder_ops import (
     squared_relative_error_reference,
     squared_relative_error_triton,
 )
+from exlbuild.kernels.expand import (
+    Expansion,
+    expand_backward_reference,
+    expand_backward_triton,
+    expand_reference,
+    expand_triton,
+)
 from exlbuild.kernels.gptq_block import BLOCK_ROWS, BlockStep, gptq_block_step_reference, gptq_block_step_triton
 from exlbuild.kernels.kl_divergence import kl_divergence_reference, kl_divergence_triton
 from exlbuild.kernels.pack import (
@@ -335,6 +342,27 @@ def straight_through(device: str, real: bool, seed: int) -> None:
             reference = straight_through_backward_reference(grad.to(device), *inputs)
             assert same(ours[0], reference[0]), f"{dtype}: latent gradients differ"
             torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-5 * float(reference[1].abs().max()))
+
+
+@check
+def expand_multipliers(device: str, real: bool, seed: int) -> None:
+    g = generator(seed)
+    # Linears' input features and groups, and norms' features: a SmolLM2 layer's (q, k, v, o, gate, up, down; the two
+    # norms), or small ones spanning the kernels' blocks.
+    features, groups, norms = ([576] * 6 + [1536], [18] * 6 + [48], [576, 576]) if real else ([300, 24], [7, 3], [9, 5])
+    starts = torch.cumsum(torch.tensor([0, *groups]), 0)
+    values = int(starts[-1]) + sum(norms)
+    source = torch.cat([*(torch.randint(n, (f,), generator=g) + s for f, n, s in zip(features, groups, starts)),
+                        torch.arange(int(starts[-1]), values)])
+    base = torch.cat([torch.ones(sum(features)), torch.rand(sum(norms), generator=g) + 0.5]).to(device)
+    expansion = Expansion.of(source, base, values)
+    multipliers = (torch.randn(values, generator=g) * 0.1).exp().to(device)
+    for dtype in decoder_dtypes(real):
+        where = f"{dtype}, seed {seed}"
+        assert same(expand_triton(multipliers, expansion, dtype), expand_reference(multipliers, expansion, dtype)), where
+        grad = torch.randn(len(source), generator=g).to(device, dtype)
+        ours = expand_backward_triton(grad, multipliers, expansion)
+        assert same(ours, expand_backward_reference(grad, multipliers, expansion)), where
 
 
 def values_and_gradients(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor | None,

@@ -161,7 +161,7 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 15  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 16  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
     # 4: on the calibration's text rows only
     # 5: the whole refinement dropped unless it lowered the model's next-token KL on the held-out rows
@@ -176,6 +176,8 @@ class Refine(Rule):
     # 13: heads of 128 back on flash attention (12 sent them to the kernel, not yet timed there; tuned 13)
     # 14: the attention's dK and dV summed over query heads after their kernel, not in it (tuned 14)
     # 15: heads of 128 on the Triton attention too (tuned 15)
+    # 16: the multipliers expanded to one factor per feature by one Triton kernel each way, their gradient summed
+    #     over each group's features in another order (kernels/expand.py; tuned 16)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
@@ -190,7 +192,7 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 15  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 16  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
     # 4: a plain Adam (torch.optim's fused one rounds differently)
     # 5: on the calibration's text rows only
@@ -206,6 +208,8 @@ class Tune(Rule):
     # 13: as refined 13
     # 14: as refined 14
     # 15: as refined 15
+    # 16: as refined 16; the final norm's weight times its factor, and the head's factor, each rounded to the compute
+    #     dtype before their product
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model

@@ -429,8 +429,8 @@ def refine_model(
             def loss_on(batch: Tensor, scaled_weights: ScaledWeights) -> Tensor:
                 """The loss on rows `batch` of the layer whose linears `scaled_weights` gives for their input
                 features' factors (the group multipliers)."""
-                linear_factors, norm_factors = multipliers.expand()
-                weights = scaled_weights([factor.to(dtype) for factor in linear_factors])
+                linear_factors, norm_weights = multipliers.expand(dtype)
+                weights = scaled_weights(list(linear_factors))
                 w: dict[str, Tensor] = {}
                 for name, linear, (weight, input_scale) in zip(LINEARS, linears, weights):
                     w[f"{name}.weight"] = weight
@@ -438,8 +438,7 @@ def refine_model(
                         w[f"{name}.input_scale"] = input_scale
                     if linear.bias is not None:
                         w[f"{name}.bias"] = linear.bias
-                for name, norm, factor in zip(NORMS, norms, norm_factors):
-                    w[name] = (norm.weight * factor).to(dtype)
+                w.update(zip(NORMS, norm_weights))
                 y = decoder_layer(quantized_states[batch].to(dtype), w, cfg, compute_rope)
                 return squared_relative_error(y, unquantized_states[batch])
 

@@ -32,6 +32,7 @@ from exlbuild import progress
 from exlbuild.cuda_graph import capture, release
 from exlbuild.errors import ExlbuildError
 from exlbuild.kernels.adam import adam_update
+from exlbuild.kernels.expand import Expansion, expand, expand_backward
 from exlbuild.kernels.kl_divergence import kl_divergence
 from exlbuild.model.checkpoint import (
     Device,
@@ -104,49 +105,49 @@ class ScaledNorm:
         return (self.stored.float() * log_multiplier.cpu().exp()).half()
 
 
-class _ExpandGroups(torch.autograd.Function):
-    """values[index] with a backward that sums each value's features in a fixed order (gathered into a padded
-    (values, members) table, then summed along rows): index_select's backward adds atomically on CUDA."""
+class _Expanded(torch.autograd.Function):
+    """exp(log) expanded to one factor per feature in a compute dtype (exlbuild.kernels.expand), with its gradient:
+    one kernel each way, whose sums over each value's features run in a fixed order (index_select's backward adds
+    atomically on CUDA)."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, index: Tensor, members: Tensor) -> Tensor:
-        ctx.save_for_backward(members)
-        return values[index]
+    def forward(ctx, log: Tensor, expansion: Expansion, dtype: torch.dtype) -> Tensor:
+        values = log.exp()
+        ctx.save_for_backward(values)
+        ctx.expansion = expansion
+        return expand(values, expansion, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (members,) = ctx.saved_tensors
-        return torch.cat([grad, grad.new_zeros(1)])[members].sum(1), None, None
+        (values,) = ctx.saved_tensors
+        return expand_backward(grad, values, ctx.expansion), None, None
 
 
 class Multipliers:
     """The log-multipliers of every tuned tensor in one vector (one tensor for the optimizer), initially 0 (the
     GPTQ result): first the linears' groups, then the norms' features. `expand` gives the factor of every input
-    feature of each linear and of every feature of each norm."""
+    feature of each linear and the weight times the factor of every feature of each norm. Reads no device value (the
+    refinement sets up the next layer's while the GPU runs the steps before)."""
 
     def __init__(self, linears: list[ScaledLinear], norms: list[ScaledNorm], device: torch.device) -> None:
         group_counts = [linear.groups for linear in linears]
         self.group_starts = [sum(group_counts[:k]) for k in range(len(linears) + 1)]
-        index = torch.cat([linear.feature_group.cpu() + start for linear, start in zip(linears, self.group_starts)])
-        # members[g] lists the features of group g, padded with len(index) (a zero appended to the gradient).
-        order = torch.argsort(index, stable=True)
-        counts = torch.bincount(index, minlength=self.group_starts[-1])
-        first = torch.cumsum(counts, 0) - counts
-        members = torch.full((len(counts), int(counts.max())), len(index), dtype=torch.long)
-        members[index[order], torch.arange(len(index)) - first[index[order]]] = order
-        self.index, self.members = to_device(index, device), to_device(members, device)
-        self.features = [linear.feature_group.numel() for linear in linears]
         norm_sizes = [norm.weight.numel() for norm in norms]
         self.norm_starts = [self.group_starts[-1] + sum(norm_sizes[:k]) for k in range(len(norms) + 1)]
+        self.features = [linear.feature_group.numel() for linear in linears]
         self.norm_features = norm_sizes
+        # Each output feature's value: its group's for a linear's, its own for a norm's; and its base.
+        source = torch.cat([*(linear.feature_group.cpu() + start for linear, start in zip(linears, self.group_starts)),
+                            torch.arange(self.group_starts[-1], self.norm_starts[-1])])
+        base = torch.cat([torch.ones(sum(self.features), device=device), *(norm.weight.to(device) for norm in norms)])
+        self.expansion = Expansion.of(source, base, self.norm_starts[-1])
         self.log = torch.zeros(self.norm_starts[-1], device=device, requires_grad=True)
 
-    def expand(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """(each linear's factor per input feature, each norm's factor per feature), in the given orders."""
-        factor = self.log.exp()
-        groups = self.group_starts[-1]
-        per_feature = _ExpandGroups.apply(factor[:groups], self.index, self.members)
-        return per_feature.split(self.features), factor[groups:].split(self.norm_features)
+    def expand(self, dtype: torch.dtype) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """(each linear's factor per input feature, each norm's weight times its factor per feature), in the given
+        orders, in `dtype`."""
+        expanded = _Expanded.apply(self.log, self.expansion, dtype).split([*self.features, *self.norm_features])
+        return expanded[: len(self.features)], expanded[len(self.features):]
 
     def of_linear(self, k: int, log: Tensor | None = None) -> Tensor:
         """Linear k's log-multipliers, of `log` (a copy of them in host memory, say) or else of the live ones."""
@@ -402,24 +403,23 @@ def tune_model(
     student_head, _ = decode_linear(head.tensors, HEAD_KEY, cfg.vocab_size, device, dtype)
     embedding = global_tensors[EMBEDDING_KEY].to(device, dtype)
 
-    def student_layer(x: Tensor, i: int, linear_factors: list[Tensor], norm_factors: list[Tensor]) -> Tensor:
+    def student_layer(x: Tensor, i: int, linear_factors: list[Tensor], norm_weights: list[Tensor]) -> Tensor:
         w = dict(fixed(i))
         for name, factor in zip(LINEARS, linear_factors):
-            w[f"{name}.input_scale"] = factor.to(dtype)
-        for name, norm, factor in zip(NORMS, norms[i], norm_factors):
-            w[name] = (norm.weight * factor).to(dtype)
+            w[f"{name}.input_scale"] = factor
+        w.update(zip(NORMS, norm_weights))
         return decoder_layer(x, w, cfg, compute_rope)
 
     def train_step(step: Tensor) -> Tensor:
         """Adam step number `step` on the KL divergence over its rows; returns the KL (per token, nats)."""
         rows_now = at_step(batches, step)
         batch, batch_targets = device_ids[rows_now], targets[rows_now]
-        linear_factors, norm_factors = multipliers.expand()
+        linear_factors, norm_weights = multipliers.expand(dtype)
         per_layer = len(LINEARS), len(NORMS)
         x = embed(batch, embedding)
         for i in range(cfg.num_hidden_layers):
             factors = [*linear_factors[i * per_layer[0]:(i + 1) * per_layer[0]],
-                       *norm_factors[i * per_layer[1]:(i + 1) * per_layer[1]]]
+                       *norm_weights[i * per_layer[1]:(i + 1) * per_layer[1]]]
 
             def layer(x: Tensor, *f: Tensor, i: int = i) -> Tensor:
                 return student_layer(x, i, f[:per_layer[0]], f[per_layer[0]:])
@@ -429,7 +429,7 @@ def tune_model(
             # predicted; measured only together with the KL kernels, bench/NOTES.md §25.)
             x = _Recomputed.apply(layer, x, *factors) if recompute else layer(x, *factors)
         # The head's multipliers scale its input features, as the final norm's do.
-        norm = (final_norm.weight * norm_factors[-1] * linear_factors[-1]).to(dtype)
+        norm = norm_weights[-1] * linear_factors[-1]
         kl, grad_x, grad_norm = next_token_kl(x, norm, student_head, batch_targets, target_norm, target_head,
                                               cfg.rms_norm_eps, grad=True)
         (grad,) = torch.autograd.grad([x, norm], multipliers.log, grad_outputs=[grad_x, grad_norm])
