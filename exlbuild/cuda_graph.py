@@ -20,10 +20,10 @@ def capture(fn: Callable[[], T], stream: torch.cuda.Stream, pool: tuple[int, int
     """The kernels `fn` queues, captured on `stream` (a side stream: the current one cannot capture), and what `fn`
     returned; nothing runs until a replay. The side stream first waits for the current one (the captured kernels
     read what the current stream's queued work writes), and the current stream then waits for whatever the side
-    stream held before the capture, so replays on the current stream come after both. `pool`: a memory pool shared with other graphs (their temporaries then
-    take the same memory: replay them one after another). Not torch.cuda.graph, which also waits for the device
-    and empties the allocator's cache first. Thread-local: the layers' reader thread may pin host memory meanwhile,
-    which a global capture forbids to every thread."""
+    stream held before the capture, so replays on the current stream come after both. `pool`: a memory pool shared
+    with other graphs (their temporaries then take the same memory: replay them one after another). Not
+    torch.cuda.graph, which also waits for the device and empties the allocator's cache first. Thread-local: the
+    layers' reader thread may pin host memory meanwhile, which a global capture forbids to every thread."""
     graph = torch.cuda.CUDAGraph()
     current = torch.cuda.current_stream(stream.device)
     stream.wait_stream(current)

@@ -126,8 +126,8 @@ class _Expanded(torch.autograd.Function):
 class Multipliers:
     """The log-multipliers of every tuned tensor in one vector (one tensor for the optimizer), initially 0 (the
     GPTQ result): first the linears' groups, then the norms' features. `expand` gives the factor of every input
-    feature of each linear and the weight times the factor of every feature of each norm. Reads no device value (the
-    refinement sets up the next layer's while the GPU runs the steps before)."""
+    feature of each linear and the weight times the factor of every feature of each norm. Reads no device value: the
+    refinement sets up the next layer's multipliers while the GPU runs the steps before."""
 
     def __init__(self, linears: list[ScaledLinear], norms: list[ScaledNorm], device: torch.device) -> None:
         group_counts = [linear.groups for linear in linears]
@@ -170,7 +170,8 @@ class Adam:
         self.param, self.betas, self.eps = param, betas, eps
         self.mean, self.square = torch.zeros_like(param), torch.zeros_like(param)
         count = torch.arange(1, len(factors) + 1, dtype=torch.float64, device=param.device)  # 1 − 0.999ᵗ needs them
-        step_size = torch.tensor(factors, dtype=param.dtype, device=param.device) * lr
+        # (From page-locked memory: a copy from pageable memory would wait for the GPU's queue.)
+        step_size = to_device(torch.tensor(factors, dtype=param.dtype), param.device) * lr
         self.schedule = torch.stack([step_size, *((1 - b**count).to(param.dtype) for b in betas)], dim=1)
 
     @torch.no_grad()
