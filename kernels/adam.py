@@ -8,8 +8,8 @@ rate times its schedule's factor):
     m ← m + (1 − β1)(g − m),    v ← β2·v + (1 − β2)·g²,    p ← p − α·(m / c1) / (√(v / c2) + ε)
 
 α, c1 and c2 are row t of a (steps, 3) schedule, t a step number held on the device: a step captured in a CUDA graph
-then replays with nothing from the host, and the scalars of a step cost no kernels of their own (they were eight a
-step, each a launch as long as a small update's).
+then replays with nothing from the host, and the scalars of a step cost no kernels of their own (they were eight an
+optimizer a step, each a launch as long as a small update's).
 
 The kernel computes the same operations in float32 in the same order, but the GPU may contract a product and a sum
 into one fused multiply-add and takes its fast square root and division: results agree with the reference to a few
