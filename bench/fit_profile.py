@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import math
 import pstats
 import time
 from pathlib import Path
@@ -36,32 +37,35 @@ from exlbuild.quant.exl2.convert import quantize_model
 Fit = Callable[[Path, int], Any]  # fit(out_dir, steps)
 
 
-def random_fits(work: Path, shape: str, layers: int, rows: int, length: int, device: str) -> dict[str, Fit]:
+def random_fits(work: Path, shape: str, layers: int, rows: int, length: int, device: str,
+                refine_rows_per_step: int = 4, reuse: bool = False) -> dict[str, Fit]:
     """A random model of `layers` layers in `shape` under `work`, quantized with one fixed option per block, and its
-    two fits at the recipe's defaults (the refinement: rate 0.01, 4 rows a step; the tuning: 1e-3, 2 rows); under
+    two fits (the refinement: rate 0.01, `refine_rows_per_step` rows a step; the tuning: 1e-3, 2 rows); under
     "quantize", that quantization pass itself (steps ignored). The fits are looked up in their modules at each call,
-    so that a bench may replace a module's functions in between."""
-    write_model(work / "model", shape, layers, device)
+    so that a bench may replace a module's functions in between. `reuse`: keep the model and quantization pass a
+    run before left in `work` (so that runs of two versions of the code fit the same starting point)."""
     ids = torch.randint(0, SHAPES[shape]["vocab_size"], (rows, length), generator=torch.Generator().manual_seed(0))
 
     def quantize(out: Path, steps: int) -> Any:
         return quantize_model(work / "model", ids, fixed_strategy(layers), 6, out, device=device)
 
-    quantize(work / "quantized", 0)
+    if not (reuse and (work / "quantized").exists()):
+        write_model(work / "model", shape, layers, device)
+        quantize(work / "quantized", 0)
     return {
         "quantize": quantize,
-        "refine": lambda out, steps: refine.refine_model(work / "model", work / "quantized", out, ids, steps, 0.01, 4,
-                                                         device=device),
+        "refine": lambda out, steps: refine.refine_model(work / "model", work / "quantized", out, ids, steps, 0.01,
+                                                         refine_rows_per_step, device=device),
         "tune": lambda out, steps: tune.tune_model(work / "model", work / "quantized", out, ids, steps=steps, lr=1e-3,
                                                    rows_per_step=2, device=device),
     }
 
 
 def timed_fit(name: str, fit: Fit, steps: int, layers: int, work: Path, sync: Callable[[], None],
-              first: cProfile.Profile | None = None) -> dict[str, float]:
+              first: cProfile.Profile | None = None, repeats: int = 1) -> dict[str, float]:
     """A first run of `steps` (compiling, the allocator and the first launches; under the profiler `first` if given),
-    then runs of 0 and `steps`: their seconds, and the milliseconds a step (a refinement step is one layer's, so it
-    divides by the layers too). Writes to work/NAME-warmup, NAME-0 and NAME-STEPS."""
+    then `repeats` runs each of 0 and `steps`: the best seconds of each, and the milliseconds a step (a refinement step
+    is one layer's, so it divides by the layers too). Writes to work/NAME-warmup, NAME-0 and NAME-STEPS."""
     sync()
     t = time.perf_counter()
     if first is not None:
@@ -71,13 +75,13 @@ def timed_fit(name: str, fit: Fit, steps: int, layers: int, work: Path, sync: Ca
     if first is not None:
         first.disable()
     first_s = time.perf_counter() - t
-    seconds = {}
-    for n in (0, steps):
+    seconds = {0: math.inf, steps: math.inf}
+    for n in (0, steps) * repeats:
         sync()
         t = time.perf_counter()
         fit(work / f"{name}-{n}", n)
         sync()
-        seconds[n] = time.perf_counter() - t
+        seconds[n] = min(seconds[n], time.perf_counter() - t)
     step_ms = (seconds[steps] - seconds[0]) / (steps * (layers if name == "refine" else 1)) * 1e3
     return {"step_ms": step_ms, "fixed_s": seconds[0], "total_s": seconds[steps], "first_s": first_s}
 
