@@ -12,8 +12,11 @@ and backward, from G = ∂L/∂out,
 
     ∂L/∂log[v] = e[v] · Σ_{f: source[f] = v} float(G[f]) · base[f]
 
-summed from 0 in increasing f (`Expansion.order` lists each value's features so), each product rounded before it is
-added. The kernels round as the references do, in the same order: they equal them bit for bit.
+The forward kernel rounds as its reference does: they are equal bit for bit. The backward kernel sums each value's
+features (`Expansion.order` lists them) a chunk of CHUNK at a time, the chunk's loads issued together and added as a
+tree, so its sums are in another order than the reference's (in increasing f): equal within float32's rounding, and
+the same on every run. (Summing one feature at a time, each load waiting for the last, took 46 µs of a 0.82 ms
+refinement step on the H100; bench/NOTES.md §43, §44.)
 """
 
 from __future__ import annotations
@@ -53,14 +56,8 @@ def expand_reference(values: Tensor, expansion: Expansion, dtype: torch.dtype) -
 
 
 def expand_backward_reference(grad: Tensor, values: Tensor, expansion: Expansion) -> Tensor:
-    # Each value's j-th feature added at pass j, as the kernel adds them (index_add_ adds atomically on CUDA).
     contribution = grad.float() * expansion.base
-    first, counts = expansion.starts[:-1], expansion.starts[1:] - expansion.starts[:-1]
-    total = torch.zeros_like(values)
-    for j in range(expansion.most):
-        member = expansion.order[(first + j).clamp(max=len(expansion.order) - 1)]
-        total = total + torch.where(j < counts, contribution[member], 0.0)
-    return values * total
+    return values * torch.zeros_like(values).index_add_(0, expansion.source, contribution)
 
 
 @jit(do_not_specialize=["F"])
@@ -75,7 +72,7 @@ def _expand_kernel(values_ptr, source_ptr, base_ptr, out_ptr, F, BLOCK: tl.const
 # ordinary steps first (tune.run_steps) must not meet a new specialization to compile.
 @jit(do_not_specialize=["V", "MOST"])
 def _expand_backward_kernel(grad_ptr, values_ptr, base_ptr, order_ptr, starts_ptr, out_ptr, V, MOST,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = v < V
     start = tl.load(starts_ptr + v, mask=valid, other=0)
@@ -83,15 +80,19 @@ def _expand_backward_kernel(grad_ptr, values_ptr, base_ptr, order_ptr, starts_pt
     total = tl.zeros([BLOCK], dtype=tl.float32)
     j = 0
     while j < MOST:  # (a range over a scalar argument fails in Triton's interpreter)
-        member = valid & (j < count)
-        f = tl.load(order_ptr + start + j, mask=member, other=0)
+        k = j + tl.arange(0, CHUNK)
+        member = valid[:, None] & (k[None, :] < count[:, None])
+        f = tl.load(order_ptr + start[:, None] + k[None, :], mask=member, other=0)
         g = tl.load(grad_ptr + f, mask=member, other=0.0).to(tl.float32)
-        total += g * tl.load(base_ptr + f, mask=member, other=0.0)
-        j += 1
+        total += tl.sum(g * tl.load(base_ptr + f, mask=member, other=0.0), axis=1)
+        j += CHUNK
     tl.store(out_ptr + v, tl.load(values_ptr + v, mask=valid, other=0.0) * total, mask=valid)
 
 
 _BLOCK = 256
+# Values a program and features a chunk of the backward: a SmolLM2 layer has ~1,300 values (~150 groups of 32 to 128
+# features, then one a norm feature), so ~80 programs, of at most four chunks.
+_BACKWARD_BLOCK, _CHUNK = 16, 32
 
 
 def expand_triton(values: Tensor, expansion: Expansion, dtype: torch.dtype) -> Tensor:
@@ -103,10 +104,9 @@ def expand_triton(values: Tensor, expansion: Expansion, dtype: torch.dtype) -> T
 
 def expand_backward_triton(grad: Tensor, values: Tensor, expansion: Expansion) -> Tensor:
     out = torch.empty_like(values)
-    # No contraction to a fused multiply-add: each product is rounded before it is added, as in the reference.
-    launch(_expand_backward_kernel, (-(-len(values) // _BLOCK),), values.device, grad.contiguous(), values,
-           expansion.base, expansion.order, expansion.starts, out, len(values), expansion.most, BLOCK=_BLOCK,
-           num_warps=4, enable_fp_fusion=False)
+    launch(_expand_backward_kernel, (-(-len(values) // _BACKWARD_BLOCK),), values.device, grad.contiguous(), values,
+           expansion.base, expansion.order, expansion.starts, out, len(values), expansion.most,
+           BLOCK=_BACKWARD_BLOCK, CHUNK=_CHUNK, num_warps=4)
     return out
 
 

@@ -361,8 +361,10 @@ def expand_multipliers(device: str, real: bool, seed: int) -> None:
         where = f"{dtype}, seed {seed}"
         assert same(expand_triton(multipliers, expansion, dtype), expand_reference(multipliers, expansion, dtype)), where
         grad = torch.randn(len(source), generator=g).to(device, dtype)
-        ours = expand_backward_triton(grad, multipliers, expansion)
-        assert same(ours, expand_backward_reference(grad, multipliers, expansion)), where
+        reference = expand_backward_reference(grad, multipliers, expansion)
+        # (Summed in chunks, as a tree: another order than the reference's.)
+        torch.testing.assert_close(expand_backward_triton(grad, multipliers, expansion), reference, rtol=1e-5,
+                                   atol=1e-6 * float(reference.abs().max()), msg=where)
 
 
 def values_and_gradients(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor | None,

@@ -161,7 +161,7 @@ class Refine(Rule):
     layer's output."""
 
     name = "exl2-refined"
-    version = 16  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
+    version = 17  # 2: a layer's fit kept only if it lowered the layer's loss over all calibration rows
     # 3: judged on held-out rows, not trained on; large layers fitted in parts (refine.weights_per_fit)
     # 4: on the calibration's text rows only
     # 5: the whole refinement dropped unless it lowered the model's next-token KL on the held-out rows
@@ -178,6 +178,7 @@ class Refine(Rule):
     # 15: heads of 128 on the Triton attention too (tuned 15)
     # 16: the multipliers expanded to one factor per feature by one Triton kernel each way, their gradient summed
     #     over each group's features in another order (kernels/expand.py; tuned 16)
+    # 17: that gradient summed in chunks of features, as a tree (tuned 17)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.refine import refine_model
@@ -192,7 +193,7 @@ class Tune(Rule):
     """The quantized tensors with their fp16 group scale maxima and norm weights fitted to the unquantized model."""
 
     name = "exl2-tuned"
-    version = 16  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
+    version = 17  # 2: multipliers on input features, bfloat16 activations and a deterministic backward on CUDA;
     # 3: the calibration perplexity with float32 rotary tables on CUDA
     # 4: a plain Adam (torch.optim's fused one rounds differently)
     # 5: on the calibration's text rows only
@@ -210,6 +211,7 @@ class Tune(Rule):
     # 15: as refined 15
     # 16: as refined 16; the final norm's weight times its factor, and the head's factor, each rounded to the compute
     #     dtype before their product
+    # 17: as refined 17
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.tune import tune_model
