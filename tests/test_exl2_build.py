@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exlbuild.model.checkpoint import Checkpoint
+from exlbuild.model.checkpoint import Checkpoint, open_model
 from exlbuild.quant.exl2.pack import validate_layer
 from model_fixtures import recipe_project, run_cli, tiny_model_with_tokenizer
 from test_tokenizer import make_bpe_dir
@@ -108,7 +108,18 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     assert rows["exl2-4.0bpw"]["decoder_bpw"] <= 4.0 + 1e-9 and rows["exl2-4.0bpw"]["decoder_bpw"] > 3.9
     fp16 = report["fp16_perplexity"]
     assert fp16 < rows["exl2-4.0bpw"]["perplexity"] * 1.05  # quantization does not help, beyond noise
-    assert rows["exl2-4.0bpw"]["perplexity"] < rows["exl2-3.0bpw"]["perplexity"] * 1.02
+    # More bits come closer to FP16: judged on the decoder's weights as exlbuild's reader decodes them. (Not on this
+    # random model's perplexity: 3.0 and 4.0 bpw lie within 3 % of FP16's and of each other, and their order changed
+    # with the test dependencies' versions, exlbuild unchanged.)
+    fp16_model = Checkpoint(project / "model")
+    linears = [n for n in fp16_model.names() if n.startswith("model.layers.") and n.endswith("_proj.weight")]
+    reference = sum(float(fp16_model.get(n).square().sum()) for n in linears)
+
+    def relative_error(bits: str) -> float:
+        _, ckpt = open_model(project / "out" / f"exl2-{bits}bpw")
+        return sum(float((ckpt.get(n) - fp16_model.get(n)).square().sum()) for n in linears) / reference
+
+    assert len(linears) == 14 and relative_error("4.0") < 0.75 * relative_error("3.0")  # (0.45 here)
     assert list((project / ".exlbuild/store/report").glob("*/data/*.svg"))
     # The allocation weighed the blocks by the sensitivities the measurement wrote beside measurement.json.
     assert len(json.loads(next(store.glob("exl2-measurement/*/data/sensitivity.json")).read_text())["sensitivity"]) == 4
