@@ -91,7 +91,7 @@ def _expand_backward_kernel(grad_ptr, values_ptr, base_ptr, order_ptr, starts_pt
 
 _BLOCK = 256
 # Values a program and features a chunk of the backward: a SmolLM2 layer has ~1,300 values (~150 groups of 32 to 128
-# features, then one a norm feature), so ~80 programs, of at most four chunks.
+# features, then one value for each norm feature), so ~80 programs of at most four chunks.
 _BACKWARD_BLOCK, _CHUNK = 16, 32
 
 
