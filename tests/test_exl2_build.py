@@ -112,14 +112,15 @@ def test_sweep_builds_loadable_directories_and_a_report(project, capsys):
     # random model's perplexity: 3.0 and 4.0 bpw lie within 3 % of FP16's and of each other, and their order changed
     # with the test dependencies' versions, exlbuild unchanged.)
     fp16_model = Checkpoint(project / "model")
-    linears = [n for n in fp16_model.names() if n.startswith("model.layers.") and n.endswith("_proj.weight")]
-    reference = sum(float(fp16_model.get(n).square().sum()) for n in linears)
+    fp16_weights = {n: fp16_model.get(n) for n in fp16_model.names()
+                    if n.startswith("model.layers.") and n.endswith("_proj.weight")}
+    reference = sum(float(w.square().sum()) for w in fp16_weights.values())
 
     def relative_error(bits: str) -> float:
         _, ckpt = open_model(project / "out" / f"exl2-{bits}bpw")
-        return sum(float((ckpt.get(n) - fp16_model.get(n)).square().sum()) for n in linears) / reference
+        return sum(float((ckpt.get(n) - w).square().sum()) for n, w in fp16_weights.items()) / reference
 
-    assert len(linears) == 14 and relative_error("4.0") < 0.75 * relative_error("3.0")  # (0.45 here)
+    assert len(fp16_weights) == 14 and relative_error("4.0") < 0.75 * relative_error("3.0")  # (0.45 here)
     assert list((project / ".exlbuild/store/report").glob("*/data/*.svg"))
     # The allocation weighed the blocks by the sensitivities the measurement wrote beside measurement.json.
     assert len(json.loads(next(store.glob("exl2-measurement/*/data/sensitivity.json")).read_text())["sensitivity"]) == 4
