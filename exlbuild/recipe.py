@@ -20,6 +20,12 @@ FORMATS = ("exl2", "exl3")
 EXL2_HEAD_BITS = (2, 3, 4, 5, 6, 8)
 EXL3_HEAD_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 BITS_RANGE = {"exl2": (2.0, 8.0), "exl3": (1.0, 8.0)}
+# The calibration passes' arithmetic (passes.dtype). float32, the default, is ~2× faster on a CPU (on CUDA its products
+# take TF32). float64 is for builds that must write the same bytes on any machine, a CPU's or a GPU's: float32's last
+# bits depend on each machine's order of sums, which moves a few of GPTQ's roundings and all that follows them
+# (bench/results/cpu-vs-gpu.md); float64's differences lie ~10⁹ times further below every rounding the passes make
+# (to float16 states, to codes, to fp16 scales).
+PASS_DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -56,6 +62,13 @@ class StoreSpec:
 class MeasurementSpec:
     file: Optional[str] = None  # an existing exllamav2 measurement.json to use instead of measuring
     probe_tokens: int = 1024  # calibration tokens of the sensitivity probe (docs/exl2.md); 0: no probe
+
+
+@dataclass
+class PassesSpec:
+    # The measurement's and quantization passes' arithmetic: float32 or float64 (PASS_DTYPES above; docs/exl2.md).
+    # The fits (refine, tune) keep their own: bfloat16 on CUDA, float32 on a CPU.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -119,6 +132,7 @@ class Recipe:
     rope: RopeSpec = field(default_factory=RopeSpec)
     store: StoreSpec = field(default_factory=StoreSpec)
     measurement: MeasurementSpec = field(default_factory=MeasurementSpec)
+    passes: PassesSpec = field(default_factory=PassesSpec)
     refine: RefineSpec = field(default_factory=RefineSpec)
     tune: TuneSpec = field(default_factory=TuneSpec)
     # Free-form in the schema so that `+variants.NAME.bits=3.0` works from the command line; each value
@@ -383,6 +397,9 @@ def validate(recipe: LoadedRecipe) -> None:
             raise ExlbuildError(f"{where}: rope.{key}: {value} is not valid; it must be > 0 (1.0 = no scaling)")
 
     _at_least(where, "measurement.probe_tokens", spec.measurement.probe_tokens, 0)
+    if spec.passes.dtype not in PASS_DTYPES:
+        raise ExlbuildError(f"{where}: passes.dtype: '{spec.passes.dtype}' is not valid; valid: "
+                            f"{', '.join(PASS_DTYPES)} (float64: the same bytes on a CPU and a GPU, ~2× the CPU time)")
     _at_least(where, "refine.weights_per_fit", spec.refine.weights_per_fit, 1)
     if not spec.refine.below_bits > 0:
         raise ExlbuildError(f"{where}: refine.below_bits: {spec.refine.below_bits} is out of range; it must be > 0 "

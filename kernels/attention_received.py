@@ -49,22 +49,23 @@ def allowed_keys(queries: range | Tensor, seq: int, window: int | None, device: 
 
 
 def attention_received_reference(q: Tensor, k: Tensor, scale: float, window: int | None) -> Tensor:
-    """(batch, seq) float32: for roped q (batch, heads, seq, dim) and k (batch, kv_heads, seq, dim), the attention
-    probabilities of softmax(scale · q·k) under the causal (and sliding-window) mask, summed over query heads and
-    query positions, divided by the number of query heads."""
+    """(batch, seq) float32 (float64 for float64 inputs): for roped q (batch, heads, seq, dim) and k (batch, kv_heads,
+    seq, dim), the attention probabilities of softmax(scale · q·k) under the causal (and sliding-window) mask, summed
+    over query heads and query positions, divided by the number of query heads."""
     batch, heads, t, dim = q.shape
     group = heads // k.shape[1]
     # q / (1 / scale): the division the model has always made (q / √head_dim), so the CPU keeps its results' bits.
-    q = q.float() / (1 / scale)
-    k = k.float()
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q = q.to(dtype) / (1 / scale)
+    k = k.to(dtype)
     # Slices of whole rows while one row's probabilities fit under PROBABILITY_ELEMENTS, else of query positions
     # (each query's probabilities are a softmax of their own, so the sum over queries can be taken in parts).
     queries = max(1, min(t, PROBABILITY_ELEMENTS // (group * t)))
     rows = max(1, PROBABILITY_ELEMENTS // (group * t * t)) if queries == t else 1
-    received = torch.zeros(batch, t, dtype=torch.float32, device=q.device)
+    received = torch.zeros(batch, t, dtype=dtype, device=q.device)
     for start in range(0, t, queries):
         positions = range(start, min(start + queries, t))
-        bias = torch.zeros(len(positions), t, device=q.device)
+        bias = torch.zeros(len(positions), t, dtype=dtype, device=q.device)
         bias.masked_fill_(~allowed_keys(positions, t, window, q.device), float("-inf"))
         for kv in range(k.shape[1]):
             for r in range(0, batch, rows):
@@ -219,7 +220,8 @@ def attention_received_triton(q: Tensor, k: Tensor, scale: float, window: int | 
 def attention_received(q: Tensor, k: Tensor, scale: float, window: int | None) -> Tensor:
     """(batch, seq) float32: the attention each key position receives, summed over query heads and query positions
     and divided by the number of query heads, for roped q (batch, heads, seq, dim) and k (batch, kv_heads, seq, dim),
-    logits scale · q·k, causal within `window` positions (None: no window). Triton on CUDA, else the reference."""
+    logits scale · q·k, causal within `window` positions (None: no window). Triton on CUDA, else the reference (and
+    for float64 inputs, in float64)."""
     if use_triton(q, k):
         return attention_received_triton(q, k, scale, window)
     return attention_received_reference(q, k, scale, window)

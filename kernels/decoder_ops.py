@@ -36,8 +36,8 @@ from exlbuild.kernels.runtime import jit, launch, tl, use_triton
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Normalise in float32 whatever the compute dtype, as the reference implementations do.
-    xf = x.float()
+    # Normalise in float32 whatever the compute dtype, as the reference implementations do (float64 stays float64).
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
@@ -162,8 +162,8 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight · dtype(x / rms(x)) over the last dim, the norm in float32 (x's dtype, the product in the promoted
-    dtype of x and weight). Triton on CUDA, else the reference."""
+    """weight · dtype(x / rms(x)) over the last dim, the norm in float32 or float64 (x's dtype, the product in the
+    promoted dtype of x and weight). Triton on CUDA, else the reference (and for float64)."""
     if use_triton(x, weight):
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)

@@ -5,15 +5,17 @@ row is rounded to its option's grid and its error is pushed onto the block's lat
 rounded in turn; the update of all rows below the block is one matrix product afterwards, left to the
 caller. `gptq_block_step` is that inner loop:
 
-    reads   work[:, a:a+32]  (B, K, N) float32, the error-compensated weights (left unchanged)
+    reads   work[:, a:a+32]  (B, K, N), the error-compensated weights (left unchanged)
             factor[a:a+32, a:a+32]  the inverse Cholesky factor U, upper triangular
-            scale (B, N) fp16, zero[:, a:a+32] and maxq[:, a:a+32] float32 (per option and row)
+            scale (B, N) fp16, zero[:, a:a+32] and maxq[:, a:a+32] (per option and row)
     writes  codes[:, a:a+32] (B, K, N) uint8, values[:, a:a+32] (B, K, N) fp16, the loader's
-            dequantized weights, and errors (B, 32, N) float32 for the caller's trailing update
+            dequantized weights, and errors (B, 32, N) for the caller's trailing update
             work[:, a+32:] -= U[a:a+32, a+32:]ᵀ @ errors
 
-The kernel reproduces the reference bit for bit: the same float32 operations in the same order,
-IEEE-rounded divisions, no fused multiply-adds, and the fp16 roundings of `dequantize_codes`.
+work, factor, zero, maxq and errors share one dtype, the work dtype: float32, or float64 (the passes at
+`passes.dtype: float64`, where the CPU and the GPU must give the same bytes). The kernel reproduces the
+reference bit for bit in either: the same operations in the work dtype in the same order, IEEE-rounded
+divisions, no fused multiply-adds, and the fp16 roundings of `dequantize_codes`.
 """
 
 from __future__ import annotations
@@ -36,27 +38,30 @@ class BlockStep:
     """The tensors every block step of one `quantize_options` call reads or writes (B options, K rows, N
     columns; see the module docstring for what each step reads and writes)."""
 
-    work: Tensor  # (B, K, N) float32
-    factor: Tensor  # (K, K) float32, upper triangular
+    work: Tensor  # (B, K, N) float32 or float64: the work dtype, also factor's, zero's, maxq's and errors'
+    factor: Tensor  # (K, K), upper triangular
     scale: Tensor  # (B, N) fp16: the scales of the groups the block lies in (the caller updates them)
-    zero: Tensor  # (B, K) float32, per option and row
-    maxq: Tensor  # (B, K) float32
+    zero: Tensor  # (B, K), per option and row
+    maxq: Tensor  # (B, K)
     codes: Tensor  # (B, K, N) uint8
     values: Tensor  # (B, K, N) fp16
-    errors: Tensor  # (B, 32, N) float32
+    errors: Tensor  # (B, 32, N)
 
     def __post_init__(self) -> None:
         # Checked once here, not at every block: the row loop of quantize_options is host-bound on the GPU.
         options, in_features, out_features = self.work.shape
+        work_dtype = self.work.dtype
+        if work_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"work: expected float32 or float64, got {work_dtype}")
         expected = {
-            "work": (torch.float32, (options, in_features, out_features)),
-            "factor": (torch.float32, (in_features, in_features)),
+            "work": (work_dtype, (options, in_features, out_features)),
+            "factor": (work_dtype, (in_features, in_features)),
             "scale": (torch.float16, (options, out_features)),
-            "zero": (torch.float32, (options, in_features)),
-            "maxq": (torch.float32, (options, in_features)),
+            "zero": (work_dtype, (options, in_features)),
+            "maxq": (work_dtype, (options, in_features)),
             "codes": (torch.uint8, (options, in_features, out_features)),
             "values": (torch.float16, (options, in_features, out_features)),
-            "errors": (torch.float32, (options, BLOCK_ROWS, out_features)),
+            "errors": (work_dtype, (options, BLOCK_ROWS, out_features)),
         }
         for name, (dtype, shape) in expected.items():
             t = getattr(self, name)
@@ -79,19 +84,19 @@ def gptq_block_step(step: BlockStep, a: int) -> None:
     in_features = step.work.shape[1]
     if a % BLOCK_ROWS or not 0 <= a <= in_features - BLOCK_ROWS:
         raise ValueError(f"block start {a} must be a multiple of {BLOCK_ROWS} inside {in_features} rows")
-    if use_triton(*step.tensors()):
+    if use_triton(*step.tensors(), float64=True):
         gptq_block_step_triton(step, a)
     else:
         gptq_block_step_reference(step, a)
 
 
 def gptq_block_step_reference(step: BlockStep, a: int) -> None:
-    """The reference: one row at a time, all options and columns at once."""
+    """The reference: one row at a time, all options and columns at once, in the work dtype."""
     e = a + BLOCK_ROWS
     # A copy, so that the caller's work stays as it was: rows a..e are not read again after the block.
     block = step.work[:, a:e].clone()
     scale, factor = step.scale, step.factor
-    s = scale.float()
+    s = scale.to(block.dtype)
     for r in range(BLOCK_ROWS):
         c = a + r
         row, z, m = block[:, r], step.zero[:, c : c + 1], step.maxq[:, c : c + 1]
@@ -102,7 +107,7 @@ def gptq_block_step_reference(step: BlockStep, a: int) -> None:
         v = dequantize_codes(q, z, scale)
         step.codes[:, c] = q.to(torch.uint8)
         step.values[:, c] = v
-        err = (row - v.float()) / factor[c, c]
+        err = (row - v.to(row.dtype)) / factor[c, c]
         step.errors[:, r] = err
         block[:, r + 1 :] -= factor[c, c + 1 : e, None] * err[:, None, :]
 
@@ -115,6 +120,13 @@ def _gptq_block_kernel(
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: one option, BLOCK_N columns, all ROWS rows of the block held in registers.
+    dtype = work_ptr.dtype.element_ty  # the work dtype (BlockStep checks that the work tensors share it)
+    # Divisions IEEE-rounded, as torch's: tl.math.div_rn in float32 (`/` is div.full.f32 on the GPU, not IEEE),
+    # `/` in float64, which div_rn does not take (PTX div.rn.f64: IEEE; the interpreter's numpy is IEEE in both).
+    FLOAT64: tl.constexpr = dtype == tl.float64
+    # Round half to even, as torch.round: adding and removing 1.5·2^m (m the mantissa's bits, 23 or 52) leaves the
+    # nearest integer for |x| < 2^(m−1); a larger |x| lies far outside every code range and clamps the same anyway.
+    ROUND_LIMIT: tl.constexpr = 2.0 ** (dtype.fp_mantissa_width - 1)
     option = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = cols < N
@@ -122,7 +134,7 @@ def _gptq_block_kernel(
     start = a.to(tl.int64)
     first = option.to(tl.int64) * K + start  # the block's first row in the flattened (B·K, N) tensors
     w = tl.load(work_ptr + (first + rows[:, None]) * N + cols[None, :], mask=in_range[None, :], other=0.0)
-    s = tl.load(scale_ptr + option * N + cols, mask=in_range, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + option * N + cols, mask=in_range, other=0.0).to(dtype)
     # A zero scale decodes every code to zero (see the reference); divide by 1 there instead of 0.
     has_scale = s > 0
     divisor = tl.where(has_scale, s, 1.0)
@@ -136,15 +148,14 @@ def _gptq_block_kernel(
         w_r = tl.sum(tl.where(rows[:, None] == r, w, 0.0), axis=0)
         z = tl.load(zero_ptr + option * zero_stride + start + r)
         m = tl.load(maxq_ptr + option * maxq_stride + start + r)
-        ratio = tl.where(has_scale, tl.math.div_rn(w_r, divisor), 0.0)  # `/` is not IEEE-rounded on the GPU
-        # Round half to even, as torch.round: adding and removing 1.5·2^23 leaves the nearest integer for
-        # |x| < 2^22; a larger |x| lies far outside every code range and clamps the same either way.
-        rounded = tl.where(tl.abs(ratio) < 4194304.0, (ratio + 12582912.0) - 12582912.0, ratio)
+        ratio = tl.where(has_scale, w_r / divisor if FLOAT64 else tl.math.div_rn(w_r, divisor), 0.0)
+        rounded = tl.where(tl.abs(ratio) < ROUND_LIMIT, (ratio + 3 * ROUND_LIMIT) - 3 * ROUND_LIMIT, ratio)
         q = tl.minimum(tl.maximum(rounded + z, 0.0), m)
         # (q − z)·S is exact in float32 (at most 9 + 11 significant bits): one rounding to fp16, as the loader.
         v = ((q - z) * s).to(tl.float16)
         u_rr = tl.load(u_row + r * factor_stride_col)
-        err = tl.math.div_rn(w_r - v.to(tl.float32), u_rr)
+        residual = w_r - v.to(dtype)
+        err = residual / u_rr if FLOAT64 else tl.math.div_rn(residual, u_rr)
         out = (first + r) * N + cols
         tl.store(codes_ptr + out, q.to(tl.uint8), mask=in_range)
         tl.store(values_ptr + out, v, mask=in_range)

@@ -39,10 +39,14 @@ def jit(fn: Callable | None = None, **options: Any) -> Any:
     return fn if triton is None else triton.jit(fn, **options)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether a call on these tensors runs its Triton kernel rather than the reference."""
+def use_triton(*tensors: torch.Tensor, float64: bool = False) -> bool:
+    """Whether a call on these tensors runs its Triton kernel rather than the reference. Float64 tensors (the passes
+    at `passes.dtype: float64`, docs/exl2.md) go to the reference unless the kernel takes them (`float64`): most
+    kernels compute in float32, which would undo what float64 is for."""
     mode = os.environ.get("EXLBUILD_KERNELS", "")
     if triton is None or mode == "reference":
+        return False
+    if not float64 and any(t.dtype == torch.float64 for t in tensors):
         return False
     return mode == "triton" or all(t.is_cuda for t in tensors)
 

@@ -16,9 +16,11 @@ nibbles rather than sharing one multiplier, and the rows the Hessian weighs most
 SmolLM2's layers: 3–14 % less output error per linear than the reference's search at every bit width
 (bench/NOTES.md §10); a grid of 97 points chose as well as 17.
 
-The Triton kernel computes the same scales (the same fp16 roundings) and quantized values (IEEE division,
+The search computes in the rows' dtype, float32 or float64 (the passes at `passes.dtype: float64`): M, the
+products M · p (of the float32 multipliers) before their fp16 rounding, the errors and their sums. The
+Triton kernel computes the same scales (the same fp16 roundings) and quantized values (IEEE division,
 round half to even), but sums each column's error in its own order: its errors agree with the
-reference's to float32 rounding, and its choices are the reference's except where two score within it.
+reference's to the rows' rounding, and its choices are the reference's except where two score within it.
 
 quantize_options searches at every group start, and on the GPU its host time is the wall time, so the
 Triton path does there (search_batch_triton) only what needs the device: one torch reduction for max |w|,
@@ -60,10 +62,10 @@ def _grid_on(device: torch.device) -> Tensor:
 
 
 def find_group_scales(rows: Tensor, bits: Tensor, row_weights: Tensor) -> tuple[Tensor, Tensor]:
-    """The search for B groups at once: rows (B, R, N) float32, bits (B,), row_weights (R,) float32 (h_r,
-    shared by the groups) → nibbles (B, N) uint8 and q_scale_max (B,) float16. Triton on CUDA, else the
-    reference."""
-    if use_triton(rows, bits, row_weights):
+    """The search for B groups at once: rows (B, R, N) float32 or float64, bits (B,), row_weights (R,) in the
+    rows' dtype (h_r, shared by the groups) → nibbles (B, N) uint8 and q_scale_max (B,) float16. Triton on
+    CUDA, else the reference."""
+    if use_triton(rows, bits, row_weights, float64=True):
         nibbles, scale_max, _ = pick_triton(*search_triton(rows, bits, row_weights))
         return nibbles, scale_max
     group_max = group_maximum(rows, bits)
@@ -81,26 +83,27 @@ def pick(group_max: Tensor, totals: Tensor, choices: Tensor) -> tuple[Tensor, Te
 
 
 def group_maximum(rows: Tensor, bits: Tensor) -> Tensor:
-    """M (B,) float32: the group's largest |w| (plus 1e-12) over half its largest code."""
-    half = (2**bits - 1).to(torch.float32) / 2
+    """M (B,) in the rows' dtype: the group's largest |w| (plus 1e-12) over half its largest code."""
+    half = (2**bits - 1).to(rows.dtype) / 2
     return (rows.abs().amax(dim=(1, 2)) + 1e-12) / half
 
 
 def candidate_scales(group_max: Tensor) -> Tensor:
-    """S_p(k) (B, P, 16) float32: every multiplier's q_scale_max, every nibble's scale (fp16 values)."""
+    """S_p(k) (B, P, 16) in M's dtype: every multiplier's q_scale_max, every nibble's scale (fp16 values). (torch
+    rounds float64 to fp16 through float32, as the kernels do.)"""
     scale_max = (group_max[:, None] * _grid_on(group_max.device)).half()  # (B, P)
     nibbles = torch.arange(NIBBLES, dtype=torch.uint8, device=group_max.device)
-    return scale_from_nibbles(nibbles[None, None, :, None], scale_max[:, :, None])[..., 0].float()
+    return scale_from_nibbles(nibbles[None, None, :, None], scale_max[:, :, None])[..., 0].to(group_max.dtype)
 
 
 def column_errors_reference(rows: Tensor, bits: Tensor, row_weights: Tensor, group_max: Tensor) -> Tensor:
-    """err(p, k, n) for every group: (B, P, 16, N) float32."""
+    """err(p, k, n) for every group: (B, P, 16, N) in the rows' dtype."""
     groups, height, columns = rows.shape
     scales = candidate_scales(group_max)
     low = (-(2 ** (bits - 1))).to(torch.float32).tolist()
     high = (2 ** (bits - 1) - 1).to(torch.float32).tolist()
     width = max(1, _SEARCH_CHUNK_ELEMENTS // (NIBBLES * height))
-    errors = torch.empty(groups, MULTIPLIER_POINTS, NIBBLES, columns, device=rows.device)
+    errors = torch.empty(groups, MULTIPLIER_POINTS, NIBBLES, columns, dtype=rows.dtype, device=rows.device)
     for b in range(groups):
         # A zero scale (a group of near-zero weights whose q_scale_max/256 underflows fp16) decodes every code
         # to zero, as gptq_block_step takes the zero point there.
@@ -130,6 +133,10 @@ def _search_kernel(
     # (R × BLOCK_N floats) stays in L1 across them.
     # Loop bounds are compile-time constants: Triton 3.6's interpreter cannot loop to a run-time
     # bound under numpy 2 (it converts a one-element array to int). Group heights are few (32..128).
+    dtype = work_ptr.dtype.element_ty  # float32 or float64, as row_weights, amax and the scratch
+    # IEEE-rounded divisions and rounding half to even, as in _gptq_block_kernel (which says why).
+    FLOAT64: tl.constexpr = dtype == tl.float64
+    ROUND_LIMIT: tl.constexpr = 2.0 ** (dtype.fp_mantissa_width - 1)
     group = tl.program_id(0)
     tile = tl.program_id(1)
     p = tl.program_id(2)
@@ -137,32 +144,33 @@ def _search_kernel(
     col_ok = cols < N
     option = tl.load(options_ptr + group)
     bits = tl.load(bits_ptr + option * bits_stride + start)
-    maxq = ((1 << bits) - 1).to(tl.float32)
-    z = (1 << (bits - 1)).to(tl.float32)
+    maxq = ((1 << bits) - 1).to(dtype)
+    z = (1 << (bits - 1)).to(dtype)
     # M = (max |w| + 1e-12) / (maxq / 2), as group_maximum rounds it; amax holds max |w| of every option's rows.
-    group_max = tl.math.div_rn(tl.load(amax_ptr + option) + 1e-12, maxq * 0.5)
+    largest = tl.load(amax_ptr + option) + 1e-12
+    group_max = largest / (maxq * 0.5) if FLOAT64 else tl.math.div_rn(largest, maxq * 0.5)
     if (tile == 0) & (p == 0):
         tl.store(group_max_ptr + group, group_max)
-    # q_scale_max = fp16(M · p) and fp16(q_scale_max / 256), as candidate_scales rounds them.
-    scale_max = (group_max * tl.load(grid_ptr + p)).to(tl.float16).to(tl.float32)
-    step = (scale_max * 0.00390625).to(tl.float16).to(tl.float32)  # / 256, exact
+    # q_scale_max = fp16(M · p) and fp16(q_scale_max / 256), as candidate_scales rounds them (float64 through float32,
+    # as torch rounds it to fp16: c10::Half is made from a float).
+    scale_max = (group_max * tl.load(grid_ptr + p)).to(tl.float32).to(tl.float16).to(dtype)
+    step = (scale_max * 0.00390625).to(tl.float16).to(dtype)  # / 256, exact
 
     rows = tl.arange(0, BLOCK_R)
     first_row = work_ptr + (option.to(tl.int64) * K + start) * N
-    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    best = tl.full((BLOCK_N,), float("inf"), dtype=dtype)
     choice = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k in range(NIBBLES):
         t = (k + 1) * (k + 1) * 1.0
-        s = (t * step).to(tl.float16).to(tl.float32)
-        total = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        s = (t * step).to(tl.float16).to(dtype)
+        total = tl.zeros((BLOCK_R, BLOCK_N), dtype=dtype)
         for r0 in range(0, R, BLOCK_R):
             row_ok = (r0 + rows) < R
             mask = row_ok[:, None] & col_ok[None, :]
             w = tl.load(first_row + (r0 + rows)[:, None] * N + cols[None, :], mask=mask, other=0.0)
             h = tl.load(row_weights_ptr + start + r0 + rows, mask=row_ok, other=0.0)
-            ratio = tl.where(s > 0, tl.math.div_rn(w, s), 0.0)  # `/` is not IEEE-rounded on the GPU
-            # Round half to even: exact for |x| < 2^22; larger values clamp the same either way.
-            rounded = tl.where(tl.abs(ratio) < 4194304.0, (ratio + 12582912.0) - 12582912.0, ratio)
+            ratio = tl.where(s > 0, w / s if FLOAT64 else tl.math.div_rn(w, s), 0.0)
+            rounded = tl.where(tl.abs(ratio) < ROUND_LIMIT, (ratio + 3 * ROUND_LIMIT) - 3 * ROUND_LIMIT, ratio)
             v = (tl.minimum(tl.maximum(rounded + z, 0.0), maxq) - z) * s
             e = v - w
             total += tl.where(mask, (e * e) * h[:, None], 0.0)
@@ -191,8 +199,9 @@ def _pick_kernel(
     least = tl.min(tl.where(nan, float("inf"), totals), axis=0)
     first_nan = tl.min(tl.where(nan, ps, P_BLOCK), axis=0)
     p = tl.where(first_nan < P_BLOCK, first_nan, tl.min(tl.where(totals == least, ps, P_BLOCK), axis=0))
-    # q_scale_max = fp16(M · p), S = fp16((k+1)² · fp16(q_scale_max / 256)), as scale_from_nibbles rounds them.
-    scale_max = (tl.load(group_max_ptr + group) * tl.load(grid_ptr + p)).to(tl.float16)
+    # q_scale_max = fp16(M · p) (float64 through float32, as in the search kernel) and S = fp16((k+1)² ·
+    # fp16(q_scale_max / 256)), as scale_from_nibbles rounds them.
+    scale_max = (tl.load(group_max_ptr + group) * tl.load(grid_ptr + p)).to(tl.float32).to(tl.float16)
     option = tl.load(options_ptr + group).to(tl.int64)
     dest = tl.load(dest_ptr + group).to(tl.int64)
     if tile == 0:
@@ -215,17 +224,20 @@ _PICK_BLOCK_N = 1024
 class SearchScratch:
     """The Triton path's intermediate results for `slots` groups searched at once (see search_batch_triton)."""
 
-    group_max: Tensor  # (slots,) float32: M
+    group_max: Tensor  # (slots,) in the work dtype: M
     choices: Tensor  # (slots, P, N) uint8: each column's best nibble for every multiplier
-    partial: Tensor  # (slots, tiles, P) float32: Σ over a tile's columns of their least error
+    partial: Tensor  # (slots, tiles, P) in the work dtype: Σ over a tile's columns of their least error
 
     @classmethod
-    def allocate(cls, slots: int, columns: int, device: torch.device) -> SearchScratch:
+    def allocate(
+        cls, slots: int, columns: int, device: torch.device, dtype: torch.dtype = torch.float32,
+    ) -> SearchScratch:
+        """Scratch for searches of rows of `dtype` (the work dtype: float32 or float64)."""
         tiles = -(-columns // _BLOCK_N)
         return cls(
-            torch.empty(slots, device=device),
+            torch.empty(slots, dtype=dtype, device=device),
             torch.empty(slots, MULTIPLIER_POINTS, columns, dtype=torch.uint8, device=device),
-            torch.empty(slots, tiles, MULTIPLIER_POINTS, device=device),
+            torch.empty(slots, tiles, MULTIPLIER_POINTS, dtype=dtype, device=device),
         )
 
     def part(self, first: int, count: int) -> SearchScratch:
@@ -252,9 +264,9 @@ class SearchTarget:
     """What the searches of one quantize_options call read and write (B options, K rows, N columns, G
     groups of all options together)."""
 
-    work: Tensor  # (B, K, N) float32: the rows searched, read in place
+    work: Tensor  # (B, K, N) float32 or float64 (the work dtype): the rows searched, read in place
     row_bits: Tensor  # (B, K) int64: the bit width of every option's rows
-    row_weights: Tensor  # (K,) float32: h_r
+    row_weights: Tensor  # (K,) in the work dtype: h_r
     scale: Tensor  # (B, N) float16: written: every option's current scales (row of the group's option)
     nibbles: Tensor  # (G, N) uint8: written at the groups' `dest` rows
     scale_max: Tensor  # (G,) float16: written at the groups' `dest` rows
@@ -291,6 +303,8 @@ def _search_launch(
     """The search kernel over rows start..start+height−1 of the given options of work (B, K, N); row_bits
     (B, ≥ start+1) and row_weights (≥ start+height,) are indexed from row 0."""
     _, in_features, columns = work.shape
+    if scratch.partial.dtype != work.dtype:  # the kernel would round M and the totals to the scratch's dtype
+        raise ValueError(f"{work.dtype} rows need a scratch of their dtype, got {scratch.partial.dtype}")
     # max |w| of every option's rows (the search needs the largest before it starts): one reduction, exact in
     # any order. Over all B options: cheaper than gathering the batch's (B is small where it differs).
     amax = torch.linalg.vector_norm(work[:, start : start + height], float("inf"), dim=(1, 2))
@@ -304,12 +318,12 @@ def _search_launch(
 
 
 def search_triton(rows: Tensor, bits: Tensor, row_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The search by the Triton kernel: rows (B, R, N), bits (B,), row_weights (R,) → M (B,) float32,
+    """The search by the Triton kernel: rows (B, R, N), bits (B,), row_weights (R,) → M (B,) in the rows' dtype,
     Σ_n min_k err(p, k, n) (B, P) and each column's best nibble (B, P, N) uint8. On CPU tensors it runs
     in Triton's interpreter."""
     rows = rows.contiguous()
     groups, height, columns = rows.shape
-    scratch = SearchScratch.allocate(groups, columns, rows.device)
+    scratch = SearchScratch.allocate(groups, columns, rows.device, rows.dtype)
     options = torch.arange(groups, device=rows.device)
     _search_launch(rows, options, bits[:, None], row_weights.contiguous(), scratch, 0, height)
     return scratch.group_max, scratch.partial.sum(dim=1), scratch.choices

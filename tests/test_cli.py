@@ -222,6 +222,8 @@ BAD_RECIPES = {
     "no weights a refining fit": (RECIPE, ["refine.weights_per_fit=0"], "refine.weights_per_fit: 0 is out of range"),
     "refining below no bitrate": (RECIPE, ["refine.below_bits=0"], "refine.below_bits: 0.0 is out of range"),
     "tuning rate of zero": (RECIPE, ["tune.lr=0"], "tune.lr: 0.0 is out of range; it must be in (0, 1]"),
+    "passes in float16": (RECIPE, ["passes.dtype=float16"],
+                          "passes.dtype: 'float16' is not valid; valid: float32, float64"),
 }
 
 

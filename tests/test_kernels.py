@@ -6,8 +6,8 @@ check runs in one child process started with TRITON_INTERPRET=1: this file, run 
 each check's outcome as JSON. The `gpu` tests run the same checks at real sizes on CUDA, in-process.
 
 Integer outputs (codes, words) and the fp16 results of exact arithmetic must be equal bit for bit;
-the scale search sums in another order, so its errors agree to float32 rounding and its choice must
-be optimal to that rounding.
+the scale search sums in another order, so its errors agree to the rounding of its dtype (float32 or
+float64) and its choice must be optimal to that rounding.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ from exlbuild.kernels.scale_search import (
     column_errors_reference,
     find_group_scales,
     group_maximum,
+    multiplier_grid,
     pick,
     pick_triton,
     search_batch_triton,
@@ -130,23 +131,35 @@ def kernels(mode: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Checks: each compares a kernel with its reference; small sizes for the interpreter, real on CUDA.
 
+# The GPTQ kernels' work dtypes: float32, and float64 (the passes at `passes.dtype: float64`).
+WORK_DTYPES = (torch.float32, torch.float64)
+
+
+def work_cases(real: bool, real_shapes: list[tuple], float32_shape: tuple, float64_shape: tuple) -> list[tuple]:
+    """(shape, work dtype) pairs: on CUDA every real shape in both dtypes; in the interpreter a small shape in float32
+    and a smaller one in float64 (the interpreter is slow)."""
+    if real:
+        return list(itertools.product(real_shapes, WORK_DTYPES))
+    return [(float32_shape, torch.float32), (float64_shape, torch.float64)]
+
 
 @check
 def gptq_block_step(device: str, real: bool, seed: int) -> None:
     g = generator(seed)
     # (options, in_features, out_features, block starts): SmolLM2's down_proj and head, or small.
-    cases = [(14, 1536, 576, (0, 736, 1504)), (1, 576, 49152, (0, 544))] if real else [(3, 64, 40, (0, 32))]
-    for options, k, n, starts in cases:
+    cases = work_cases(real, [(14, 1536, 576, (0, 736, 1504)), (1, 576, 49152, (0, 544))], (3, 64, 40, (0, 32)),
+                       (2, 64, 40, (32,)))
+    for (options, k, n, starts), dtype in cases:
         weight, hessian = layer(k, n, seed, device)
-        factor = prepare_hessian(hessian).inverse_factor  # column-major, as quantize_options passes it
+        factor = prepare_hessian(hessian.to(dtype)).inverse_factor  # column-major, as quantize_options passes it
         spread = (1 + torch.rand(options, 1, 1, generator=g)).to(device)  # options differ in their weights too
-        work = weight.float().T.contiguous().repeat(options, 1, 1) * spread
+        work = weight.to(dtype).T.contiguous().repeat(options, 1, 1) * spread
         bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (options, 1), generator=g)].expand(options, k)
         bits = bits.clone()
         bits[0, 16::32] = 2  # per-row widths inside a block
-        zero, maxq = (2 ** (bits - 1)).float().to(device), (2**bits - 1).float().to(device)
+        zero, maxq = (2 ** (bits - 1)).to(device, dtype), (2**bits - 1).to(device, dtype)
         for a in starts:
-            row_weights = torch.rand(BLOCK_ROWS, generator=g) + 0.5
+            row_weights = (torch.rand(BLOCK_ROWS, generator=g) + 0.5).to(dtype)
             nibbles, scale_max = find_group_scales(work[:, a : a + BLOCK_ROWS].cpu(), bits[:, a].contiguous(), row_weights)
             scale = scale_from_nibbles(nibbles, scale_max).to(device)
             scale[0, :3] = 0  # groups of zeros decode to zero
@@ -154,14 +167,14 @@ def gptq_block_step(device: str, real: bool, seed: int) -> None:
             for step in (gptq_block_step_reference, gptq_block_step_triton):
                 codes = torch.full((options, k, n), 255, dtype=torch.uint8, device=device)
                 values = torch.full((options, k, n), float("nan"), dtype=torch.float16, device=device)
-                errors = torch.full((options, BLOCK_ROWS, n), float("nan"), device=device)
+                errors = torch.full((options, BLOCK_ROWS, n), float("nan"), dtype=dtype, device=device)
                 before = work.clone()
                 step(BlockStep(work, factor, scale, zero, maxq, codes, values, errors), a)
                 assert same(work, before), f"{step.__name__} changed work"
                 rows = slice(a, a + BLOCK_ROWS)
                 outputs.append((codes[:, rows], values[:, rows], errors))
             for name, ours, reference in zip(("codes", "values", "errors"), outputs[1], outputs[0]):
-                assert same(ours, reference), f"{name} differ at block {a} of {(options, k, n)}, seed {seed}"
+                assert same(ours, reference), f"{name} differ at block {a} of {dtype} {(options, k, n)}, seed {seed}"
             assert not values[:, a : a + BLOCK_ROWS].isnan().any()
 
 
@@ -212,23 +225,31 @@ def decode_layer(device: str, real: bool, seed: int) -> None:
 @check
 def scale_search(device: str, real: bool, seed: int) -> None:
     g = generator(seed)
-    for groups, r, n in [(14, 128, 576), (13, 32, 1536), (1, 96, 49152)] if real else [(3, 64, 40)]:
-        rows = (torch.randn(groups, r, n, generator=g) * 0.02).to(device)
+    grid = multiplier_grid().tolist()
+    for (groups, r, n), dtype in work_cases(real, [(14, 128, 576), (13, 32, 1536), (1, 96, 49152)], (3, 64, 40),
+                                            (2, 32, 40)):
+        bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (groups,), generator=g)].to(device)
+        rows = (torch.randn(groups, r, n, generator=g) * 0.02).to(device, dtype)
         rows[:, :, :2] *= 10
         rows[-1, :, 3] = 0  # a dead column
+        # The last group's largest |w| raised a little, to an M whose M · p lies just above an fp16 midpoint.
+        half_code = (2 ** bits[-1].item() - 1) / 2
+        product = above_fp16_midpoint(rows[-1].abs().max().item() / half_code * grid[8])
+        rows[-1, 0, 0] = product / grid[8] * half_code
         rows[0] *= 0 if groups > 1 else 1  # a group of zeros: every choice scores zero
-        row_weights = (torch.rand(r, generator=g) * 4).to(device)
-        bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (groups,), generator=g)].to(device)
-        where = f"{groups}×{r}×{n}, seed {seed}"
+        row_weights = (torch.rand(r, generator=g) * 4).to(device, dtype)
+        where = f"{dtype} {groups}×{r}×{n}, seed {seed}"
         group_max, totals, choices = search_triton(rows, bits, row_weights)
         assert same(group_max, group_maximum(rows, bits)), f"group maxima differ: {where}"
         reference = column_errors_reference(rows, bits, row_weights, group_max).double()  # (B, P, 16, N)
         best = reference.min(dim=2).values
-        # Each column's nibble scores within float32 rounding of its best, and so do the group totals.
+        # Each column's nibble scores within rounding of its best, and so do the group totals: 1e-5 relative in
+        # float32 (84 units of its last place), as many units in float64.
+        rounding = 1e-5 * torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
         picked = reference.gather(2, choices.long()[:, :, None]).squeeze(2)
-        assert (picked <= best * (1 + 1e-5) + 1e-30).all(), f"a column's nibble is not its best: {where}"
+        assert (picked <= best * (1 + rounding) + 1e-30).all(), f"a column's nibble is not its best: {where}"
         relative = ((totals.double() - best.sum(dim=-1)).abs() / best.sum(dim=-1).clamp(min=1e-30)).max().item()
-        assert relative < 1e-5, f"totals differ by {relative:.2e} relative: {where}"
+        assert relative < rounding, f"totals differ by {relative:.2e} relative: {where}"
         # Away from near-ties the choices are the reference's.
         assert (choices.long() == reference.argmin(dim=2)).float().mean() > 0.99, where
         # The pick kernel is the reference's pick exactly, on these and on ties, NaN and infinite totals.
@@ -237,6 +258,9 @@ def scale_search(device: str, real: bool, seed: int) -> None:
         tied[-1, 3] = tied[-1, 9] = -1.0  # the first of equal minima
         nan[0, 5] = nan[0, 11] = float("nan")  # argmin takes the first NaN
         check_pick(group_max, tied, choices, f"{where}, ties")
+        at_midpoint = group_max.clone()
+        at_midpoint[-1] = above_fp16_midpoint(group_max[-1].item() * grid[3]) / grid[3]  # (p of the ties)
+        check_pick(at_midpoint, tied, choices, f"{where}, M · p above an fp16 midpoint")
         check_pick(group_max, nan, choices, f"{where}, NaN totals")
         check_pick(group_max, torch.full_like(totals, float("inf")), choices, f"{where}, infinite totals")
     # Columns spanning several of the pick kernel's tiles.
@@ -245,6 +269,15 @@ def scale_search(device: str, real: bool, seed: int) -> None:
     totals = torch.rand(2, MULTIPLIER_POINTS, generator=g).to(device)
     group_max = torch.rand(2, generator=g).to(device)
     check_pick(group_max, totals, choices, f"{columns} columns, seed {seed}")
+
+
+def above_fp16_midpoint(value: float) -> float:
+    """A number a little above `value` (positive), just above the midpoint of two fp16 numbers of which the lower is
+    even, within float32 rounding of it: torch rounds float64 to fp16 through float32, which gives the midpoint and
+    then the lower number, where a direct rounding gives the upper. The kernels must round M · p as torch does."""
+    lower = torch.tensor([value]).half().view(torch.int16) + 1  # the fp16 numbers' bits count up with their values
+    lower += lower & 1
+    return float(torch.cat([lower, lower + 1]).view(torch.float16).double().mean()) * (1 + 2**-30)
 
 
 def check_pick(group_max: torch.Tensor, totals: torch.Tensor, choices: torch.Tensor, where: str) -> None:
@@ -260,28 +293,29 @@ def scale_search_in_place(device: str, real: bool, seed: int) -> None:
     """quantize_options' search: groups of some options read in place from the work stack, the results written
     at their options' and groups' rows, bit for bit what the search of the gathered rows chooses."""
     g = generator(seed)
-    options, k, n, start, height = (5, 576, 1536, 256, 128) if real else (3, 96, 40, 32, 64)
-    work = (torch.randn(options, k, n, generator=g) * 0.02).to(device)
-    row_bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (options, k), generator=g)].to(device)
-    row_weights = (torch.rand(k, generator=g) * 4).to(device)
-    chosen, dest = torch.tensor([2, 0], device=device), torch.tensor([3, 1], device=device)
-    target = SearchTarget(
-        work, row_bits, row_weights,
-        torch.full((options, n), float("nan"), dtype=torch.float16, device=device),
-        torch.full((5, n), 255, dtype=torch.uint8, device=device),
-        torch.full((5,), float("nan"), dtype=torch.float16, device=device),
-    )
-    # Slots 1..2 of a scratch of 3, as a batch beside another at the same row.
-    scratch = SearchScratch.allocate(3, n, torch.device(device)).part(1, 2)
-    search_batch_triton(target, GroupBatch(start, height, chosen, dest, scratch))
-    rows = work[chosen, start : start + height]
-    searched = search_triton(rows, row_bits[chosen, start], row_weights[start : start + height])
-    nibbles, scale_max, scale = pick_triton(*searched)
-    where = f"{options}×{k}×{n}, rows {start}..{start + height}, seed {seed}"
-    assert same(target.nibbles[dest], nibbles) and same(target.scale_max[dest], scale_max), where
-    assert same(target.scale[chosen], scale), where
-    untouched = [o for o in range(options) if o not in chosen.tolist()]
-    assert target.scale[untouched].isnan().all() and (target.nibbles[[0, 2, 4]] == 255).all(), where
+    for (options, k, n, start, height), dtype in work_cases(real, [(5, 576, 1536, 256, 128)], (3, 96, 40, 32, 64),
+                                                            (3, 64, 40, 32, 32)):
+        work = (torch.randn(options, k, n, generator=g) * 0.02).to(device, dtype)
+        row_bits = torch.tensor(BIT_WIDTHS)[torch.randint(len(BIT_WIDTHS), (options, k), generator=g)].to(device)
+        row_weights = (torch.rand(k, generator=g) * 4).to(device, dtype)
+        chosen, dest = torch.tensor([2, 0], device=device), torch.tensor([3, 1], device=device)
+        target = SearchTarget(
+            work, row_bits, row_weights,
+            torch.full((options, n), float("nan"), dtype=torch.float16, device=device),
+            torch.full((5, n), 255, dtype=torch.uint8, device=device),
+            torch.full((5,), float("nan"), dtype=torch.float16, device=device),
+        )
+        # Slots 1..2 of a scratch of 3, as a batch beside another at the same row.
+        scratch = SearchScratch.allocate(3, n, torch.device(device), dtype).part(1, 2)
+        search_batch_triton(target, GroupBatch(start, height, chosen, dest, scratch))
+        rows = work[chosen, start : start + height]
+        searched = search_triton(rows, row_bits[chosen, start], row_weights[start : start + height])
+        nibbles, scale_max, scale = pick_triton(*searched)
+        where = f"{dtype} {options}×{k}×{n}, rows {start}..{start + height}, seed {seed}"
+        assert same(target.nibbles[dest], nibbles) and same(target.scale_max[dest], scale_max), where
+        assert same(target.scale[chosen], scale), where
+        untouched = [o for o in range(options) if o not in chosen.tolist()]
+        assert target.scale[untouched].isnan().all() and (target.nibbles[[0, 2, 4]] == 255).all(), where
 
 
 def compare_quantized(ours: list, reference: list) -> dict[str, int]:

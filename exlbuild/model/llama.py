@@ -78,10 +78,11 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return (inv_freq / cfg.rope_scale).to(torch.float32)
 
 
-def rope_tables(cfg: LlamaConfig, seq_len: int, device: Device = None) -> Rope:
-    """Rotary tables for positions 0..seq_len-1, in float32 (cast to the compute dtype when applied)."""
-    inv_freq = rope_inv_freq(cfg).to(device)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+def rope_tables(cfg: LlamaConfig, seq_len: int, device: Device = None, dtype: torch.dtype = torch.float32) -> Rope:
+    """Rotary tables for positions 0..seq_len-1, in float32 (cast to the compute dtype when applied), or float64 for
+    passes in float64."""
+    inv_freq = rope_inv_freq(cfg).to(device, dtype)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=dtype), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return Rope(angles.cos(), angles.sin())
 
@@ -162,11 +163,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfi
 def attention_received(q: torch.Tensor, k: torch.Tensor, cfg: LlamaConfig, rope: Rope) -> torch.Tensor:
     """How much attention each position receives as a key, (..., seq), for projected q (..., seq, heads·head_dim)
     and k (..., seq, kv_heads·head_dim): the attention probabilities summed over query heads and query positions,
-    divided by the number of query heads (so that a row's weights sum to seq). In float32."""
+    divided by the number of query heads (so that a row's weights sum to seq). In float32 (float64 for float64
+    inputs)."""
     *lead, t, _ = q.shape
-    # Roped in float32 whatever the compute dtype; (batch, heads, seq, head_dim) views of the projections' layout.
-    q = apply_rope(_split_heads(q.float(), cfg), rope).transpose(1, 2)
-    k = apply_rope(_split_heads(k.float(), cfg), rope).transpose(1, 2)
+    # Roped in float32 whatever the compute dtype (float64 stays); (batch, heads, seq, head_dim) views of the
+    # projections' layout.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q = apply_rope(_split_heads(q.to(dtype), cfg), rope).transpose(1, 2)
+    k = apply_rope(_split_heads(k.to(dtype), cfg), rope).transpose(1, 2)
     received = kernel_attention_received(q, k, 1 / math.sqrt(cfg.head_dim), cfg.sliding_window)
     return received.reshape(*lead, t)
 

@@ -20,15 +20,17 @@ MAX_DAMPING_ATTEMPTS = 10
 
 
 class HessianAccumulator:
-    """H1: H = (Σ over calibration rows of XᵀX) / number of rows, in float32.
+    """H1: H = (Σ over calibration rows of XᵀX) / number of rows, in `dtype` (float32, or float64 for passes in
+    float64).
 
     No factor 2 and no division by the token count; with no rows added the Hessian is the identity.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.in_features = in_features
         self.rows = 0
-        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self._averaged = False
 
     def add(self, x: Tensor) -> None:
@@ -37,14 +39,14 @@ class HessianAccumulator:
             raise RuntimeError("HessianAccumulator.add after hessian(): the sum was turned into the average")
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs (..., tokens, {self.in_features}), got shape {tuple(x.shape)}")
-        flat = x.reshape(-1, self.in_features).to(self._sum.device, torch.float32)
+        flat = x.reshape(-1, self.in_features).to(self._sum.device, self._sum.dtype)
         self._sum.addmm_(flat.T, flat)
         self.rows += math.prod(x.shape[:-2])
 
     def hessian(self) -> Tensor:
         """The Hessian, made from the running sum in place (no second K × K copy); no rows can be added after."""
         if self.rows == 0:
-            return torch.eye(self.in_features, dtype=torch.float32, device=self._sum.device)
+            return torch.eye(self.in_features, dtype=self._sum.dtype, device=self._sum.device)
         if not self._averaged:
             self._sum.div_(self.rows)
             self._averaged = True
@@ -74,8 +76,8 @@ def _damped_inverse_factor(hessian: Tensor, undamped: Tensor, total: Tensor) -> 
     """One attempt of H4: upper U with (H + total·I)⁻¹ = UᵀU, `total` added to `hessian`'s diagonal in place (its
     values before any damping are `undamped`), and whether the attempt worked, as a 0-dim bool on the device (where
     it did not, U is garbage)."""
-    # The float64 total added in float32, as a Python float would be.
-    torch.add(undamped, total.float(), out=hessian.diagonal())
+    # The float64 total added in the Hessian's dtype, as a Python float would be.
+    torch.add(undamped, total.to(hessian.dtype), out=hessian.diagonal())
     # With J the reversal of the order and J·H·J = L·Lᵀ (H's rows and columns reversed, factored),
     # H⁻¹ = UᵀU for U = J·L⁻¹·J, upper triangular with a positive diagonal: the factor itself, from one
     # factorization and one triangular solve (not H⁻¹ formed and factored again: half the work, and one
@@ -121,7 +123,7 @@ class PreparedHessian:
 
     perm: Tensor  # (K,) int64: stored row k holds input feature perm[k]
     invperm: Tensor  # (K,) int64: input feature i sits in stored row invperm[i]
-    inverse_factor: Tensor  # (K, K) float32 upper U of the damped, permuted Hessian's inverse
+    inverse_factor: Tensor  # (K, K) upper U of the damped, permuted Hessian's inverse (float32, or float64)
     damping: float | None  # total amount added to the diagonal (None for a speculative preparation: not read)
     # Of a speculative preparation, whether H was finite and its first damping worked: a 0-dim bool on the device
     # (None where prepare_hessian read it and went on until an attempt worked).
@@ -129,14 +131,15 @@ class PreparedHessian:
 
 
 def prepare_hessian(hessian: Tensor, layer: str = "layer", speculative: bool = False) -> PreparedHessian:
-    """Act-order, damping and inverse Cholesky factor of a (K, K) Hessian, on its device.
+    """Act-order, damping and inverse Cholesky factor of a (K, K) Hessian, on its device, in float32 (float64 for a
+    float64 Hessian: GPTQ then runs in float64, quantize_options).
 
     `speculative`: make only the first damping attempt and read nothing (a read waits for the GPU, which then sits
     idle while the host queues the next work); `usable` says whether it worked. Nearly every Hessian of real
     calibration inputs works at once; a caller that reads `usable` False prepares that Hessian again without
     `speculative`, which retries or raises, and gets what that would have given in the first place.
     """
-    hessian = hessian.to(torch.float32)
+    hessian = hessian.to(torch.promote_types(hessian.dtype, torch.float32))
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"a Hessian must be square, got shape {tuple(hessian.shape)}")
     perm = act_order(hessian)  # (NaN and infinite values: inverse_cholesky_upper raises)

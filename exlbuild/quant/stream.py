@@ -41,7 +41,7 @@ LINEARS = [name for names in BLOCK_LINEARS.values() for name in names]
 NORMS = list(BLOCK_NORMS.values())
 # Calibration states between blocks are held in float16, as the reference converter holds them: half the
 # memory of float32 (3.4 GB instead of 6.7 for 100 × 2048 rows of a 8192-wide model) for a rounding far below
-# any quantization error. Each block computes in float32.
+# any quantization error. Each block computes in the passes' dtype (float32, or float64: recipe.PASS_DTYPES).
 STATE_DTYPE = torch.float16
 # Rows per chunk of a block pass: the widest intermediate of a chunk stays under this many elements.
 CHUNK_ELEMENTS = 1 << 26
@@ -57,11 +57,11 @@ def check_calibration_ids(ids: Tensor, cfg: LlamaConfig) -> Tensor:
     return ids.long().cpu()
 
 
-def block_weights(block: Block, w: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The block's own weights from a layer's `w`, in float32 (what its pass computes with; weights already
-    in float32 are passed through, not copied)."""
+def block_weights(block: Block, w: dict[str, Tensor], dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """The block's own weights from a layer's `w`, in `dtype` (what its pass computes with; weights already in
+    `dtype` are passed through, not copied)."""
     names = [BLOCK_NORMS[block]] + [f"{n}.{s}" for n in BLOCK_LINEARS[block] for s in ("weight", "bias")]
-    return {n: w[n].float() for n in names if n in w}
+    return {n: w[n].to(dtype) for n in names if n in w}
 
 
 def chunk_rows(x: Tensor, cfg: LlamaConfig) -> int:
@@ -73,10 +73,11 @@ def chunk_rows(x: Tensor, cfg: LlamaConfig) -> int:
 @contextmanager
 def pass_precision(device: torch.device) -> Iterator[None]:
     """The calibration passes' precision on CUDA (the block passes, the Hessians, the measurement's candidate
-    outputs): float32 matrix products in TF32, several times faster on tensor cores, and, following that setting,
-    attention on float16 copies of q, k and v (exlbuild.model.llama.attention: flash attention, ~5× faster than
-    float32's kernel). Both round their inputs to 10 mantissa bits, as fine as the float16 the states are held in.
-    GPTQ itself (prepare_hessian, quantize_options) runs outside, in full float32. No effect on other devices."""
+    outputs) where they compute in float32: matrix products in TF32, several times faster on tensor cores, and,
+    following that setting, attention on float16 copies of q, k and v (exlbuild.model.llama.attention: flash
+    attention, ~5× faster than float32's kernel). Both round their inputs to 10 mantissa bits, as fine as the float16
+    the states are held in. GPTQ itself (prepare_hessian, quantize_options) runs outside, in full float32. No effect
+    on other devices, nor on float64 passes."""
     if device.type != "cuda":
         yield
         return
@@ -96,8 +97,9 @@ def not_finite(module: str, dtype: torch.dtype) -> ExlbuildError:
 
 def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, rope: Rope,
               out: Tensor | None = None, hessians: bool = False, module: str = "block",
-              finite: Tensor | None = None) -> dict[str, Tensor]:
-    """Run the block on every row of x (rows, tokens, hidden), a chunk of rows at a time in float32.
+              finite: Tensor | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Run the block on every row of x (rows, tokens, hidden), a chunk of rows at a time in `dtype` (the Hessians
+    too).
 
     The outputs of the first out.shape[0] rows go into `out` (in its dtype), if given; `out` may be x itself,
     since each chunk is read before it is written. Returns the Hessian (H1) of each capture point, keyed by
@@ -109,10 +111,10 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
 
     def capture(point: str, t: Tensor) -> None:
         if point not in acc:
-            acc[point] = HessianAccumulator(t.shape[-1], t.device)
+            acc[point] = HessianAccumulator(t.shape[-1], t.device, dtype)
         acc[point].add(t)
 
-    w32 = block_weights(block, w)
+    weights = block_weights(block, w, dtype)
     hook = capture if hessians else None
     step = chunk_rows(x, cfg)
     rows = x.shape[0] if hessians or out is None else out.shape[0]  # rows past `out` matter only for Hessians
@@ -120,12 +122,12 @@ def run_block(block: Block, x: Tensor, w: dict[str, Tensor], cfg: LlamaConfig, r
     if read:  # read once at the end: a read waits for the GPU
         finite = torch.ones((), dtype=torch.bool, device=x.device)
     for start in range(0, rows, step):
-        chunk = x[start:start + step].float()
+        chunk = x[start:start + step].to(dtype)
         with pass_precision(x.device):
             if block == "attention":
-                y = attention_block(chunk, w32, cfg, rope, hook)
+                y = attention_block(chunk, weights, cfg, rope, hook)
             else:
-                y = mlp_block(chunk, w32, cfg, hook)
+                y = mlp_block(chunk, weights, cfg, hook)
         if out is not None and start < out.shape[0]:
             kept = y[:out.shape[0] - start].to(out.dtype)
             finite &= torch.isfinite(kept).all()
@@ -227,9 +229,9 @@ def resume_point(checkpoint: LayerCheckpoint, fingerprint: str, what: str) -> tu
     return start, notes
 
 
-def relative_error(out: Tensor, ref: Tensor) -> Tensor:
-    """Mean over rows (dim 0) of ‖out − ref‖_F / ‖ref‖_F, a float32 scalar on their device: rfn_error of the
+def relative_error(out: Tensor, ref: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Mean over rows (dim 0) of ‖out − ref‖_F / ‖ref‖_F, a scalar in `dtype` on their device: rfn_error of the
     quantization pass (4.8 step 4), 1 − accuracy of the measurement (4.5 step 4)."""
-    ref = ref.float()
-    diff = (out.float() - ref).flatten(1).norm(dim=1)
+    ref = ref.to(dtype)
+    diff = (out.to(dtype) - ref).flatten(1).norm(dim=1)
     return (diff / ref.flatten(1).norm(dim=1)).mean()

@@ -95,7 +95,8 @@ class Measure(Rule):
         model_config(model_dir)
         measurement = measure_model(model_dir, load_ids(ctx.inputs["calibration"]), state_dir=ctx.state,
                                     rope_scale=ctx.params["rope"]["scale"], rope_alpha=ctx.params["rope"]["alpha"],
-                                    device=compute_device(), probe_tokens=ctx.params["probe_tokens"])
+                                    device=compute_device(), probe_tokens=ctx.params["probe_tokens"],
+                                    dtype=pass_dtype(ctx.params))
         write_measurement_dir(ctx.out, measurement)
         worst = min(max(c.accuracy for c in cands) for cands in measurement.modules.values() if cands)
         return {"modules": sum(1 for v in measurement.modules.values() if v), "worst_best_accuracy": worst}
@@ -152,7 +153,7 @@ class Quantize(Rule):
         rope = ctx.params["rope"]
         metrics = quantize_model(ctx.inputs["model"], load_ids(ctx.inputs["calibration"]), strategy,
                                  ctx.params["head_bits"], ctx.out, state_dir=ctx.state, rope_scale=rope["scale"],
-                                 rope_alpha=rope["alpha"], device=compute_device())
+                                 rope_alpha=rope["alpha"], device=compute_device(), dtype=pass_dtype(ctx.params))
         return {**metrics, "target_bits": allocation["bits"]}
 
 
@@ -258,12 +259,26 @@ class Compile(Rule):
         return compile_model(ctx.inputs["quantized"], ctx.inputs["model"], ctx.out, p["shard_size"], config)
 
 
+def pass_params(recipe: LoadedRecipe) -> dict[str, str]:
+    """The passes' dtype as a parameter of the measurement and quantized nodes where it is not the default: a recipe
+    that leaves it at float32 keeps the keys it had before passes.dtype existed."""
+    dtype = recipe.spec.passes.dtype
+    return {} if dtype == "float32" else {"dtype": dtype}
+
+
+def pass_dtype(params: dict[str, Any]) -> Any:
+    """The torch dtype of a measurement's or quantized node's passes (pass_params)."""
+    import torch
+
+    return getattr(torch, params.get("dtype", "float32"))
+
+
 def measurement_node(recipe: LoadedRecipe, model: Node, calibration: Node) -> Node:
     rope = {"scale": recipe.spec.rope.scale, "alpha": recipe.spec.rope.alpha}
     if recipe.spec.measurement.file:
         return Node("measurement", "measurement", rule=ImportMeasurement(), deps={"model": model},
                     sources={"measurement": recipe.resolve(recipe.spec.measurement.file)})
-    params = {"rope": rope, "probe_tokens": recipe.spec.measurement.probe_tokens}
+    params = {"rope": rope, "probe_tokens": recipe.spec.measurement.probe_tokens, **pass_params(recipe)}
     return Node("measurement", "measurement", rule=Measure(), params=params,
                 deps={"model": model, "calibration": calibration})
 
@@ -275,7 +290,7 @@ def variant_nodes(recipe: LoadedRecipe, name: str, variant: VariantSpec, model: 
     allocation = Node(f"{name}/allocation", "allocation", rule=Allocate(), params={"bits": variant.bits},
                       deps={"measurement": measurement, "model": model}, info=info)
     quantized = Node(f"{name}/quantized", "quantized", rule=Quantize(),
-                     params={"head_bits": variant.head_bits, "rope": rope},
+                     params={"head_bits": variant.head_bits, "rope": rope, **pass_params(recipe)},
                      deps={"model": model, "calibration": calibration, "allocation": allocation}, info=info)
     made = [allocation, quantized]
     refine = dataclasses.asdict(recipe.spec.refine)

@@ -323,9 +323,11 @@ def quantize_block(
     previous: QuantizedPass | None = None,
     error_rows: int = 16,
     graphs: RowLoopGraphs | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, Tensor], QuantizedPass]:
     """4.8 steps 1–4 for one block: Hessians of the unquantized block `w` (fp16 weights) on inputs x (rows,
-    tokens, hidden), each linear quantized with options[name], then the block rerun with the decoded weights.
+    tokens, hidden), each linear quantized with options[name], then the block rerun with the decoded weights; the
+    passes and GPTQ in `dtype` (float32 or float64: recipe.PASS_DTYPES).
 
     The quantized block's outputs (the next block's inputs) replace x in place: the pass holds one copy of the
     states. Returns the EXL2 tensors keyed by full name (on the CPU) and the quantized pass as launched: its
@@ -341,7 +343,7 @@ def quantize_block(
     module = prefix + BLOCK_MODULES[block]
     reference = torch.empty_like(x[:error_rows])
     finite = torch.ones((), dtype=torch.bool, device=x.device)
-    hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, finite=finite)
+    hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, finite=finite, dtype=dtype)
     decoded_w, packed, checks, faults, usable = _quantize_linears(block, w, hessians, options, prefix, True, graphs)
     del hessians
     earlier = [] if previous is None else [previous.checks()]
@@ -354,31 +356,34 @@ def quantize_block(
     if not finite_outputs:
         raise not_finite(f"{module} (unquantized)", reference.dtype)
     if not usable_hessians:
-        hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, module=f"{module} (unquantized)")
+        hessians = run_block(block, x, w, cfg, rope, out=reference, hessians=True, module=f"{module} (unquantized)",
+                             dtype=dtype)
         decoded_w, packed, checks, faults, _ = _quantize_linears(block, w, hessians, options, prefix, False, graphs)
         del hessians
         counts = torch.cat(faults).tolist()
     for k, check in enumerate(checks):
         _check_linear(*check, [int(c) for c in counts[3 * k : 3 * k + 3]])
     finite = torch.ones((), dtype=torch.bool, device=x.device)
-    run_block(block, x, {**w, **decoded_w}, cfg, rope, out=x, finite=finite)
+    run_block(block, x, {**w, **decoded_w}, cfg, rope, out=x, finite=finite, dtype=dtype)
     return packed, QuantizedPass(module, finite, relative_error(x[:error_rows], reference))
 
 
 def replay_layer(x: Tensor, tensors: dict[str, Tensor], i: int, out_features: dict[str, int], cfg: LlamaConfig,
-                 rope: Rope) -> None:
+                 rope: Rope, dtype: torch.dtype = torch.float32) -> None:
     """x (rows, tokens, hidden) through layer i as the pass wrote it (`tensors`, its file), in place: the same block
-    passes on the same decoded weights as the pass's own update of x (quantize_block), so the same states."""
-    weights = decode_layer_weights(tensors, i, out_features, x.device)
+    passes (in `dtype`) on the same decoded weights as the pass's own update of x (quantize_block), so the same
+    states."""
+    weights = decode_layer_weights(tensors, i, out_features, x.device, dtype)
     for block, module in BLOCK_MODULES.items():
-        run_block(block, x, weights, cfg, rope, out=x, module=layer_prefix(i) + module)
+        run_block(block, x, weights, cfg, rope, out=x, module=layer_prefix(i) + module, dtype=dtype)
 
 
 def final_norm_hessian(states: Tensor, norm_w: Tensor, eps: float) -> Tensor:
-    """The Hessian of the head's input: the final norm of `states` (rows, length, hidden), row by row."""
-    hessian = HessianAccumulator(states.shape[-1], states.device)
+    """The Hessian of the head's input: the final norm of `states` (rows, length, hidden), row by row, in the norm
+    weight's dtype."""
+    hessian = HessianAccumulator(states.shape[-1], states.device, norm_w.dtype)
     for row in states:
-        hessian.add(rms_norm(row.float(), norm_w, eps))
+        hessian.add(rms_norm(row.to(norm_w.dtype), norm_w, eps))
     return hessian.hessian()
 
 
@@ -411,10 +416,11 @@ def quantize_model(
     rope_alpha: float | None = None,
     device: Device = None,
     metric_rows: int = 16,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """Quantize the model in `model_dir` with `strategy` (block key → projection → option, as the allocation
     chose), calibrated on token rows `ids` (rows, length), the head with head_option(head_bits); write the
-    tensors to `out_dir` (see the module docstring).
+    tensors to `out_dir` (see the module docstring). The passes and GPTQ compute in `dtype` (recipe.PASS_DTYPES).
 
     `state_dir` holds the per-layer checkpoints (a temporary directory when None). Returns metrics:
     calibration_perplexity and rfn_error per block key (both on the first `metric_rows` rows), bits_per_weight of the
@@ -436,6 +442,7 @@ def quantize_model(
         "shape": list(ids.shape),
         "config": dataclasses.asdict(cfg),
         "strategy": {key: {name: str(o) for name, o in block.items()} for key, block in options.items()},
+        **({} if dtype == torch.float32 else {"dtype": str(dtype)}),
     })
 
     with ExitStack() as stack:
@@ -450,10 +457,10 @@ def quantize_model(
         x = embed(ids.to(device), embedding).to(STATE_DTYPE)
         embedding = embedding.cpu()  # only written at the end: 2 GB less on the device for a 128256 × 8192 table
         rfn_error: dict[str, float] = notes.get("rfn_error", {})
-        rope = rope_tables(cfg, ids.shape[1], device)
+        rope = rope_tables(cfg, ids.shape[1], device, dtype)
         out_features = {name: s.out_features for name, s in linear_shapes(cfg).items()}
         for i in progress.track(range(start), "resuming: the finished layers again"):
-            replay_layer(x, load_file(str(state_dir / layer_file(i))), i, out_features, cfg, rope)
+            replay_layer(x, load_file(str(state_dir / layer_file(i))), i, out_features, cfg, rope, dtype)
         (state_dir / LAYERS_DIR).mkdir(parents=True, exist_ok=True)
 
         layers = range(start, cfg.num_hidden_layers)
@@ -465,7 +472,7 @@ def quantize_model(
             for block, module in BLOCK_MODULES.items():
                 key = prefix + module
                 packed, launched = quantize_block(block, x, w, options[key], cfg, rope, prefix, rfn_error, launched,
-                                                  metric_rows, graphs)
+                                                  metric_rows, graphs, dtype)
                 tensors.update(packed)
             del w  # free this layer before the next one loads
             # The layer's last read, before its checkpoint: every layer a resumed pass starts after was checked.
@@ -475,7 +482,7 @@ def quantize_model(
 
         # The head, from the Hessian of the final norm's output on the quantized states (4.8 step 1).
         norm_w = norm_weight(ckpt, torch.float16, device)
-        head_hessian = final_norm_hessian(x, norm_w.float(), cfg.rms_norm_eps)
+        head_hessian = final_norm_hessian(x, norm_w.to(dtype), cfg.rms_norm_eps)
         rows = min(metric_rows, ids.shape[0])
         x = x[:rows].clone()  # all the rest needs; the states of the other rows are freed before the head
         head_tensors, head_decoded = quantize_linear(

@@ -74,11 +74,11 @@ CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": 
 
 # quantize_options needs ~7 bytes per weight and option; options beyond this budget go in further calls.
 QUANTIZE_BYTES = 1 << 30
-# Candidate-pass intermediates are (candidates, rows, tokens, width) float32; rows per chunk keep one under this.
+# Candidate-pass intermediates are (candidates, rows, tokens, width); rows per chunk keep one under this many elements.
 EVAL_ELEMENTS = 1 << 25
 # A block's dequantized candidate weights wait in host memory when they take more than this in float16 (a
 # 70B-shaped MLP's 40 distinct options: 19 GB), and the candidate pass takes as many candidates at a time as
-# fit this in float32 on the device (for small models: all of them, in one pass).
+# fit this in the passes' dtype on the device (for small models: all of them, in one pass).
 CANDIDATE_BYTES = 4 << 30
 MIN_BEST_ACCURACY = 0.1
 # The sensitivity probe's default size in tokens (recipe: measurement.probe_tokens), and the bits per weight of
@@ -96,10 +96,10 @@ class CandidateLinear:
     index: Tensor  # (candidates,) int64, on the weights' device
     bias: Tensor | None  # (out,), unquantized and shared
 
-    def select(self, candidates: Sequence[int], device: torch.device) -> "CandidateLinear":
-        """The weights that `candidates` use, in float32 on `device`, indexed by position in `candidates`."""
+    def select(self, candidates: Sequence[int], device: torch.device, dtype: torch.dtype) -> "CandidateLinear":
+        """The weights that `candidates` use, in `dtype` on `device`, indexed by position in `candidates`."""
         used, index = torch.unique(self.index[list(candidates)], return_inverse=True)
-        weights = self.weights[used.to(self.weights.device)].to(device, torch.float32)
+        weights = self.weights[used.to(self.weights.device)].to(device, dtype)
         return CandidateLinear(weights, index.to(device), self.bias)
 
     def shared_input(self, x: Tensor) -> Tensor:
@@ -168,8 +168,10 @@ def measure_block(
     module: str | None = None,
     probe: tuple[int, int] | None = None,
     graphs: RowLoopGraphs | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[list[MeasuredCandidate], Tensor, Tensor | None]:
-    """Measure every candidate of one block (4.5) on reference inputs x (rows, tokens, hidden).
+    """Measure every candidate of one block (4.5) on reference inputs x (rows, tokens, hidden), computing in
+    `dtype` (the passes' dtype: float32 or float64).
 
     Returns the candidates in list order, the reference output Y_ref (the next block's input, in x's dtype)
     and, if `probe` = (rows, tokens) is given, the output of the candidate closest to PROBE_BITS on
@@ -179,8 +181,9 @@ def measure_block(
     module = module or BLOCK_MODULES[block]
     table = CANDIDATES[block]
     y_ref = torch.empty_like(x)
-    hessians = run_block(block, x, w, cfg, rope, out=y_ref, hessians=True, module=f"{module} (unquantized)")
-    w = block_weights(block, w)
+    hessians = run_block(block, x, w, cfg, rope, out=y_ref, hessians=True, module=f"{module} (unquantized)",
+                         dtype=dtype)
+    w = block_weights(block, w, dtype)
 
     columns = {p: [candidate[c] for candidate in table.candidates] for c, p in enumerate(table.projections)}
     weight_of = {p: w[f"{BLOCK_MODULES[block]}.{p}.weight"] for p in table.projections}
@@ -200,21 +203,21 @@ def measure_block(
 
     rows, tokens, _ = x.shape
     n = len(table.candidates)
-    per_candidate = 4 * sum(weight_of[p].numel() for p in table.projections)
+    per_candidate = dtype.itemsize * sum(weight_of[p].numel() for p in table.projections)
     group = max(1, CANDIDATE_BYTES // per_candidate)
     width = max(linear.weights.shape[1] for linear in linears.values())
     error_sums = torch.zeros(n, dtype=torch.float64)
     for first in range(0, n, group):
         candidates = range(first, min(first + group, n))
-        chosen = {p: linear.select(candidates, x.device) for p, linear in linears.items()}
+        chosen = {p: linear.select(candidates, x.device, dtype) for p, linear in linears.items()}
         chunk = max(1, EVAL_ELEMENTS // (len(candidates) * tokens * width))
         for start in range(0, rows, chunk):
             with pass_precision(x.device):
-                y = candidate_outputs(block, x[start : start + chunk].float(), w, chosen, cfg, rope)
+                y = candidate_outputs(block, x[start : start + chunk].to(dtype), w, chosen, cfg, rope)
             ref = y_ref[start : start + chunk]
             # Each candidate's relative_error (the row mean of the chunk), read once for all of them (a read waits
             # for the GPU), weighed by the chunk's rows for the mean over all rows.
-            errors = torch.stack([relative_error(y_c, ref) for y_c in y]).cpu()
+            errors = torch.stack([relative_error(y_c, ref, dtype) for y_c in y]).cpu()
             error_sums[first : first + len(candidates)] += errors.double() * ref.shape[0]
         del chosen
     if torch.isnan(error_sums).any():
@@ -238,8 +241,8 @@ def measure_block(
         return measured, y_ref, None
     weights = sum(weight.numel() for weight in weight_of.values())
     c = min(range(n), key=lambda j: abs(measured[j].total_bits / weights - PROBE_BITS))
-    chosen = {p: linear.select([c], x.device) for p, linear in linears.items()}
-    probe_x = x[: probe[0], : probe[1]].float()
+    chosen = {p: linear.select([c], x.device, dtype) for p, linear in linears.items()}
+    probe_x = x[: probe[0], : probe[1]].to(dtype)
     with pass_precision(x.device):
         return measured, y_ref, candidate_outputs(block, probe_x, w, chosen, cfg, rope)[0].to(x.dtype)
 
@@ -247,13 +250,14 @@ def measure_block(
 @torch.inference_mode()
 def output_divergence(reference: Tensor, perturbed: Tensor, norm_w: Tensor, head_w: Tensor, eps: float) -> Tensor:
     """Mean KL(p_reference ‖ p_perturbed) per token, in nats, of the next-token distributions that final hidden
-    states give: reference (rows, tokens, hidden), perturbed (copies, rows, tokens, hidden) → (copies,).
-    One row of logits at a time (a row's logits are the largest tensor here)."""
+    states give: reference (rows, tokens, hidden), perturbed (copies, rows, tokens, hidden) → (copies,), computed in
+    the head weight's dtype. One row of logits at a time (a row's logits are the largest tensor here)."""
     kl = torch.zeros(perturbed.shape[0], dtype=torch.float64)
+    dtype = head_w.dtype
     for r in range(reference.shape[0]):
-        ref = F.log_softmax(final_logits(reference[r].float(), norm_w, head_w, eps), dim=-1)
+        ref = F.log_softmax(final_logits(reference[r].to(dtype), norm_w, head_w, eps), dim=-1)
         for c in range(perturbed.shape[0]):
-            out = F.log_softmax(final_logits(perturbed[c, r].float(), norm_w, head_w, eps), dim=-1)
+            out = F.log_softmax(final_logits(perturbed[c, r].to(dtype), norm_w, head_w, eps), dim=-1)
             kl[c] += F.kl_div(out, ref, log_target=True, reduction="sum").item()
     return (kl / reference.shape[:2].numel()).clamp(min=0.0)
 
@@ -279,10 +283,12 @@ def measure_model(
     rope_alpha: float | None = None,
     device: Device = None,
     probe_tokens: int = PROBE_TOKENS,
+    dtype: torch.dtype = torch.float32,
 ) -> Measurement:
     """Measure every decoder block of a model on calibration token rows `ids` (rows, length), with each block's
     Sensitivity (module docstring) from a probe of about `probe_tokens` tokens (0: none, and no sensitivity);
-    blocks compute in float32, the states between them are held in STATE_DTYPE.
+    blocks, GPTQ and the probe's divergences compute in `dtype` (recipe.PASS_DTYPES), the states between blocks
+    are held in STATE_DTYPE.
 
     Streams one layer's weights at a time; the hidden states of all rows stay on `device` (None: CPU), and so
     do the probe's perturbed copies (one per block measured). With `state_dir`, progress is saved after every
@@ -291,7 +297,7 @@ def measure_model(
     cfg, ckpt = open_model(model_dir, rope_scale=rope_scale, rope_alpha=rope_alpha)
     device = torch.device(device or "cpu")
     ids = check_calibration_ids(ids, cfg).to(device)
-    rope = rope_tables(cfg, ids.shape[1], device)
+    rope = rope_tables(cfg, ids.shape[1], device, dtype)
     # The probe: x[:rows, :tokens]. perturbed[j] is it with block j's output replaced by its probe candidate's.
     probe = (min(ids.shape[0], -(-probe_tokens // ids.shape[1])), min(ids.shape[1], probe_tokens))
     perturbed = torch.empty(2 * cfg.num_hidden_layers if probe_tokens else 0, *probe, cfg.hidden_size,
@@ -322,15 +328,17 @@ def measure_model(
                                                                                    device)):
             for block in ("attention", "mlp"):
                 key = f"model.layers.{i}.{BLOCK_MODULES[block]}"
-                w_block = block_weights(block, w)  # float32 once: what run_block and measure_block compute with
+                w_block = block_weights(block, w, dtype)  # converted once: what the block's passes compute with
                 if probe_errors:  # the copies perturbed at earlier blocks go on through this one
                     carried = perturbed[: len(probe_errors)].flatten(0, 1)
-                    run_block(block, carried, w_block, cfg, rope, out=carried, module=f"{key} (sensitivity probe)")
+                    run_block(block, carried, w_block, cfg, rope, out=carried, module=f"{key} (sensitivity probe)",
+                              dtype=dtype)
                 modules[key], x, probe_out = measure_block(block, x, w_block, cfg, rope, module=key,
-                                                           probe=probe if probe_tokens else None, graphs=graphs)
+                                                           probe=probe if probe_tokens else None, graphs=graphs,
+                                                           dtype=dtype)
                 del w_block
                 if probe_tokens:
-                    probe_errors.append(relative_error(probe_out, x[: probe[0], : probe[1]]).item())
+                    probe_errors.append(relative_error(probe_out, x[: probe[0], : probe[1]], dtype).item())
                     perturbed[len(probe_errors) - 1] = probe_out
             del w  # free this layer before the next one loads
             if checkpoint:
@@ -339,7 +347,7 @@ def measure_model(
 
     if not probe_tokens:
         return make_measurement(modules)
-    kl = output_divergence(x[: probe[0], : probe[1]], perturbed, norm_weight(ckpt, torch.float32, device),
-                           head_weight(ckpt, cfg, torch.float32, device), cfg.rms_norm_eps).tolist()
+    kl = output_divergence(x[: probe[0], : probe[1]], perturbed, norm_weight(ckpt, dtype, device),
+                           head_weight(ckpt, cfg, dtype, device), cfg.rms_norm_eps).tolist()
     sensitivity = {key: Sensitivity(k, e) for key, k, e in zip(modules, kl, probe_errors)}
     return make_measurement(modules, sensitivity=sensitivity)

@@ -27,7 +27,9 @@ The measurement quantizes every distinct option of a layer from the same weight 
   replays it: one launch for the loop, the same bytes.
 
 Memory is about 7 bytes per weight and option (float32 work copy, fp16 values, uint8 codes), so a
-caller with a large layer and little memory splits the options into several calls.
+caller with a large layer and little memory splits the options into several calls. Everything runs in
+the dtype of the prepared Hessian's factor: float32, or float64 (passes.dtype: twice the work copy's
+memory; the kernels take both).
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def quantize_options(
 ) -> list[QuantizedLinear]:
     """Quantize one (out, in) weight with every option in one pass (see the module docstring).
 
-    Runs in float32 on the device of `prepared`; results are in the order of `options`. `graphs`: where the row
+    Runs in the dtype of `prepared`'s factor (float32 or float64), on its device; results are in the order of
+    `options`. `graphs`: where the row
     loop of a repeated shape and set of options is captured and replayed (on CUDA; the same bytes either way).
     """
     if not options:
@@ -108,13 +111,13 @@ def quantize_options(
         raise ExlbuildError(f"{layer}: EXL2 needs in_features to be a multiple of {BLOCK_ROWS}, got {in_features}")
     layouts = tuple(option.groups(in_features) for option in options)
     # One path for the whole call (the dispatch is decided once, not at every block).
-    triton = use_triton(factor)
+    triton = use_triton(factor, float64=True)
     loop = graphs.loop(layouts, factor, out_features) if graphs is not None and triton else None
     if loop is None:
         loop = _RowLoop.allocate(layouts, _RowBuffers.allocate(len(options), factor, out_features), triton)
     else:
         loop.buffers.factor.copy_(factor)
-    # The float32 work copy is filled from the permuted weight in its own dtype (half the bytes of a float32
+    # The work copy is filled from the permuted weight in its own dtype (half the bytes of a float32
     # intermediate for an fp16 weight: 2 GB less at a 128256 × 8192 head).
     work = loop.buffers.work
     work.copy_(weight.to(work.device).T[prepared.perm].expand_as(work))
@@ -147,28 +150,28 @@ class _RowBuffers:
     """The row loop's large tensors for B options of a (K, N) weight: `work` and `factor` filled before a run,
     `codes` and `values` read after it (see BlockStep)."""
 
-    work: Tensor  # (B, K, N) float32
-    factor: Tensor  # (K, K) float32: U
-    row_weights: Tensor  # (K,) float32: 1 / U_rr², the scale searches' row weights
+    work: Tensor  # (B, K, N) in the factor's dtype, as are the row weights and errors
+    factor: Tensor  # (K, K): U
+    row_weights: Tensor  # (K,): 1 / U_rr², the scale searches' row weights
     codes: Tensor  # (B, K, N) uint8
     values: Tensor  # (B, K, N) float16
     scale: Tensor  # (B, N) float16
-    errors: Tensor  # (B, 32, N) float32
+    errors: Tensor  # (B, 32, N)
 
     @classmethod
     def allocate(cls, options: int, factor: Tensor, out_features: int) -> _RowBuffers:
         """Buffers on `factor`'s device; `factor` itself is the factor (a graph's own buffer takes a copy of its
         strides: kernels and cuBLAS pick their variant by the strides)."""
-        in_features, device = factor.shape[0], factor.device
+        in_features, device, dtype = factor.shape[0], factor.device, factor.dtype
         shape = (options, in_features, out_features)
         return cls(
-            torch.empty(shape, dtype=torch.float32, device=device),
+            torch.empty(shape, dtype=dtype, device=device),
             factor,
-            torch.empty(in_features, device=device),
+            torch.empty(in_features, dtype=dtype, device=device),
             torch.empty(shape, dtype=torch.uint8, device=device),
             torch.empty(shape, dtype=torch.float16, device=device),
             torch.empty(options, out_features, dtype=torch.float16, device=device),
-            torch.empty(options, BLOCK_ROWS, out_features, device=device),
+            torch.empty(options, BLOCK_ROWS, out_features, dtype=dtype, device=device),
         )
 
 
@@ -195,8 +198,8 @@ class _RowLoop:
         work = buffers.work
         device, out_features = work.device, work.shape[2]
         row_bits = torch.stack([bits_per_row(layout, device) for layout in layouts])
-        step = BlockStep(work, buffers.factor, buffers.scale, (2 ** (row_bits - 1)).float(),
-                         (2**row_bits - 1).float(), buffers.codes, buffers.values, buffers.errors)
+        step = BlockStep(work, buffers.factor, buffers.scale, (2 ** (row_bits - 1)).to(work.dtype),
+                         (2**row_bits - 1).to(work.dtype), buffers.codes, buffers.values, buffers.errors)
         # Every option's groups one after another (option o's at rows first_group[o]...): the searches write a
         # group's nibbles and q_scale_max at its row of these.
         group_counts = [len(layout) for layout in layouts]
@@ -204,7 +207,7 @@ class _RowLoop:
         nibbles = torch.empty(sum(group_counts), out_features, dtype=torch.uint8, device=device)
         scale_max = torch.empty(sum(group_counts), dtype=torch.float16, device=device)
         target = SearchTarget(work, row_bits, buffers.row_weights, buffers.scale, nibbles, scale_max)
-        searches = _plan_searches(layouts, first_group, out_features, device, triton)
+        searches = _plan_searches(layouts, first_group, work, triton)
         return cls(layouts, buffers, group_counts, nibbles, scale_max, step, target, searches, triton)
 
     def run(self) -> None:
@@ -253,9 +256,9 @@ class RowLoopGraphs:
         self._bytes = 0
 
     def loop(self, layouts: tuple[tuple[Group, ...], ...], factor: Tensor, out_features: int) -> _RowLoop | None:
-        """The captured loop of these layouts on this shape (the factor's strides included), to fill and run; None
-        where the loop is to run as always."""
-        key = (layouts, out_features, tuple(factor.shape), factor.stride())
+        """The captured loop of these layouts on this shape (the factor's strides and dtype included), to fill and
+        run; None where the loop is to run as always."""
+        key = (layouts, out_features, tuple(factor.shape), factor.stride(), factor.dtype)
         if key in self._loops:
             return self._loops[key]
         if key not in self._seen:
@@ -273,11 +276,12 @@ class RowLoopGraphs:
     def _shared_buffers(self, options: int, factor: Tensor, out_features: int) -> _RowBuffers | None:
         """The buffers of B options on this shape, made if they fit the budget (with as much again for the pool's
         temporaries: the first block's trailing product is as large as the work stack)."""
-        factor_key = (tuple(factor.shape), factor.stride())
+        factor_key = (tuple(factor.shape), factor.stride(), factor.dtype)
         key = (options, out_features, factor_key)
         if key not in self._buffers:
             weights = options * factor.shape[0] * out_features
-            cost = weights * (4 + 4 + 1 + 2) + (0 if factor_key in self._factors else factor.nbytes)
+            # The work stack and the pool's temporaries in the factor's dtype, uint8 codes, fp16 values.
+            cost = weights * (2 * factor.element_size() + 1 + 2) + (0 if factor_key in self._factors else factor.nbytes)
             if self._bytes + cost > self.budget:
                 return None
             self._bytes += cost
@@ -313,13 +317,14 @@ def row_loop_graphs(device: torch.device) -> Iterator[RowLoopGraphs | None]:
 
 
 def _plan_searches(
-    layouts: Sequence[Sequence[Group]], first_group: Sequence[int], out_features: int, device: torch.device,
-    triton: bool,
+    layouts: Sequence[Sequence[Group]], first_group: Sequence[int], work: Tensor, triton: bool,
 ) -> dict[int, list[GroupBatch]]:
-    """Per start row, the batches of scale searches that run there: the groups of the options that start at that
-    row, one batch per group length. Every batch's index tensors are copied over at once, from page-locked memory
-    (one made from a list at every group start is a host-to-device copy that waits for the GPU). On the Triton
-    path the batches of one row share one scratch, the largest any row needs."""
+    """Per start row, the batches of scale searches that run there on the (B, K, N) `work` stack: the groups of the
+    options that start at that row, one batch per group length. Every batch's index tensors are copied over at once,
+    from page-locked memory (one made from a list at every group start is a host-to-device copy that waits for the
+    GPU). On the Triton path the batches of one row share one scratch (in the work dtype), the largest any row
+    needs."""
+    device, out_features = work.device, work.shape[2]
     starts: dict[int, dict[int, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
     for o, layout in enumerate(layouts):
         for g, group in enumerate(layout):
@@ -328,7 +333,7 @@ def _plan_searches(
     index = torch.tensor([member for *_, members in batches for member in members]).T.contiguous()
     index = to_device(index, device)  # (2, groups): each group's option, then its output row
     slots = max(sum(map(len, by_rows.values())) for by_rows in starts.values())
-    scratch = SearchScratch.allocate(slots, out_features, device) if triton else None
+    scratch = SearchScratch.allocate(slots, out_features, device, work.dtype) if triton else None
     searches: dict[int, list[GroupBatch]] = defaultdict(list)
     for (a, rows, members), (options, dest) in zip(batches, index.split([len(m) for *_, m in batches], dim=1)):
         first = sum(len(batch.options) for batch in searches[a])  # its slots follow the row's earlier batches'
