@@ -230,8 +230,8 @@ def resume_point(checkpoint: LayerCheckpoint, fingerprint: str, what: str) -> tu
 
 
 def relative_error(out: Tensor, ref: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Mean over rows (dim 0) of ‖out − ref‖_F / ‖ref‖_F, a scalar in `dtype` on their device: rfn_error of the
-    quantization pass (4.8 step 4), 1 − accuracy of the measurement (4.5 step 4)."""
+    """Mean over rows (dim 0) of ‖out − ref‖_F / ‖ref‖_F, a scalar in `dtype` on their device: rfn_error of
+    the quantization pass (4.8 step 4), 1 − accuracy of the measurement (4.5 step 4)."""
     ref = ref.to(dtype)
     diff = (out.to(dtype) - ref).flatten(1).norm(dim=1)
     return (diff / ref.flatten(1).norm(dim=1)).mean()

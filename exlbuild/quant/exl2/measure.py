@@ -72,7 +72,8 @@ from exlbuild.quant.stream import (
 
 CANDIDATES: dict[Block, CandidateTable] = {"attention": ATTN_CANDIDATES, "mlp": MLP_CANDIDATES}
 
-# quantize_options needs ~7 bytes per weight and option; options beyond this budget go in further calls.
+# quantize_options needs ~7 bytes per weight and option (11 in float64); options beyond this budget go in further
+# calls.
 QUANTIZE_BYTES = 1 << 30
 # Candidate-pass intermediates are (candidates, rows, tokens, width); rows per chunk keep one under this many elements.
 EVAL_ELEMENTS = 1 << 25
@@ -148,7 +149,7 @@ def quantize_candidates(
     distinct = distinct_layouts(weight.shape, options)
     chosen = [options[layouts.index(layout)] for layout in distinct]
     storage = torch.device(storage or weight.device)
-    per_call = max(1, QUANTIZE_BYTES // (7 * weight.numel()))
+    per_call = max(1, QUANTIZE_BYTES // ((3 + prepared.inverse_factor.element_size()) * weight.numel()))
     weights = []
     for start in range(0, len(chosen), per_call):
         results = quantize_options(weight, prepared, chosen[start : start + per_call], layer, graphs)

@@ -26,10 +26,10 @@ The measurement quantizes every distinct option of a layer from the same weight 
   quantizes many layers passes `RowLoopGraphs`, which captures a loop met again as a CUDA graph and
   replays it: one launch for the loop, the same bytes.
 
-Memory is about 7 bytes per weight and option (float32 work copy, fp16 values, uint8 codes), so a
-caller with a large layer and little memory splits the options into several calls. Everything runs in
-the dtype of the prepared Hessian's factor: float32, or float64 (passes.dtype: twice the work copy's
-memory; the kernels take both).
+Everything runs in the dtype of the prepared Hessian's factor: float32, or float64 (passes.dtype; the
+kernels take both). Memory is about 7 bytes per weight and option in float32 (the work copy, fp16
+values, uint8 codes), 11 in float64, so a caller with a large layer and little memory splits the
+options into several calls.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def quantize_options(
     """Quantize one (out, in) weight with every option in one pass (see the module docstring).
 
     Runs in the dtype of `prepared`'s factor (float32 or float64), on its device; results are in the order of
-    `options`. `graphs`: where the row
-    loop of a repeated shape and set of options is captured and replayed (on CUDA; the same bytes either way).
+    `options`. `graphs`: where the row loop of a repeated shape and set of options is captured and replayed (on
+    CUDA; the same bytes either way).
     """
     if not options:
         return []
