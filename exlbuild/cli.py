@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         return c
 
     b = command("build", _build, "build every stale target of a recipe (the default command)")
-    b.add_argument("--frozen", action="store_true", help="fail instead of building if exlbuild.lock would change")
+    b.add_argument("--frozen", action="store_true",
+                   help="never change exlbuild.lock: fail if the recipe or a key differs from it, build what the store "
+                        "lacks, then fail if what was built differs from the lock's files")
     b.add_argument("-j", "--jobs", type=_positive, default=1, metavar="N",
                    help="build up to N targets at once, each in a worker process (on a host with several GPUs, "
                         "worker k uses GPU k modulo their count); default 1")
@@ -133,13 +135,14 @@ def _build(args: argparse.Namespace) -> int:
 
     with _session(args) as s:
         if args.frozen:
-            return _frozen_check(s)
+            _frozen_keys(s)
         say = (lambda m: None) if args.quiet else _err
         try:
             with progress.display(enabled=not args.quiet and sys.stderr.isatty()):
                 outcomes = runner.build(s.graph, s.store, s.previous, say, jobs=args.jobs)
         except runner.BuildFailed as failed:
-            lockfile.write(s.recipe, s.graph, s.store)
+            if not args.frozen:
+                lockfile.write(s.recipe, s.graph, s.store)
             if not args.quiet:
                 _summary(failed.outcomes)
             cause = failed.cause
@@ -150,15 +153,19 @@ def _build(args: argparse.Namespace) -> int:
             _err(f"error: {failed.outcomes[-1].node.name} failed: {type(cause).__name__}: {cause}"
                  + ("" if args.verbose else " (-v shows the traceback)"))
             return 1
-        lockfile.write(s.recipe, s.graph, s.store)
+        if not args.frozen:
+            lockfile.write(s.recipe, s.graph, s.store)
         if not args.quiet:
             _summary(outcomes)
             _print_report(s)
+        if args.frozen:
+            _frozen_files(s, outcomes)
         return 0
 
 
-def _frozen_check(s: Session) -> int:
-    from exlbuild import lockfile, runner
+def _frozen_keys(s: Session) -> None:
+    """Before a --frozen build: the recipe and every target's key must be the lock's (else nothing is built)."""
+    from exlbuild import graph, lockfile
 
     old = lockfile.section(s.recipe)
     if old is None:
@@ -167,18 +174,28 @@ def _frozen_check(s: Session) -> int:
     problems = []
     if old["recipe"] != s.recipe.resolved:
         problems.append("the resolved recipe differs from the locked one")
-    for st in runner.status(s.graph, s.store, s.previous):
-        prev = s.previous.get(st.node.name)
-        if prev is None or prev["key"] != st.node.key:
-            problems.append(f"{st.node.name}: {'; '.join(runner.explain(st.node, prev))}")
-        elif st.state == runner.STALE:
-            problems.append(f"{st.node.name}: would be rebuilt ({'; '.join(st.reasons)})")
+    for node in s.graph.nodes:
+        prev = s.previous.get(node.name)
+        if prev is None or prev["key"] != node.key:
+            problems.append(f"{node.name}: {'; '.join(graph.explain(node, prev))}")
     removed = set(s.previous) - {n.name for n in s.graph.nodes}
     problems += [f"{name}: no longer a target" for name in sorted(removed)]
     if problems:
         raise ExlbuildError("--frozen: the build would change exlbuild.lock:\n  " + "\n  ".join(problems))
-    _err("frozen: everything is up to date and matches exlbuild.lock")
-    return 0
+
+
+def _frozen_files(s: Session, outcomes: list[Any]) -> None:
+    """After a --frozen build: what it built must have the lock's bytes (the lock is never rewritten)."""
+    from exlbuild import lockfile, runner
+
+    problems, not_compared = lockfile.differences(s.graph, s.store, s.previous)
+    if problems:
+        raise ExlbuildError("--frozen: the build differs from exlbuild.lock (lock -> built; the lock is left as it "
+                            "was):\n  " + "\n  ".join(problems))
+    built = sum(o.state in (runner.BUILT, runner.REUSED) for o in outcomes)
+    done = f"built {built} target{'s' * (built != 1)}" if built else "everything was up to date"
+    aside = f" (not compared: {', '.join(not_compared)}, whose numbers are the machine's)" if not_compared else ""
+    _err(f"frozen: {done}; every artifact matches exlbuild.lock{aside}")
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -41,6 +41,9 @@ class Rule:
 
     name: str = ""
     version: int = 1
+    # Whether a build of the same key elsewhere must write the same bytes: `build --frozen` compares such an
+    # artifact's files with the lock's. False for a report on the build (timings, the machine's own arithmetic).
+    reproducible: bool = True
 
     def run(self, ctx: BuildContext) -> dict[str, Any] | None:
         """Write the artifact into ctx.out; return metrics for the manifest (JSON-able)."""
@@ -154,7 +157,7 @@ def explain(node: Node, previous: dict[str, Any] | None) -> list[str]:
     old, new = previous.get("key_inputs", {}), node.key_inputs
     reasons: list[str] = []
     if node.is_source:
-        reasons += _diff_files("file", old.get("source", {}), new["source"])
+        reasons += diff_files("file", old.get("source", {}), new["source"])
         return reasons or (["changed"] if previous.get("key") != node.key else [])
     if old.get("rule") != new["rule"] or old.get("version") != new["version"]:
         reasons.append(f"rule {old.get('rule')} v{old.get('version')} -> {new['rule']} v{new['version']}")
@@ -164,13 +167,14 @@ def explain(node: Node, previous: dict[str, Any] | None) -> list[str]:
     for label in sorted(set(old_deps) | set(new_deps)):
         if old_deps.get(label) != new_deps.get(label):
             reasons.append(f"input '{label}' changed ({_short(old_deps.get(label))} -> {_short(new_deps.get(label))})")
-    reasons += _diff_files("source", old.get("sources", {}), new["sources"])
+    reasons += diff_files("source", old.get("sources", {}), new["sources"])
     if not reasons and previous.get("key") != node.key:
         reasons.append("key changed")
     return reasons
 
 
-def _diff_files(what: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
+def diff_files(what: str, old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """One line per file added, removed or changed between two records of content hashes (path -> hash)."""
     out = []
     for name in sorted(set(old) | set(new)):
         if name not in old:

@@ -8,7 +8,8 @@ One file per folder, with one section per recipe file in it:
 
 `key_inputs` is what the key was computed from, so that `plan` can say which parameter or input changed;
 `files` are the content hashes of the artifact's files (or of a source directory's files), which `verify`
-checks. Commit it for reproducible releases; `--frozen` refuses to build when it would change.
+checks. Commit it for reproducible releases: `build --frozen` builds only what has the lock's keys, and fails when
+what it built differs from the lock's files (`differences`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exlbuild.errors import ExlbuildError
-from exlbuild.graph import Graph, Node
+from exlbuild.graph import Graph, Node, diff_files
 from exlbuild.hashing import hash_bytes
 from exlbuild.recipe import LoadedRecipe
 from exlbuild.store import Store, write_atomic
@@ -57,6 +58,25 @@ def entry(node: Node, store: Store) -> dict[str, Any] | None:
         return None
     return {"kind": node.kind, "key": node.key, "rule": node.rule_name, "key_inputs": node.key_inputs,
             "files": files, "out_dir": str(out_dir(node, store))}
+
+
+def differences(graph: Graph, store: Store, locked: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The artifacts in the store of the graph's targets against the lock's record of them (`locked`: its targets, with
+    the same keys): one line per file that differs, is missing or was not in the lock, and the names of the targets
+    not compared because their rule does not write reproducible bytes (Rule.reproducible). Sources are not compared:
+    their keys are their files' hashes."""
+    problems: list[str] = []
+    not_compared: list[str] = []
+    for node in graph.nodes:
+        if node.is_source:
+            continue
+        if not node.rule.reproducible:
+            not_compared.append(node.name)
+            continue
+        built = entry(node, store)
+        made = built["files"] if built else {}
+        problems += [f"{node.name}: {line}" for line in diff_files("file", locked[node.name]["files"], made)]
+    return problems, not_compared
 
 
 def out_dir(node: Node, store: Store) -> Path:

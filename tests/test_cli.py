@@ -141,9 +141,38 @@ def test_frozen(project, capsys):
     run_cli(capsys, recipe)
     code, _, err = run_cli(capsys, recipe, "--frozen")
     assert code == 0, err
+    assert "everything was up to date; every artifact matches exlbuild.lock" in err
     code, _, err = run_cli(capsys, recipe, "--frozen", "calibration.length=64")
     assert code == 1 and "calibration: length: 32 -> 64" in err and "resolved recipe differs" in err
     assert len(published(project)) == 2  # nothing new was built
+
+
+def test_frozen_rebuilds_and_compares_with_the_lock(project, capsys):
+    """A store without the artifacts (another machine, a CI runner) builds them under --frozen and checks their bytes
+    against the lock's; the lock is never rewritten."""
+    recipe, lock = project / "recipe.yaml", project / "exlbuild.lock"
+    run_cli(capsys, recipe)
+    locked = lock.read_bytes()
+    shutil.rmtree(project / ".exlbuild" / "store")
+    code, out, err = run_cli(capsys, recipe, "--frozen")
+    assert code == 0, err
+    assert "built 2 targets; every artifact matches exlbuild.lock" in err and "calibration-measurement" in out
+    assert lock.read_bytes() == locked
+
+    # A lock that recorded other bytes for the calibration set (as another machine's float arithmetic might).
+    data = json.loads(locked)
+    files = data["recipes"]["recipe.yaml"]["targets"]["calibration"]["files"]
+    files["calibration.safetensors"] = "0" * 64
+    lock.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    edited = lock.read_bytes()
+    run_cli(capsys, "clean", recipe, "calibration")
+    code, _, err = run_cli(capsys, recipe, "--frozen")
+    assert code == 1
+    assert "the build differs from exlbuild.lock" in err
+    assert "calibration: file calibration.safetensors content changed (000000000000 -> " in err
+    assert "calibration-measurement" not in err.split("differs from exlbuild.lock")[1]
+    assert lock.read_bytes() == edited
+    assert len(published(project)) == 2  # what was built stays: its key is the lock's, its bytes this machine's
 
 
 def test_clean_and_gc(project, capsys):

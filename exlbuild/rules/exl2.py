@@ -86,6 +86,9 @@ class Measure(Rule):
     # 10: the attention each token receives as Triton kernels on CUDA (kernels/attention_received.py)
     # 11: 16-bit attention on CUDA in SDPA's grouped-query mode (measured the same bits; bumped to be sure)
     # 12: GPTQ's inverse factor from one Cholesky factorization of the reversed Hessian (quant/gptq.py)
+    # Accuracies and divergences in the machine's float arithmetic: another machine's differ in their last digits
+    # (in float64 too). What they decide shows in the quantized tensors, which `build --frozen` compares.
+    reproducible = False
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.measure import measure_model
@@ -125,6 +128,7 @@ class Allocate(Rule):
 
     name = "exl2-allocation"
     version = 3  # 2: squared-error objective; 3: weighted by the measured sensitivities
+    reproducible = False  # it records the measurement's numbers and the objective (Measure says why)
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.quant.exl2.convert import allocate_strategy

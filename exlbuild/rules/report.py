@@ -20,6 +20,9 @@ class Evaluate(Rule):
     name = "eval"
     version = 3  # 2: the forward's norms, rotary embedding and activation as Triton kernels on CUDA
     # 3: 16-bit attention on CUDA in SDPA's grouped-query mode (exl2-measurement 11)
+    # A perplexity in the running machine's float arithmetic: the same model bytes score a little differently on
+    # another CPU or GPU.
+    reproducible = False
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         from exlbuild.eval import evaluate
@@ -37,6 +40,7 @@ class Report(Rule):
 
     name = "report"
     version = 1
+    reproducible = False  # it records the build's times
 
     def run(self, ctx: BuildContext) -> dict[str, Any]:
         variants = ctx.params["variants"]
