@@ -159,7 +159,7 @@ def _build(args: argparse.Namespace) -> int:
             _summary(outcomes)
             _print_report(s)
         if args.frozen:
-            _frozen_files(s, outcomes)
+            _frozen_files(s, outcomes, args.quiet)
         return 0
 
 
@@ -184,7 +184,7 @@ def _frozen_keys(s: Session) -> None:
         raise ExlbuildError("--frozen: the build would change exlbuild.lock:\n  " + "\n  ".join(problems))
 
 
-def _frozen_files(s: Session, outcomes: list[Any]) -> None:
+def _frozen_files(s: Session, outcomes: list[Any], quiet: bool) -> None:
     """After a --frozen build: what it built must have the lock's bytes (the lock is never rewritten)."""
     from exlbuild import lockfile, runner
 
@@ -195,7 +195,8 @@ def _frozen_files(s: Session, outcomes: list[Any]) -> None:
     built = sum(o.state in (runner.BUILT, runner.REUSED) for o in outcomes)
     done = f"built {built} target{'s' * (built != 1)}" if built else "everything was up to date"
     aside = f" (not compared: {', '.join(not_compared)}, whose numbers are the machine's)" if not_compared else ""
-    _err(f"frozen: {done}; every artifact matches exlbuild.lock{aside}")
+    if not quiet:
+        _err(f"frozen: {done}; every artifact matches exlbuild.lock{aside}")
 
 
 def _plan(args: argparse.Namespace) -> int:

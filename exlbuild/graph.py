@@ -42,7 +42,9 @@ class Rule:
     name: str = ""
     version: int = 1
     # Whether a build of the same key elsewhere must write the same bytes: `build --frozen` compares such an
-    # artifact's files with the lock's. False for a report on the build (timings, the machine's own arithmetic).
+    # artifact's files with the lock's. False where the files hold numbers of the machine's float arithmetic or
+    # clock (a measurement, an evaluation, build times): what such numbers decide shows in the artifacts made from
+    # them, which are compared.
     reproducible: bool = True
 
     def run(self, ctx: BuildContext) -> dict[str, Any] | None:

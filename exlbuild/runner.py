@@ -49,7 +49,7 @@ def status(graph: Graph, store: Store, previous: dict[str, Any]) -> list[NodeSta
         prev = previous.get(node.name)
         reasons = explain(node, prev)
         if prev is not None and prev.get("key") == node.key:
-            reasons = ["artifact missing from the store (cleaned or collected)"]
+            reasons = ["artifact missing from the store (cleaned, collected, or locked on another machine)"]
         out.append(NodeStatus(node, STALE, reasons))
     return out
 
