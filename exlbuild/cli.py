@@ -19,7 +19,9 @@ COMMANDS = ("build", "plan", "status", "graph", "verify", "clean", "gc", "eval")
 def main(argv: list[str] | None = None) -> int:
     reuse_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    # `exlbuild RECIPE …` is `exlbuild build RECIPE …`, options before the recipe too (`exlbuild -j 2 r.yaml`).
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] not in COMMANDS and not {"-h", "--help", "--version"} & set(argv[:first]):
         argv.insert(0, "build")
     parser = _parser()
     # Options may come after the overrides (`exlbuild r.yaml a=1 --frozen`): argparse stops filling a
@@ -277,10 +279,11 @@ def _verify(args: argparse.Namespace) -> int:
                 continue
             if node.key != entry["key"]:
                 problems.append(f"{name}: the recipe now gives key {node.key[:12]}, the lock has {entry['key'][:12]}")
+            where = lockfile.locked_out_dir(entry, s.recipe.lock_path)
             if node.is_source:
-                roots = [Path(entry["out_dir"])]
+                roots = [where]
             else:  # the store's copy, and the exported one where there is one
-                roots = list(dict.fromkeys([s.store.data_dir(entry["rule"], entry["key"]), Path(entry["out_dir"])]))
+                roots = list(dict.fromkeys([s.store.data_dir(entry["rule"], entry["key"]).resolve(), where.resolve()]))
             for root in roots:
                 checked += _verify_tree(name, node, root, entry["files"], problems)
         if problems:

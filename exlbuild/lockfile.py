@@ -6,6 +6,8 @@ One file per folder, with one section per recipe file in it:
                                             "targets": {name: {"kind", "key", "rule", "key_inputs",
                                                                "files": {path: hash}, "out_dir"}}}}}
 
+`out_dir` is relative to the lock's folder where it lies inside it (the exported directories, a store beside the
+recipe), so that a committed lock means the same places in every clone.
 `key_inputs` is what the key was computed from, so that `plan` can say which parameter or input changed;
 `files` are the content hashes of the artifact's files (or of a source directory's files), which `verify`
 checks. Commit it for reproducible releases: `build --frozen` builds only what has the lock's keys, and fails when
@@ -48,16 +50,34 @@ def previous_targets(recipe: LoadedRecipe) -> dict[str, Any]:
     return s["targets"] if s else {}
 
 
-def entry(node: Node, store: Store) -> dict[str, Any] | None:
-    """The lock entry of a node as it stands in the store now, or None if its artifact is missing."""
+def artifact_files(node: Node, store: Store) -> dict[str, str] | None:
+    """The content hashes of a node's files (path -> hash) as the store has them now (a source's: its own), or None
+    if its artifact is missing."""
     if node.is_source:
-        files = dict(node.key_inputs["source"])
-    elif store.has(node.rule_name, node.key):
-        files = {p: f["hash"] for p, f in store.manifest(node.rule_name, node.key)["files"].items()}
-    else:
+        return dict(node.key_inputs["source"])
+    if store.has(node.rule_name, node.key):
+        return {p: f["hash"] for p, f in store.manifest(node.rule_name, node.key)["files"].items()}
+    return None
+
+
+def entry(node: Node, store: Store, base: Path) -> dict[str, Any] | None:
+    """The lock entry of a node as it stands in the store now, or None if its artifact is missing. Its out_dir is
+    relative to `base` (the lock's folder) where it lies inside it, so that a lock committed with the recipe names
+    the same places in every clone."""
+    files = artifact_files(node, store)
+    if files is None:
         return None
+    where = out_dir(node, store).resolve()
+    base = base.resolve()
+    relative = where.relative_to(base) if where.is_relative_to(base) else where
     return {"kind": node.kind, "key": node.key, "rule": node.rule_name, "key_inputs": node.key_inputs,
-            "files": files, "out_dir": str(out_dir(node, store))}
+            "files": files, "out_dir": str(relative)}
+
+
+def locked_out_dir(entry: dict[str, Any], lock_path: Path) -> Path:
+    """Where a lock entry's out_dir is: relative to the lock's folder, unless the lock names it absolutely (a place
+    outside that folder, or any place in a lock of an earlier exlbuild)."""
+    return lock_path.parent / entry["out_dir"]
 
 
 def differences(graph: Graph, store: Store, locked: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -73,8 +93,7 @@ def differences(graph: Graph, store: Store, locked: dict[str, Any]) -> tuple[lis
         if not node.rule.reproducible:
             not_compared.append(node.name)
             continue
-        built = entry(node, store)
-        made = built["files"] if built else {}
+        made = artifact_files(node, store) or {}
         problems += [f"{node.name}: {line}" for line in diff_files("file", locked[node.name]["files"], made)]
     return problems, not_compared
 
@@ -89,7 +108,7 @@ def new_section(recipe: LoadedRecipe, graph: Graph, store: Store) -> dict[str, A
     old = previous_targets(recipe)
     targets = {}
     for node in graph.nodes:
-        e = entry(node, store)
+        e = entry(node, store, recipe.lock_path.parent)
         if e is None and node.name in old:
             e = old[node.name]
         if e is not None:

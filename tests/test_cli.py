@@ -59,6 +59,8 @@ def test_build_summary_then_noop(project, capsys):
     code, out, err = run_cli(capsys, recipe)
     assert code == 0 and "building" not in err
     assert out.count("up to date") == 4
+    code, out, err = run_cli(capsys, "-q", recipe)  # a build's options may come before the recipe
+    assert (code, out, err) == (0, "", "")
 
     from safetensors.torch import load_file
 
@@ -132,6 +134,23 @@ def test_verify_names_corruption(project, capsys):
     assert code == 1
     assert f"calibration: {artifact} differs from the lock" in out
     assert f"model: {(project / 'model' / 'generation_config.json').resolve()} differs from the lock" in out
+
+
+def test_a_committed_lock_names_the_clones_own_files(project, tmp_path, capsys):
+    """The lock's out_dirs are relative to its folder, so `verify` in another clone of the project (a copy with its
+    store) checks that clone's files, not the ones of the folder that wrote the lock."""
+    run_cli(capsys, project / "recipe.yaml")
+    targets = json.loads((project / "exlbuild.lock").read_text())["recipes"]["recipe.yaml"]["targets"]
+    key = targets["calibration"]["key"]
+    assert targets["model"]["out_dir"] == "model"
+    assert targets["calibration"]["out_dir"] == f".exlbuild/store/calibration/{key}/data"
+    clone = shutil.copytree(project, tmp_path / "clone", symlinks=True)
+    (clone / "model" / "generation_config.json").write_text("{}")
+    code, out, _ = run_cli(capsys, "verify", clone / "recipe.yaml")
+    assert code == 1 and out.count("differs from the lock") == 1, out
+    assert f"model: {(clone / 'model' / 'generation_config.json').resolve()} differs from the lock" in out
+    code, out, _ = run_cli(capsys, "verify", project / "recipe.yaml")
+    assert code == 0, out
 
 
 def test_frozen(project, capsys):
