@@ -166,7 +166,7 @@ def test_frozen(project, capsys):
     assert len(published(project)) == 2  # nothing new was built
 
 
-def test_frozen_rebuilds_and_compares_with_the_lock(project, capsys):
+def test_frozen_rebuilds_and_compares_with_the_lock(project, capsys, monkeypatch):
     """A store without the artifacts (another machine, a CI runner) builds them under --frozen and checks their bytes
     against the lock's; the lock is never rewritten."""
     recipe, lock = project / "recipe.yaml", project / "exlbuild.lock"
@@ -192,6 +192,18 @@ def test_frozen_rebuilds_and_compares_with_the_lock(project, capsys):
     assert "calibration-measurement" not in err.split("differs from exlbuild.lock")[1]
     assert lock.read_bytes() == edited
     assert len(published(project)) == 2  # what was built stays: its key is the lock's, its bytes this machine's
+
+    # A rule that fails under --frozen leaves the lock as it was too.
+    from exlbuild.rules.calibration import Calibration
+
+    def fail(self, ctx):
+        raise RuntimeError("no tokens today")
+
+    monkeypatch.setattr(Calibration, "run", fail)
+    run_cli(capsys, "clean", recipe, "calibration")
+    code, _, err = run_cli(capsys, recipe, "--frozen")
+    assert code == 1 and "calibration failed: RuntimeError: no tokens today" in err
+    assert lock.read_bytes() == edited
 
 
 def test_clean_and_gc(project, capsys):
