@@ -55,27 +55,55 @@ class Parts:
         self.head = head_weight(ckpt, self.cfg, torch.float32, device)
 
 
-@torch.inference_mode()
-def token_nll(rows: torch.Tensor, fp16: Parts, variant: Parts, swapped: set[tuple[int, str] | str],
-              base: str, batch: int = 8) -> torch.Tensor:
-    """Per-token NLL (windows, window − 1) of the model whose parts are `base`'s ("fp16" or "variant") except those
-    in `swapped` ((layer, block) pairs and "head"), which come from the other model."""
-    own, other = (fp16, variant) if base == "fp16" else (variant, fp16)
-    cfg = fp16.cfg
-    rope = rope_tables(cfg, rows.shape[1], rows.device)
-    out = torch.empty(rows.shape[0], rows.shape[1] - 1, device=rows.device)
-    for start in range(0, rows.shape[0], batch):
-        ids = rows[start : start + batch]
-        x = embed(ids, fp16.embedding)
-        for i in range(cfg.num_hidden_layers):
-            for block in BLOCKS:
-                w = (other if (i, block) in swapped else own).layers[i]
-                x = attention_block(x, w, cfg, rope) if block == "attention" else mlp_block(x, w, cfg)
-        final = other if "head" in swapped else own
-        for r in range(ids.shape[0]):
-            logits = final_logits(x[r, :-1], final.norm, final.head, cfg.rms_norm_eps)
-            out[start + r] = F.cross_entropy(logits, ids[r, 1:], reduction="none")
-    return out
+class Windows:
+    """One text's windows through both models, each model's states before every block kept, so that a model with
+    one part taken from the other runs only from that part on."""
+
+    def __init__(self, rows: torch.Tensor, fp16: Parts, variant: Parts, batch: int = 8) -> None:
+        self.rows, self.models, self.batch = rows, {"fp16": fp16, "variant": variant}, batch
+        self.cfg = fp16.cfg
+        self.blocks = [(i, b) for i in range(self.cfg.num_hidden_layers) for b in BLOCKS]
+        self.rope = rope_tables(self.cfg, rows.shape[1], rows.device)
+        x = embed(rows, fp16.embedding)
+        self.states = {name: self._run(x, 0, model, None, keep=True) for name, model in self.models.items()}
+
+    @torch.inference_mode()
+    def _run(self, x: torch.Tensor, first: int, model: Parts, swapped: tuple[int, Parts] | None,
+             keep: bool = False) -> list[torch.Tensor]:
+        """x (the states before block `first`) through the blocks from `first` on, with `model`'s weights except
+        block swapped[0]'s, which come from swapped[1]; the states after the last block (after every block: keep)."""
+        kept = [x.clone()] if keep else []
+        for j in range(first, len(self.blocks)):
+            i, block = self.blocks[j]
+            w = (swapped[1] if swapped and swapped[0] == j else model).layers[i]
+            y = torch.empty_like(x)
+            for start in range(0, x.shape[0], self.batch):
+                part = x[start : start + self.batch]
+                y[start : start + self.batch] = (attention_block(part, w, self.cfg, self.rope) if block == "attention"
+                                                 else mlp_block(part, w, self.cfg))
+            x = y
+            if keep:
+                kept.append(x)
+        return kept if keep else [x]
+
+    @torch.inference_mode()
+    def nll(self, base: str, swapped: tuple[int, str] | str | None = None) -> torch.Tensor:
+        """Per-token NLL (windows, window − 1) of model `base` ("fp16" or "variant") with the part `swapped` (a
+        (layer, block) pair or "head") taken from the other model."""
+        own = self.models[base]
+        other = self.models["variant" if base == "fp16" else "fp16"]
+        states = self.states[base]
+        if swapped is None or swapped == "head":
+            x = states[-1]
+        else:
+            j = self.blocks.index(swapped)
+            x = self._run(states[j], j, own, (j, other))[0]
+        final = other if swapped == "head" else own
+        out = torch.empty(self.rows.shape[0], self.rows.shape[1] - 1, device=x.device)
+        for r in range(self.rows.shape[0]):
+            logits = final_logits(x[r, :-1], final.norm, final.head, self.cfg.rms_norm_eps)
+            out[r] = F.cross_entropy(logits, self.rows[r, 1:], reduction="none")
+        return out
 
 
 def buckets(values: torch.Tensor, keys: torch.Tensor, edges: tuple[float, ...]) -> list[dict]:
@@ -125,8 +153,8 @@ def main() -> None:
         prediction = predicted(dirs["measurement"], dirs[f"{name}/allocation"])
         result: dict = {"texts": {}}
         for text, rows in texts.items():
-            base_fp = token_nll(rows, fp16, variant, set(), "fp16")
-            base_q = token_nll(rows, fp16, variant, set(), "variant")
+            windows = Windows(rows, fp16, variant)
+            base_fp, base_q = windows.nll("fp16"), windows.nll("variant")
             fp_mean, q_mean = float(base_fp.mean()), float(base_q.mean())
             delta = base_q - base_fp
             entry = {"fp16_nll": fp_mean, "variant_nll": q_mean,
@@ -134,11 +162,12 @@ def main() -> None:
                      "by_position": buckets(delta, positions.expand_as(delta).contiguous(), POSITION_EDGES), "parts": {}}
             for part in parts:
                 label = part if part == "head" else f"model.layers.{part[0]}.{BLOCK_MODULES[part[1]]}"
-                restored = float(token_nll(rows, fp16, variant, {part}, "variant").mean())
-                alone = float(token_nll(rows, fp16, variant, {part}, "fp16").mean())
+                restored = float(windows.nll("variant", part).mean())
+                alone = float(windows.nll("fp16", part).mean())
                 entry["parts"][label] = {"restored_gain": q_mean - restored, "alone_cost": alone - fp_mean,
                                          "predicted_kl": prediction.get(label)}
             result["texts"][text] = entry
+            del windows  # its states, before the next text's
             print(name, text, f"FP16 {fp_mean:.4f} variant {q_mean:.4f} nats", flush=True)
         report["variants"][name] = result
     args.out.write_text(json.dumps(report, indent=1) + "\n")
