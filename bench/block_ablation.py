@@ -11,12 +11,15 @@ layer's attention and MLP) and the head (with the final norm) is scored two ways
   with everything around it quantized;
 - alone: the FP16 model with only that part taken from the variant: the damage it does on its own, which is what the
   allocation predicts (the measurement's sensitivity · (1 − accuracy)² of the chosen candidate, written beside it
-  from the variant's allocation; that prediction is for GPTQ's tensors, the variant's are refined and tuned).
+  from the variant's allocation; that prediction is for GPTQ's tensors, the variant's are refined and tuned). A refined
+  layer also carries corrections for the layers before it, which alone in the FP16 model are errors: for refined
+  variants the costs alone add up to more than the whole (bench/NOTES.md §47).
 
 Both as the change of the mean negative log-likelihood per token (nats), against the variant and against FP16. The
 whole variant's and FP16's loss are also split by how hard each token is for FP16 (its FP16 NLL) and by its
 position in the window, to show whether a text's larger ratio comes from particular tokens or from all of them.
-Matrix products in TF32 (a block's effect is ~1e-3 nats and more; TF32 moves a text's mean by ~1e-5).
+On CUDA the matrix products run in TF32, as the build's own passes do; every number compared comes from the same
+arithmetic.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from exlbuild.model.llama import attention_block, embed, final_logits, mlp_block
 from exlbuild.model.tokenizer import load_tokenizer
 from exlbuild.quant.exl2.measurement_json import read_measurement_dir
 from exlbuild.quant.stream import BLOCK_MODULES
-from exlbuild.rules.exl2 import compute_device
+from exlbuild.rules.exl2 import STRATEGY_FILE, compute_device
 
 BLOCKS = ("attention", "mlp")
 NLL_EDGES = (0.5, 2.0, 4.0, 6.0)  # buckets of FP16's per-token NLL (nats)
@@ -64,7 +67,7 @@ class Windows:
         self.cfg = fp16.cfg
         self.blocks = [(i, b) for i in range(self.cfg.num_hidden_layers) for b in BLOCKS]
         self.rope = rope_tables(self.cfg, rows.shape[1], rows.device)
-        x = embed(rows, fp16.embedding)
+        x = embed(rows, fp16.embedding)  # (EXL2 keeps the embedding as it is: both models' is FP16's)
         self.states = {name: self._run(x, 0, model, None, keep=True) for name, model in self.models.items()}
 
     @torch.inference_mode()
@@ -116,7 +119,7 @@ def buckets(values: torch.Tensor, keys: torch.Tensor, edges: tuple[float, ...]) 
 def predicted(measurement_dir: Path, allocation_dir: Path) -> dict[str, float]:
     """The allocation's predicted KL of each block (sensitivity weight · (1 − accuracy)² of its candidate)."""
     measurement = read_measurement_dir(measurement_dir)
-    strategy = json.loads((allocation_dir / "strategy.json").read_text())["strategy"]
+    strategy = json.loads((allocation_dir / STRATEGY_FILE).read_text())["strategy"]
     return {key: measurement.sensitivity[key].weight * (1 - measurement.modules[key][entry["candidate"]].accuracy) ** 2
             for key, entry in strategy.items()}
 
