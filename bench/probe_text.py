@@ -19,6 +19,7 @@ Runs on the CPU in ~7 minutes for SmolLM2-135M and 512 tokens of nine texts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,10 +31,8 @@ from exlbuild.eval import read_text
 from exlbuild.model.checkpoint import embedding_weight, head_weight, layers_ahead, norm_weight, open_model
 from exlbuild.model.llama import attention_block, embed, final_logits, mlp_block, rope_tables
 from exlbuild.model.tokenizer import load_tokenizer
-from exlbuild.quant.allocate import allocate
-from exlbuild.quant.exl2.convert import decoder_linears
-from exlbuild.quant.exl2.measurement_json import read_measurement_dir
-from exlbuild.quant.exl2.options import pad_to_32
+from exlbuild.quant.exl2.convert import allocate_strategy
+from exlbuild.quant.exl2.measurement_json import Sensitivity, read_measurement_dir
 from exlbuild.quant.stream import BLOCK_LINEARS
 
 NOISE = 0.05
@@ -116,17 +115,21 @@ def main() -> None:
     weights = {n: measured * p / probe for n, p in profile_of.items()}
 
     cfg = open_model(args.model)[0]
-    numel = sum(s.in_features * pad_to_32(s.out_features) for s in decoder_linears(cfg).values())
-    costs = [[c.total_bits for c in measurement.modules[k]] for k in modules]
     errs = [[1 - c.accuracy for c in measurement.modules[k]] for k in modules]
 
-    def objective(choice: list[int], w: torch.Tensor) -> float:
-        return sum(float(w[b]) * errs[b][c] ** 2 for b, c in enumerate(choice))
+    def choice(w: torch.Tensor, bits: float) -> list[int]:
+        """The build's allocation at `bits` with the block weights `w` (as sensitivities of weight w)."""
+        weighted = dataclasses.replace(measurement, sensitivity={k: Sensitivity(float(w[b]), 1.0)
+                                                                  for b, k in enumerate(modules)})
+        strategy = allocate_strategy(weighted, cfg, bits)["strategy"]
+        return [strategy[k]["candidate"] for k in modules]
+
+    def objective(chosen: list[int], w: torch.Tensor) -> float:
+        return sum(float(w[b]) * errs[b][c] ** 2 for b, c in enumerate(chosen))
 
     excess: dict[str, dict] = {}
     for bits in BITS:
-        choices = {n: allocate(costs, errs, int(numel * bits), weights=w.tolist(), numel=numel).choice
-                   for n, w in weights.items()}
+        choices = {n: choice(w, bits) for n, w in weights.items()}
         excess[str(bits)] = {truth: {n: objective(choices[n], weights[truth]) / objective(choices[truth], weights[truth])
                                      - 1 for n in (PROBE_ROW, "mix: every source")}
                              for truth in [p.stem for p in args.texts]}
