@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from exlbuild.kernels.scale_search import NIBBLES
 from exlbuild.model.checkpoint import embedding_weight, layer_weights, open_model
 from exlbuild.model.llama import decoder_layer, embed, rope_tables
 from exlbuild.quant.exl2.convert import layer_file
 from exlbuild.quant.exl2.pack import scale_from_nibbles
 from exlbuild.quant.exl2.refine import LinearCodes
-from exlbuild.kernels.scale_search import NIBBLES
 
 # The linears probed in each layer, by the captured tensor that is their input (llama.py's capture points).
 PROBED = {"self_attn.q_proj": "attn_input", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "mlp_input",
