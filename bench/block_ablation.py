@@ -35,10 +35,10 @@ import torch.nn.functional as F
 
 from exlbuild.eval import read_text
 from exlbuild.model.checkpoint import embedding_weight, head_weight, layers_ahead, norm_weight, open_model
-from exlbuild.model.llama import attention_block, embed, final_logits, mlp_block, rope_tables
+from exlbuild.model.llama import embed, final_logits, rope_tables
 from exlbuild.model.tokenizer import load_tokenizer
 from exlbuild.quant.exl2.measurement_json import read_measurement_dir
-from exlbuild.quant.stream import BLOCK_MODULES
+from exlbuild.quant.stream import BLOCK_MODULES, run_block
 from exlbuild.rules.exl2 import STRATEGY_FILE, compute_device
 
 BLOCKS = ("attention", "mlp")
@@ -62,8 +62,8 @@ class Windows:
     """One text's windows through both models, each model's states before every block kept, so that a model with
     one part taken from the other runs only from that part on."""
 
-    def __init__(self, rows: torch.Tensor, fp16: Parts, variant: Parts, batch: int = 8) -> None:
-        self.rows, self.models, self.batch = rows, {"fp16": fp16, "variant": variant}, batch
+    def __init__(self, rows: torch.Tensor, fp16: Parts, variant: Parts) -> None:
+        self.rows, self.models = rows, {"fp16": fp16, "variant": variant}
         self.cfg = fp16.cfg
         self.blocks = [(i, b) for i in range(self.cfg.num_hidden_layers) for b in BLOCKS]
         self.rope = rope_tables(self.cfg, rows.shape[1], rows.device)
@@ -80,10 +80,7 @@ class Windows:
             i, block = self.blocks[j]
             w = (swapped[1] if swapped and swapped[0] == j else model).layers[i]
             y = torch.empty_like(x)
-            for start in range(0, x.shape[0], self.batch):
-                part = x[start : start + self.batch]
-                y[start : start + self.batch] = (attention_block(part, w, self.cfg, self.rope) if block == "attention"
-                                                 else mlp_block(part, w, self.cfg))
+            run_block(block, x, w, self.cfg, self.rope, out=y, module=f"layer {i} {block}")
             x = y
             if keep:
                 kept.append(x)

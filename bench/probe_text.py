@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from exlbuild.calib import build_calibration
 from exlbuild.eval import read_text
 from exlbuild.model.checkpoint import embedding_weight, head_weight, layers_ahead, norm_weight, open_model
-from exlbuild.model.llama import attention_block, embed, final_logits, mlp_block, rope_tables
+from exlbuild.model.llama import embed, final_logits, rope_tables
 from exlbuild.model.tokenizer import load_tokenizer
 from exlbuild.quant.exl2.convert import allocate_strategy
 from exlbuild.quant.exl2.measurement_json import Sensitivity, read_measurement_dir
-from exlbuild.quant.stream import BLOCK_LINEARS
+from exlbuild.quant.stream import BLOCK_LINEARS, run_block
 
 NOISE = 0.05
 BITS = (2.5, 3.0, 4.0)
@@ -59,7 +59,9 @@ def profiles(model_dir: Path, rows: torch.Tensor) -> tuple[torch.Tensor, torch.T
     generator = torch.Generator().manual_seed(0)
 
     def run(block: str, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        return attention_block(x, w, cfg, rope) if block == "attention" else mlp_block(x, w, cfg)
+        y = torch.empty_like(x)
+        run_block(block, x, w, cfg, rope, out=y, module=f"{block} (probe)")
+        return y
 
     x = embed(rows, embedding_weight(ckpt, torch.float32))
     copies: list[torch.Tensor] = []
